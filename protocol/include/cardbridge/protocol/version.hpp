@@ -1,0 +1,37 @@
+// Protocol version and capability negotiation (pcsc-lite-style backward window).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "cardbridge/protocol/messages.hpp"
+
+namespace cardbridge::protocol {
+
+inline constexpr uint32_t kVersionMajor = 1;
+inline constexpr uint32_t kVersionMinor = 0;
+
+// Capability bits. An optimisation is used only when both ends announce it.
+namespace caps {
+inline constexpr uint64_t kReaderPush = 1u << 0;           // desk pushes ReaderSnapshot
+inline constexpr uint64_t kDeferredBegin = 1u << 1;        // Request flag kBeginFirst
+inline constexpr uint64_t kPrefetchGetResponse = 1u << 2;  // Request flag kPrefetchGetResponse
+inline constexpr uint64_t kReadAhead = 1u << 3;            // Request flag kReadAhead
+// Request.after: the desk keeps the server's order across contexts, so the server need
+// not wait for another context's pipelined request before sending a card operation.
+inline constexpr uint64_t kDeskOrdering = 1u << 4;
+inline constexpr uint64_t kAll = kReaderPush | kDeferredBegin | kPrefetchGetResponse | kReadAhead | kDeskOrdering;
+}  // namespace caps
+
+struct Negotiated {
+  uint32_t minor = 0;
+  uint64_t capabilities = 0;
+};
+
+// Same major required; minor = min of both; capabilities = intersection.
+std::optional<Negotiated> negotiate(const Hello& local, const Hello& remote);
+
+std::string capabilities_text(uint64_t caps);
+
+}  // namespace cardbridge::protocol

@@ -1,0 +1,33 @@
+// Redaction of card traffic for logs. Security rule: PIN-bearing or key-bearing APDUs and
+// every control (IOCTL) buffer are never printed, at any log level.
+//
+// Policy: a command APDU's header (CLA INS P1 P2) and lengths are always printable. Its
+// data field, and the response data of that command, are printed only when the
+// instruction is on a short allow-list of instructions that carry no secrets (SELECT,
+// READ BINARY/RECORD, GET RESPONSE, GET DATA, GET CHALLENGE, MANAGE CHANNEL) and the
+// command is not secure-messaging protected. GET RESPONSE data is always redacted (it
+// carries the output of the previous command, which may be secret). Everything else is
+// shown as "<n bytes redacted>". This is an allow-list on purpose: unknown instructions
+// are redacted.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+namespace cardbridge::redact {
+
+// True when the command's data (and its response data) may be logged.
+bool apdu_body_loggable(std::span<const uint8_t> command);
+// True for VERIFY, CHANGE REFERENCE DATA, RESET RETRY COUNTER (and odd-INS variants):
+// the APDUs whose data is a PIN. Used by the audit counters and tests.
+bool apdu_carries_pin(std::span<const uint8_t> command);
+
+// "00 A4 04 00 Lc=7 [A0 00 00 ...]" or "00 20 00 01 Lc=8 <8 bytes redacted>".
+std::string command(std::span<const uint8_t> apdu);
+// Response of |command_apdu|: "SW=9000 [data]" or "SW=9000 <n bytes redacted>".
+std::string response(std::span<const uint8_t> command_apdu, std::span<const uint8_t> response);
+// Control buffers are always redacted: "ctl 0x42000D48 <n bytes>".
+std::string control(uint32_t code, std::span<const uint8_t> buffer);
+
+}  // namespace cardbridge::redact

@@ -1,0 +1,272 @@
+#include "cardbridge/protocol/codec.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "cardbridge/protocol/framing.hpp"
+#include "cardbridge/support/log.hpp"
+#include "cardbridge/v1/cardbridge.pb.h"
+
+namespace cardbridge::protocol {
+namespace pb = ::cardbridge::v1;
+
+const char* op_name(Op op) {
+  switch (op) {
+    case Op::kUnspecified: return "unspecified";
+    case Op::kEstablishContext: return "establish-context";
+    case Op::kReleaseContext: return "release-context";
+    case Op::kConnect: return "connect";
+    case Op::kReconnect: return "reconnect";
+    case Op::kDisconnect: return "disconnect";
+    case Op::kBeginTransaction: return "begin-transaction";
+    case Op::kEndTransaction: return "end-transaction";
+    case Op::kTransmit: return "transmit";
+    case Op::kControl: return "control";
+    case Op::kGetAttrib: return "get-attrib";
+    case Op::kSetAttrib: return "set-attrib";
+    case Op::kStatus: return "status";
+    case Op::kPing: return "ping";
+  }
+  return "?";
+}
+
+namespace {
+
+Bytes to_bytes(const std::string& s) { return Bytes(s.begin(), s.end()); }
+std::string to_string(const Bytes& b) { return std::string(b.begin(), b.end()); }
+
+// ---- encode ----
+
+void fill(pb::Hello& out, const Hello& h) {
+  out.set_version_major(h.version_major);
+  out.set_version_minor(h.version_minor);
+  out.set_capabilities(h.capabilities);
+  out.set_role(static_cast<pb::Hello_Role>(h.role));
+  out.set_software(h.software);
+  out.set_peer_name(h.peer_name);
+  out.set_instance(h.instance);
+  out.set_reply(h.reply);
+}
+
+void fill(pb::ReaderSnapshot& out, const ReaderSnapshot& s) {
+  out.set_sequence(s.sequence);
+  for (const auto& r : s.readers) {
+    auto* pr = out.add_readers();
+    pr->set_name(r.name);
+    pr->set_state(r.state);
+    pr->set_event_count(r.event_count);
+    pr->set_atr(to_string(r.atr));
+  }
+}
+
+void fill(pb::Error& out, const Error& e) {
+  out.set_code(static_cast<uint32_t>(e.code));
+  out.set_message(e.message);
+}
+
+void fill(pb::Request& out, const Request& r) {
+  out.set_op(static_cast<pb::Request_Op>(r.op));
+  out.set_context(r.context.value);
+  out.set_handle(r.handle.value);
+  out.set_reader(r.reader);
+  out.set_share_mode(r.share_mode);
+  out.set_protocols(r.protocols);
+  out.set_disposition(r.disposition);
+  out.set_code(r.code);
+  out.set_data(to_string(r.data));
+  out.set_recv_length(r.recv_length);
+  out.set_flags(r.flags);
+  out.set_recv_protocol(r.recv_protocol);
+  for (uint32_t a : r.after) out.add_after(a);
+}
+
+void fill(pb::Reply& out, const Reply& r) {
+  out.set_rv(r.rv);
+  out.set_handle(r.handle.value);
+  out.set_protocol(r.protocol);
+  out.set_data(to_string(r.data));
+  out.set_length(r.length);
+  out.set_reader(r.reader);
+  out.set_state(r.state);
+  out.set_atr(to_string(r.atr));
+  for (const auto& p : r.prefetched) {
+    auto* pp = out.add_prefetched();
+    pp->set_command(to_string(p.command));
+    pp->set_response(to_string(p.response));
+  }
+  out.set_begin_rv(r.begin_rv);
+  out.set_card_protocol(r.card_protocol);
+}
+
+// ---- decode ----
+
+using R = Result<Body, DecodeError>;
+
+DecodeError bad(std::string what) { return DecodeError{std::move(what)}; }
+
+bool name_ok(const std::string& s) {
+  return s.size() <= kMaxReaderNameBytes && s.find('\0') == std::string::npos;
+}
+
+R from(const pb::Hello& h) {
+  if (h.software().size() > kMaxTextBytes || h.peer_name().size() > kMaxTextBytes)
+    return unexpected(bad("hello: text field too long"));
+  if (h.role() != pb::Hello::ROLE_DESK && h.role() != pb::Hello::ROLE_SERVER)
+    return unexpected(bad("hello: unknown role"));
+  Hello out;
+  out.version_major = h.version_major();
+  out.version_minor = h.version_minor();
+  out.capabilities = h.capabilities();
+  out.role = static_cast<Role>(h.role());
+  out.software = h.software();
+  out.peer_name = h.peer_name();
+  out.instance = h.instance();
+  out.reply = h.reply();
+  return Body{std::move(out)};
+}
+
+R from(const pb::ReaderSnapshot& s) {
+  if (static_cast<std::size_t>(s.readers_size()) > kMaxReaders)
+    return unexpected(bad("reader snapshot: too many readers"));
+  ReaderSnapshot out;
+  out.sequence = s.sequence();
+  for (const auto& r : s.readers()) {
+    if (r.name().empty() || !name_ok(r.name()))
+      return unexpected(bad("reader snapshot: bad reader name"));
+    if (r.atr().size() > kMaxAtrBytes) return unexpected(bad("reader snapshot: ATR too long"));
+    if (r.event_count() > 0xFFFF) return unexpected(bad("reader snapshot: event count > 16 bits"));
+    if (r.state() & 0xFFFF0000u) return unexpected(bad("reader snapshot: state has counter bits"));
+    for (const auto& other : out.readers) {
+      if (other.name == r.name()) return unexpected(bad("reader snapshot: duplicate reader name"));
+    }
+    out.readers.push_back(ReaderInfo{r.name(), r.state(), r.event_count(), to_bytes(r.atr())});
+  }
+  return Body{std::move(out)};
+}
+
+R from(const pb::Error& e) {
+  if (e.message().size() > kMaxTextBytes) return unexpected(bad("error: message too long"));
+  return Body{Error{static_cast<ErrorCode>(e.code()), e.message()}};
+}
+
+R from(const pb::Request& r) {
+  auto op = static_cast<uint32_t>(r.op());
+  if (op == 0 || op > kMaxOp) return unexpected(bad(fmt::format("request: unknown op {}", op)));
+  if (!name_ok(r.reader())) return unexpected(bad("request: bad reader name"));
+  if (r.data().size() > kMaxDataBytes) return unexpected(bad("request: data too long"));
+  if (r.recv_length() > kMaxDataBytes) return unexpected(bad("request: receive length too large"));
+  if (static_cast<std::size_t>(r.after_size()) > kMaxAfter) return unexpected(bad("request: too many ordering ids"));
+  Request out;
+  out.op = static_cast<Op>(op);
+  out.context = ContextId{r.context()};
+  out.handle = DeskHandle{r.handle()};
+  out.reader = r.reader();
+  out.share_mode = r.share_mode();
+  out.protocols = r.protocols();
+  out.disposition = r.disposition();
+  out.code = r.code();
+  out.data = to_bytes(r.data());
+  out.recv_length = r.recv_length();
+  out.flags = r.flags();
+  out.recv_protocol = r.recv_protocol();
+  out.after.assign(r.after().begin(), r.after().end());
+  return Body{std::move(out)};
+}
+
+R from(const pb::Reply& r) {
+  if (r.data().size() > kMaxDataBytes) return unexpected(bad("reply: data too long"));
+  if (!name_ok(r.reader())) return unexpected(bad("reply: bad reader name"));
+  if (r.atr().size() > kMaxAtrBytes) return unexpected(bad("reply: ATR too long"));
+  if (static_cast<std::size_t>(r.prefetched_size()) > kMaxPrefetched)
+    return unexpected(bad("reply: too many prefetched answers"));
+  Reply out;
+  out.rv = r.rv();
+  out.handle = DeskHandle{r.handle()};
+  out.protocol = r.protocol();
+  out.data = to_bytes(r.data());
+  out.length = r.length();
+  out.reader = r.reader();
+  out.state = r.state();
+  out.atr = to_bytes(r.atr());
+  for (const auto& p : r.prefetched()) {
+    if (p.command().size() > kMaxDataBytes || p.response().size() > kMaxDataBytes)
+      return unexpected(bad("reply: prefetched answer too long"));
+    out.prefetched.push_back(Prefetched{to_bytes(p.command()), to_bytes(p.response())});
+  }
+  out.begin_rv = r.begin_rv();
+  out.card_protocol = r.card_protocol();
+  return Body{std::move(out)};
+}
+
+}  // namespace
+
+std::vector<uint8_t> encode(const Message& m) {
+  pb::Envelope env;
+  env.set_id(m.id);
+  std::visit(
+      [&env](const auto& b) {
+        using T = std::decay_t<decltype(b)>;
+        if constexpr (std::is_same_v<T, Hello>) fill(*env.mutable_hello(), b);
+        if constexpr (std::is_same_v<T, ReaderSnapshot>) fill(*env.mutable_readers(), b);
+        if constexpr (std::is_same_v<T, Error>) fill(*env.mutable_error(), b);
+        if constexpr (std::is_same_v<T, Request>) fill(*env.mutable_request(), b);
+        if constexpr (std::is_same_v<T, Reply>) fill(*env.mutable_reply(), b);
+      },
+      m.body);
+  std::vector<uint8_t> out(env.ByteSizeLong());
+  env.SerializeWithCachedSizesToArray(out.data());
+  return out;
+}
+
+std::vector<uint8_t> encode_frame(const Message& m) {
+  auto payload = encode(m);
+  return frame(payload);
+}
+
+Result<Message, DecodeError> decode(std::span<const uint8_t> payload) {
+  if (payload.size() > kDefaultMaxFrame) return unexpected(bad("message too large"));
+  pb::Envelope env;
+  if (!env.ParseFromArray(payload.data(), static_cast<int>(payload.size())))
+    return unexpected(bad("not a valid cardbridge.v1 envelope"));
+  R body = [&]() -> R {
+    switch (env.body_case()) {
+      case pb::Envelope::kHello: return from(env.hello());
+      case pb::Envelope::kReaders: return from(env.readers());
+      case pb::Envelope::kError: return from(env.error());
+      case pb::Envelope::kRequest: return from(env.request());
+      case pb::Envelope::kReply: return from(env.reply());
+      case pb::Envelope::BODY_NOT_SET: break;
+    }
+    return unexpected(bad("envelope without a known body"));
+  }();
+  if (!body) return unexpected(body.error());
+  const bool needs_id = std::holds_alternative<Request>(*body) || std::holds_alternative<Reply>(*body);
+  if (needs_id && env.id() == 0) return unexpected(bad("request or reply without an id"));
+  return Message{env.id(), std::move(*body)};
+}
+
+std::string describe(const Message& m) {
+  return std::visit(
+      [&m](const auto& b) -> std::string {
+        using T = std::decay_t<decltype(b)>;
+        if constexpr (std::is_same_v<T, Hello>) {
+          return fmt::format("hello{} v{}.{} role={} caps=0x{:x} software='{}' peer='{}'",
+                             b.reply ? "-reply" : "", b.version_major, b.version_minor,
+                             static_cast<int>(b.role), b.capabilities, log::printable(b.software),
+                             log::printable(b.peer_name));
+        } else if constexpr (std::is_same_v<T, ReaderSnapshot>) {
+          return fmt::format("readers seq={} count={}", b.sequence, b.readers.size());
+        } else if constexpr (std::is_same_v<T, Error>) {
+          return fmt::format("error {} '{}'", static_cast<uint32_t>(b.code), log::printable(b.message));
+        } else if constexpr (std::is_same_v<T, Request>) {
+          return fmt::format("request #{} {} ctx={} handle={} len={} flags=0x{:x}{}", m.id, op_name(b.op),
+                             b.context.value, b.handle.value, b.data.size(), b.flags,
+                             b.after.empty() ? std::string{} : fmt::format(" after={}", fmt::join(b.after, ",")));
+        } else {
+          return fmt::format("reply #{} rv=0x{:08X} len={}", m.id, b.rv, b.data.size());
+        }
+      },
+      m.body);
+}
+
+}  // namespace cardbridge::protocol
