@@ -1,0 +1,116 @@
+#include "freerdp/channel_session.hpp"
+
+#include <algorithm>
+
+#include "cardbridge/protocol/version.hpp"
+#include "cardbridge/support/log.hpp"
+#include "pcsc/pcsc_card_api.hpp"
+
+namespace cardbridge::client {
+
+namespace {
+std::shared_ptr<spdlog::logger> logger() {
+  static auto l = log::get("cardbridge.addin");
+  return l;
+}
+}  // namespace
+
+AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
+  AddinOptions o;
+  // argv[0] is the add-in name ("cardbridge").
+  for (int i = 1; i < argc; ++i) {
+    if (!argv[i]) continue;
+    std::string arg = argv[i];
+    auto sep = arg.find_first_of(":=");
+    std::string key = arg.substr(0, sep);
+    std::string value = sep == std::string::npos ? "" : arg.substr(sep + 1);
+    if (key == "log-level") {
+      o.log_level = value;
+    } else if (key == "readers") {
+      // FreeRDP splits add-in arguments on ',', so reader filters use ';' or '|'.
+      std::replace(value.begin(), value.end(), ';', ',');
+      std::replace(value.begin(), value.end(), '|', ',');
+      o.readers = value;
+    } else if (key == "allow-control") {
+      std::replace(value.begin(), value.end(), ';', ',');
+      std::replace(value.begin(), value.end(), '|', ',');
+      o.allow_control = value;
+    } else if (key == "name") {
+      o.name = value;
+    } else if (error) {
+      *error += "unknown option '" + arg + "'; ";
+    }
+  }
+  return o;
+}
+
+void init_addin_logging(const std::string& level) {
+  static std::once_flag once;
+  std::call_once(once, [&] {
+    auto lvl = log::parse_level(level).value_or(spdlog::level::info);
+    log::init(lvl, "cardbridge-client");
+  });
+}
+
+ChannelSession::ChannelSession(const AddinOptions& options, std::string default_name, Writer writer)
+    : writer_(std::move(writer)) {
+  EngineConfig cfg;
+  cfg.desk_name = options.name.empty() ? std::move(default_name) : options.name;
+  cfg.software = "cardbridge-client";
+  cfg.capabilities = protocol::caps::kAll;
+  cfg.policy.reader_filter = Policy::parse_reader_filter(options.readers);
+  if (auto allow = Policy::parse_control_allow(options.allow_control)) {
+    cfg.policy.control_allow = *allow;
+  } else {
+    logger()->error("allow-control: {}; no control code allowed", allow.error());
+    cfg.policy.control_allow = std::set<uint32_t>{};
+  }
+  api_ = make_pcsc_card_api();
+  EngineIo io;
+  io.send_frame = [this](std::vector<uint8_t> frame) {
+    if (!writer_(std::move(frame))) logger()->warn("channel write failed");
+  };
+  io.close_link = [](const std::string& reason) {
+    // A virtual channel cannot be re-opened from our side: we stop talking until the
+    // server says hello again.
+    logger()->error("server link unusable: {}", reason);
+  };
+  engine_ = std::make_unique<DeskEngine>(*api_, std::move(cfg), std::move(io));
+  engine_->start();
+}
+
+ChannelSession::~ChannelSession() { shutdown(); }
+
+void ChannelSession::opened() {
+  if (!engine_) return;
+  {
+    std::lock_guard lock(feed_mu_);
+    frames_ = protocol::FrameDecoder();
+  }
+  engine_->transport_up();
+}
+
+void ChannelSession::feed(const uint8_t* data, std::size_t n) {
+  if (!engine_) return;
+  std::lock_guard lock(feed_mu_);
+  if (frames_.failed()) return;  // waiting for the channel to be reopened
+  if (!frames_.feed(std::span<const uint8_t>(data, n))) {
+    logger()->error("server sent a bad frame ({}); ignoring the channel until it reopens",
+                    protocol::to_string(*frames_.error()));
+    engine_->transport_down();
+    return;
+  }
+  while (auto f = frames_.next()) engine_->on_frame(*f);
+}
+
+void ChannelSession::closed() {
+  if (engine_) engine_->transport_down();
+}
+
+void ChannelSession::shutdown() {
+  if (!engine_) return;
+  engine_->stop();
+  engine_.reset();
+}
+
+}  // namespace cardbridge::client
