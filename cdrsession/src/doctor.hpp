@@ -1,0 +1,63 @@
+// cdrsession doctor: checks the chain a published application depends on, in order, and
+// names the first broken link with what to do about it. evaluate() is pure (facts in,
+// report out); gather() collects the facts from the running system.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "control_client.hpp"
+#include "session.hpp"
+
+namespace cardbridge::session {
+
+struct DoctorFacts {
+  SessionPaths session;
+  unsigned uid = 0;
+  std::optional<std::string> csock_env;  // PCSCLITE_CSOCK_NAME as this process sees it
+  std::string socket;                    // the socket checked (env, else the session's)
+  bool socket_exists = false;
+  bool socket_is_socket = false;
+  unsigned socket_owner = 0;
+  std::optional<nlohmann::json> status;  // the shim's status document
+  std::optional<ControlError> status_error;
+  std::optional<nlohmann::json> ping;    // {"median_us","p99_us","count"} or {"error"}
+};
+
+struct DoctorThresholds {
+  double slow_median_ms = 50.0;
+  double slow_p99_ms = 200.0;
+};
+
+enum class CheckResult { kOk, kWarn, kFail, kSkipped };
+
+struct Check {
+  std::string id;      // environment, shim, user, channel, readers, card, card-type, latency
+  std::string title;
+  CheckResult result = CheckResult::kSkipped;
+  std::string detail;
+  std::string advice;  // empty when ok
+};
+
+struct DoctorReport {
+  std::vector<Check> checks;
+  std::string verdict;          // "healthy", "degraded" (warnings only), "broken"
+  std::string first_problem;    // id of the first failed (else warned) check; empty if healthy
+  int exit_code = 0;
+  nlohmann::json details;       // desk, readers, cards, latency
+};
+
+// Exit codes (documented in docs/admin-guide.md): 0 healthy, 2 environment, 3 no shim,
+// 4 wrong user, 5 no channel, 6 no reader, 7 no card, 8 unknown card, 9 slow link.
+int exit_code_for(const std::string& check_id);
+
+DoctorReport evaluate(const DoctorFacts& facts, const DoctorThresholds& thresholds = {});
+std::string render_text(const DoctorReport& r, const DoctorFacts& facts);
+nlohmann::json render_json(const DoctorReport& r, const DoctorFacts& facts);
+
+DoctorFacts gather(const std::optional<std::string>& socket_override, int pings);
+
+}  // namespace cardbridge::session

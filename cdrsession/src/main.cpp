@@ -1,0 +1,236 @@
+// cdrsession: CardBridge for the user's session.
+//   cdrsession start [--desk SPEC] [--until-pid PID]   start this session's shim (idempotent);
+//                                                       prints the PCSCLITE_CSOCK_NAME export
+//   cdrsession run   [...]                             the same, in the foreground (systemd)
+//   cdrsession stop                                    stop this session's shim
+//   cdrsession env                                     print the export line
+//   cdrsession status [--json]                         desk, readers, counters, audit trail
+//   cdrsession doctor [--json]                         check the whole chain, name the broken link
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "cardbridge/support/log.hpp"
+#include "control_client.hpp"
+#include "doctor.hpp"
+#include "session.hpp"
+#include "supervisor.hpp"
+
+namespace cs = cardbridge::session;
+
+namespace {
+
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) {
+    if (c == '\'') {
+      out += "'\\''";
+    } else {
+      out += c;
+    }
+  }
+  return out + "'";
+}
+
+std::string export_line(const cs::SessionPaths& p) {
+  return fmt::format("PCSCLITE_CSOCK_NAME={}; export PCSCLITE_CSOCK_NAME", shell_quote(p.socket));
+}
+
+bool shim_answers(const cs::SessionPaths& p) {
+  return static_cast<bool>(cs::control_request(p.control, {{"cmd", "status"}}, std::chrono::milliseconds(500)));
+}
+
+bool ensure_dir(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(dir).parent_path(), ec);
+  ::mkdir(std::filesystem::path(dir).parent_path().c_str(), 0700);
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) return false;
+  struct stat st {};
+  return ::stat(dir.c_str(), &st) == 0 && st.st_uid == ::geteuid();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"cdrsession: CardBridge in the user's session (shim lifecycle, status, doctor)"};
+  app.set_version_flag("--version", std::string("cdrsession ") + CARDBRIDGE_VERSION);
+  app.require_subcommand(1);
+  std::string level = "info";
+  app.add_option("--log-level", level, "trace, debug, info, warn, error")->capture_default_str();
+
+  std::string desk;
+  std::string shim_path;
+  std::string shim_level = "info";
+  int until_pid = 0;
+  bool json = false;
+  int pings = 20;
+  cs::DoctorThresholds thresholds;
+  std::string socket;
+
+  auto add_start_options = [&](CLI::App* s) {
+    s->add_option("--desk", desk, "desk link for the shim (default: detected: xrdp, relay socket, ...)");
+    s->add_option("--until-pid", until_pid, "stop the shim when this process (the session leader) exits");
+    s->add_option("--shim", shim_path, "path of cardbridge-shim");
+    s->add_option("--shim-log-level", shim_level, "the shim's log level")->capture_default_str();
+  };
+  auto* start = app.add_subcommand("start", "start this session's shim in the background (idempotent)");
+  add_start_options(start);
+  auto* run = app.add_subcommand("run", "run this session's shim in the foreground");
+  add_start_options(run);
+  auto* stop = app.add_subcommand("stop", "stop this session's shim");
+  auto* env = app.add_subcommand("env", "print the shell line exporting PCSCLITE_CSOCK_NAME");
+  auto* status = app.add_subcommand("status", "show the desk, readers, counters and audit trail");
+  status->add_flag("--json", json, "machine-readable output");
+  status->add_option("--socket", socket, "shim socket to ask (default: PCSCLITE_CSOCK_NAME, else this session's)");
+  auto* doctor = app.add_subcommand("doctor", "check the whole chain and name the first broken link");
+  doctor->add_flag("--json", json, "machine-readable output");
+  doctor->add_option("--socket", socket, "shim socket to check (default: PCSCLITE_CSOCK_NAME, else this session's)");
+  doctor->add_option("--pings", pings, "round trips for the latency probe")->capture_default_str();
+  doctor->add_option("--slow-median-ms", thresholds.slow_median_ms, "median round trip above which the link is slow")
+      ->capture_default_str();
+  doctor->add_option("--slow-p99-ms", thresholds.slow_p99_ms, "p99 round trip above which the link is slow")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  cardbridge::log::init(cardbridge::log::parse_level(level).value_or(spdlog::level::info), "cdrsession");
+  auto log = cardbridge::log::get("cdrsession");
+  auto paths = cs::detect(cs::process_env(), cs::file_exists(), ::geteuid());
+  if (!desk.empty()) paths.desk_spec = desk;
+
+  if (*env) {
+    std::cout << export_line(paths) << "\n";
+    return 0;
+  }
+
+  if (*start || *run) {
+    if (!ensure_dir(paths.dir)) {
+      log->error("cannot create a private directory {}", paths.dir);
+      return 1;
+    }
+    if (shim_answers(paths)) {
+      log->info("session '{}' already has a shim on {}", paths.key, paths.socket);
+      if (*start) std::cout << export_line(paths) << "\n";
+      return 0;
+    }
+    cs::SupervisorOptions o;
+    o.shim = shim_path.empty() ? cs::find_shim() : shim_path;
+    o.shim_args = {"--socket", paths.socket, "--desk", paths.desk_spec, "--log-level", shim_level};
+    o.until_pid = until_pid;
+    if (*run) return cs::run_supervisor(paths, o);
+
+    o.log_file = paths.dir + "/shim.log";
+    pid_t pid = ::fork();
+    if (pid < 0) {
+      log->error("fork failed");
+      return 1;
+    }
+    if (pid == 0) {
+      ::setsid();
+      int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+      int logfd = ::open((paths.dir + "/cdrsession.log").c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+      if (null >= 0) {
+        ::dup2(null, 0);
+        ::dup2(null, 1);
+      }
+      if (logfd >= 0) ::dup2(logfd, 2);
+      cardbridge::log::init(cardbridge::log::parse_level(level).value_or(spdlog::level::info), "cdrsession");
+      ::_exit(cs::run_supervisor(paths, o));
+    }
+    // Parent: report once the shim answers.
+    for (int i = 0; i < 100; ++i) {
+      if (shim_answers(paths)) {
+        log->info("session '{}': shim serving {} (desk {})", paths.key, paths.socket, paths.desk_spec);
+        std::cout << export_line(paths) << "\n";
+        return 0;
+      }
+      int st = 0;
+      if (::waitpid(pid, &st, WNOHANG) == pid) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    log->error("the shim did not come up; see {}/shim.log and {}/cdrsession.log", paths.dir, paths.dir);
+    return 1;
+  }
+
+  if (*stop) {
+    std::ifstream f(paths.pid_file);
+    int pid = 0;
+    if (!(f >> pid) || pid <= 0 || ::kill(pid, 0) != 0) {
+      log->info("no shim running for session '{}'", paths.key);
+      return 0;
+    }
+    ::kill(pid, SIGTERM);
+    // The supervisor removes its pid file on its way out: a supervisor that has exited but is
+    // not reaped yet (a zombie, until init gets to it) still answers kill(0).
+    auto running = [&] { return ::kill(pid, 0) == 0 && ::access(paths.pid_file.c_str(), F_OK) == 0; };
+    for (int i = 0; i < 100 && running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    if (running()) {
+      log->error("supervisor {} did not stop", pid);
+      return 1;
+    }
+    log->info("session '{}': shim stopped", paths.key);
+    return 0;
+  }
+
+  const char* csock = std::getenv("PCSCLITE_CSOCK_NAME");
+  const std::string target = !socket.empty() ? socket : (csock && *csock ? csock : paths.socket);
+
+  if (*status) {
+    auto s = cs::control_request(target + ".ctl", {{"cmd", "status"}}, std::chrono::seconds(2));
+    if (!s) {
+      if (json) {
+        std::cout << nlohmann::json{{"error", s.error().text}, {"socket", target}}.dump(1) << "\n";
+      } else {
+        std::cout << "no shim answers on " << target << ": " << s.error().text << "\n";
+      }
+      return 3;
+    }
+    auto a = cs::control_request(target + ".ctl", {{"cmd", "audit"}}, std::chrono::seconds(2));
+    nlohmann::json doc = *s;
+    doc["audit"] = a ? a->value("events", nlohmann::json::array()) : nlohmann::json::array();
+    if (json) {
+      std::cout << doc.dump(1) << "\n";
+      return 0;
+    }
+    const auto d = doc.value("desk", nlohmann::json::object());
+    std::cout << fmt::format("shim     {} (pid {}) on {}\n", doc.value("software", ""), doc.value("pid", 0), target);
+    std::cout << fmt::format("desk     {} {}\n", d.value("connected", false) ? "connected:" : "not connected",
+                             cardbridge::log::printable(d.value("name", "")));
+    for (const auto& r : doc.value("readers", nlohmann::json::array())) {
+      std::cout << fmt::format("reader   {}  {}  {}\n", cardbridge::log::printable(r.value("name", "")),
+                               r.value("state", ""), r.value("atr", ""));
+    }
+    const auto st = doc.value("stats", nlohmann::json::object());
+    std::cout << fmt::format("traffic  {} requests from programs, {} desk round trips, {} bytes in / {} out\n",
+                             st.value("client_requests", 0), st.value("round_trips", 0), st.value("desk_bytes_in", 0),
+                             st.value("desk_bytes_out", 0));
+    std::cout << "audit\n";
+    for (const auto& e : doc["audit"]) {
+      std::cout << fmt::format("  {}  {}{}\n", e.value("time", ""), cardbridge::log::printable(e.value("event", "")),
+                               e.value("pid", 0) ? fmt::format(" (pid {})", e.value("pid", 0)) : "");
+    }
+    return 0;
+  }
+
+  if (*doctor) {
+    auto facts = cs::gather(socket.empty() ? std::nullopt : std::optional<std::string>(socket), pings);
+    auto report = cs::evaluate(facts, thresholds);
+    if (json) {
+      std::cout << cs::render_json(report, facts).dump(1) << "\n";
+    } else {
+      std::cout << cs::render_text(report, facts);
+    }
+    return report.exit_code;
+  }
+  return 0;
+}
