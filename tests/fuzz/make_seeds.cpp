@@ -1,0 +1,367 @@
+// Writes the seed corpora of the fuzz targets: a few valid inputs each.
+//
+//   cardbridge-fuzz-seeds OUTDIR    -> OUTDIR/<target>/<name>
+//
+// The checked-in tests/fuzz/corpus/ was produced by this program; rerun it after a change
+// of a target's input format (see tests/fuzz/run-fuzzers --regen-seeds).
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "cardbridge/protocol/codec.hpp"
+#include "cardbridge/protocol/framing.hpp"
+#include "cardbridge/protocol/version.hpp"
+#include "fuzz_util.hpp"
+#include "pcscd_wire/wire.hpp"
+#include "shim_script.hpp"
+
+namespace fs = std::filesystem;
+namespace pr = cardbridge::protocol;
+namespace wire = cardbridge::shim::wire;
+namespace script = cardbridge::fuzz::shim_script;
+using cardbridge::fuzz::ByteWriter;
+using Bytes = std::vector<uint8_t>;
+
+namespace {
+
+fs::path g_out;
+
+void write(const std::string& target, const std::string& name, const Bytes& data) {
+  const fs::path dir = g_out / target;
+  fs::create_directories(dir);
+  std::ofstream f(dir / name, std::ios::binary | std::ios::trunc);
+  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+  if (!f) {
+    std::cerr << "cannot write " << (dir / name) << "\n";
+    std::exit(1);
+  }
+}
+
+template <typename T>
+Bytes raw(const T& s) {
+  return wire::bytes_of(s);
+}
+
+// ---- protocol messages ----------------------------------------------------------------
+
+std::vector<std::pair<std::string, pr::Message>> sample_messages() {
+  std::vector<std::pair<std::string, pr::Message>> out;
+  pr::Hello h;
+  h.version_major = pr::kVersionMajor;
+  h.version_minor = pr::kVersionMinor;
+  h.capabilities = pr::caps::kAll;
+  h.role = pr::Role::kDesk;
+  h.software = "cardbridge-desk 0.1.0";
+  h.peer_name = "thin-client";
+  h.instance = 0x1122334455667788ull;
+  out.emplace_back("hello", pr::Message{0, h});
+  pr::ReaderSnapshot s{7,
+                       {pr::ReaderInfo{"Virtual PCD 00 00", 0x20, 1, {0x3B, 0x80, 0x80, 0x01, 0x01}},
+                        pr::ReaderInfo{"Virtual PCD 00 01", 0x10, 0, {}}}};
+  out.emplace_back("snapshot", pr::Message{0, s});
+  out.emplace_back("error", pr::Message{0, pr::Error{pr::ErrorCode::kVersion, "unsupported protocol version"}});
+  pr::Request connect;
+  connect.op = pr::Op::kConnect;
+  connect.context = pr::ContextId{1};
+  connect.reader = "Virtual PCD 00 00";
+  connect.share_mode = 2;
+  connect.protocols = 3;
+  out.emplace_back("request-connect", pr::Message{1, connect});
+  pr::Request transmit;
+  transmit.op = pr::Op::kTransmit;
+  transmit.context = pr::ContextId{1};
+  transmit.handle = pr::DeskHandle{5};
+  transmit.protocols = 2;
+  transmit.data = {0x00, 0xA4, 0x04, 0x00, 0x02, 0x3F, 0x00};
+  transmit.recv_length = 258;
+  transmit.flags = pr::request_flags::kBeginFirst | pr::request_flags::kPrefetchGetResponse;
+  out.emplace_back("request-transmit", pr::Message{2, transmit});
+  pr::Reply reply;
+  reply.rv = 0;
+  reply.handle = pr::DeskHandle{5};
+  reply.protocol = 2;
+  reply.data = {0x6F, 0x10, 0x90, 0x00};
+  reply.state = 0x00010034;
+  reply.atr = {0x3B, 0x80, 0x80, 0x01, 0x01};
+  reply.prefetched = {pr::Prefetched{{0x00, 0xC0, 0x00, 0x00, 0x10}, {0x01, 0x02, 0x90, 0x00}}};
+  out.emplace_back("reply", pr::Message{2, reply});
+  return out;
+}
+
+void frame_decoder_seeds() {
+  Bytes stream;
+  for (const auto& [name, m] : sample_messages()) {
+    auto f = pr::encode_frame(m);
+    stream.insert(stream.end(), f.begin(), f.end());
+  }
+  for (uint16_t chunk : {uint16_t{1}, uint16_t{7}, uint16_t{1600}, uint16_t{4095}}) {
+    ByteWriter w;
+    w.u8(0);  // default limit
+    for (std::size_t pos = 0; pos < stream.size(); pos += chunk) {
+      const std::size_t n = std::min<std::size_t>(chunk, stream.size() - pos);
+      w.u16(static_cast<uint16_t>(n)).bytes(std::span(stream).subspan(pos, n));
+    }
+    write("frame_decoder", "stream-chunk" + std::to_string(chunk), w.data());
+  }
+  // A small limit, and a frame just above it after a good one.
+  ByteWriter small;
+  Bytes ok = pr::frame(Bytes(16, 0xAA));
+  Bytes too_big = {0x00, 0x00, 0x00, 0x11};
+  small.u8(1).u16(static_cast<uint16_t>(ok.size())).bytes(ok).u16(4).bytes(too_big);
+  write("frame_decoder", "limit-16", small.data());
+}
+
+void codec_seeds() {
+  for (const auto& [name, m] : sample_messages()) write("codec_decode", name, pr::encode(m));
+}
+
+// ---- pcscd wire -------------------------------------------------------------------------
+
+Bytes request(wire::Command c, const Bytes& body, const Bytes& trailing = {}) {
+  return wire::encode_request(c, body, trailing);
+}
+
+constexpr uint32_t kContext = 0x5a80a339;
+constexpr int32_t kCard = 0x4953d442;
+
+// A 1.9.9 client's whole session (EstablishContext .. ReleaseContext).
+Bytes client_session() {
+  Bytes s;
+  auto add = [&s](const Bytes& b) { s.insert(s.end(), b.begin(), b.end()); };
+  add(request(wire::Command::kVersion, raw(wire::VersionStruct{4, 4, 0})));
+  add(request(wire::Command::kEstablishContext, raw(wire::EstablishStruct{2, 0, 0})));
+  add(request(wire::Command::kGetReadersState, {}));
+  add(request(wire::Command::kWaitReaderStateChange, {}));
+  add(request(wire::Command::kStopWaitingReaderStateChange, {}));
+  wire::ConnectStruct c{};
+  c.context = kContext;
+  wire::copy_name(c.reader, "Virtual PCD 00 00");
+  c.share_mode = 2;
+  c.preferred_protocols = 3;
+  add(request(wire::Command::kConnect, raw(c)));
+  add(request(wire::Command::kBeginTransaction, raw(wire::BeginStruct{kCard, 0})));
+  Bytes apdu = {0x00, 0xA4, 0x04, 0x00, 0x02, 0x3F, 0x00};
+  add(request(wire::Command::kTransmit, raw(wire::TransmitStruct{kCard, 2, 16, 7, 3, 16, 300, 0}), apdu));
+  add(request(wire::Command::kControl, raw(wire::ControlStruct{kCard, 0x42000D48, 1, 100, 0, 0}), Bytes{0x02}));
+  wire::GetSetStruct g{};
+  g.card = kCard;
+  g.attr_id = 0x00090303;
+  g.attr_length = 264;
+  g.rv = 0x8010001D;
+  add(request(wire::Command::kGetAttrib, raw(g)));
+  g.attr_length = 1;
+  add(request(wire::Command::kSetAttrib, raw(g)));
+  add(request(wire::Command::kStatus, raw(wire::StatusStruct{kCard, 0})));
+  add(request(wire::Command::kEndTransaction, raw(wire::EndStruct{kCard, 0, 0})));
+  add(request(wire::Command::kReconnect, raw(wire::ReconnectStruct{kCard, 2, 3, 1, 2, 0})));
+  add(request(wire::Command::kDisconnect, raw(wire::DisconnectStruct{kCard, 2, 0})));
+  add(request(wire::Command::kReleaseContext, raw(wire::ReleaseStruct{kContext, 0})));
+  return s;
+}
+
+void pcscd_wire_seeds() {
+  const Bytes session = client_session();
+  for (uint8_t chunk : {uint8_t{0}, uint8_t{1}, uint8_t{8}, uint8_t{13}}) {
+    ByteWriter w;
+    w.u8(chunk).bytes(session);
+    write("pcscd_wire", "session-chunk" + std::to_string(chunk), w.data());
+  }
+  ByteWriter cancel;
+  cancel.u8(0).bytes(request(wire::Command::kCancel, raw(wire::CancelStruct{static_cast<int32_t>(kContext), 0})));
+  write("pcscd_wire", "cancel", cancel.data());
+  ByteWriter v26;
+  v26.u8(3)
+      .bytes(request(wire::Command::kVersion, raw(wire::VersionStruct{4, 6, 0})))
+      .bytes(request(wire::Command::kGetReaderEvents, {}))
+      .bytes(request(wire::Command::kWaitReaderStateChange, {}))
+      .bytes(request(wire::Command::kGetReadersStateSize, {}))
+      .bytes(request(wire::Command::kGetReadersStateArray, {}));
+  write("pcscd_wire", "protocol-4.6", v26.data());
+}
+
+// ---- ShimCore scripts -------------------------------------------------------------------
+
+class Script {
+ public:
+  explicit Script(uint8_t flags) { w_.u8(flags); }
+  Script& open() { return act(script::kOpen); }
+  Script& close(uint8_t client) {
+    act(script::kClose).w_.u8(client);
+    return *this;
+  }
+  Script& req(uint8_t client, uint32_t command, uint8_t fix, uint8_t pick, const Bytes& body, const Bytes& trailing = {}) {
+    uint8_t index = 0;
+    while (script::kRequestCommands[index] != command) ++index;
+    act(script::kRequest).w_.u8(client).u8(index).u8(fix).u8(pick);
+    w_.u16(static_cast<uint16_t>(body.size())).bytes(body);
+    w_.u16(static_cast<uint16_t>(trailing.size())).bytes(trailing);
+    return *this;
+  }
+  // The usual patches: header size right, live handle, known reader, consistent lengths.
+  Script& call(uint8_t client, uint32_t command, const Bytes& body, const Bytes& trailing = {}, uint8_t pick = 0) {
+    return req(client, command,
+               script::kFixHeader | script::kFixHandle | script::kFixReader | script::kFixVersion | script::kFixLength,
+               pick, body, trailing);
+  }
+  Script& reply(uint8_t pending, uint8_t rv_pick, uint32_t handle, uint32_t protocol, uint32_t state,
+                const Bytes& data = {}, const Bytes& atr = {}) {
+    act(script::kReply).w_.u8(pending).u8(rv_pick).u32(handle).u32(protocol).u32(state).u32(0);
+    w_.u16(static_cast<uint16_t>(data.size())).bytes(data).u8(static_cast<uint8_t>(atr.size())).bytes(atr).u8(0);
+    return *this;
+  }
+  Script& snapshot(std::vector<std::tuple<uint8_t, uint16_t, uint16_t, Bytes>> readers) {
+    act(script::kSnapshot).w_.u8(static_cast<uint8_t>(readers.size()));
+    for (const auto& [name, state, events, atr] : readers) {
+      w_.u8(name).u16(state).u16(events).u8(static_cast<uint8_t>(atr.size())).bytes(atr);
+    }
+    return *this;
+  }
+  Script& hello(uint8_t flags, uint32_t caps, uint8_t instance) {
+    act(script::kHello).w_.u8(flags).u32(caps).u8(instance);
+    return *this;
+  }
+  Script& desk_down() { return act(script::kDeskDown); }
+  Script& desk_up() { return act(script::kDeskUp); }
+  Script& tick(uint16_t ms) {
+    act(script::kTick).w_.u16(ms);
+    return *this;
+  }
+  Script& desk_payload(const Bytes& p) {
+    act(script::kDeskPayload).w_.u16(static_cast<uint16_t>(p.size())).bytes(p);
+    return *this;
+  }
+  const Bytes& data() const { return w_.data(); }
+
+ private:
+  Script& act(uint8_t a) {
+    w_.u8(a);
+    return *this;
+  }
+  ByteWriter w_;
+};
+
+const Bytes kAtr = {0x3B, 0x80, 0x80, 0x01, 0x01};
+
+// VERSION + ESTABLISH for client |c| (minor 4 + pick % 3).
+Script& hello_client(Script& s, uint8_t c, uint8_t minor_pick = 0) {
+  return s.open()
+      .call(c, 0x11, raw(wire::VersionStruct{4, 4, 0}), {}, minor_pick)
+      .call(c, 0x01, raw(wire::EstablishStruct{2, 0, 0}));
+}
+
+wire::ConnectStruct connect_body(uint32_t share = 2) {
+  wire::ConnectStruct c{};
+  c.share_mode = share;
+  c.preferred_protocols = 3;
+  return c;
+}
+
+void shim_core_seeds() {
+  // 1. A whole card session: connect, transaction, transmit, control, attributes, status.
+  {
+    Script s(script::kFlagDeskReady);
+    hello_client(s, 0);
+    s.call(0, 0x12, {});
+    s.call(0, 0x04, raw(connect_body()), {}, 0).reply(0, 0, 5, 2, 0x00010034, {}, kAtr);
+    s.call(0, 0x07, raw(wire::BeginStruct{0, 0})).reply(0, 0, 0, 0, 0);
+    s.call(0, 0x09, raw(wire::TransmitStruct{0, 2, 16, 0, 3, 16, 300, 0}), {0x00, 0xA4, 0x04, 0x00, 0x02, 0x3F, 0x00})
+        .reply(0, 0, 0, 2, 0, {0x6F, 0x00, 0x90, 0x00});
+    s.call(0, 0x09, raw(wire::TransmitStruct{0, 2, 16, 0, 3, 16, 2, 0}), {0x00, 0xB0, 0x00, 0x00, 0x00})
+        .reply(0, 0, 0, 2, 0, Bytes(40, 0x11));  // longer than the client's buffer
+    s.call(0, 0x0A, raw(wire::ControlStruct{0, 0x42000D48, 0, 100, 0, 0}), {}).reply(0, 0, 0, 0, 0, {0x01, 0x02});
+    wire::GetSetStruct g{};
+    g.attr_id = 0x00090303;
+    g.attr_length = 264;
+    s.call(0, 0x0F, raw(g)).reply(0, 0, 0, 0, 0, kAtr);
+    g.attr_length = 1;
+    s.call(0, 0x10, raw(g)).reply(0, 0, 0, 0, 0);
+    s.call(0, 0x0B, raw(wire::StatusStruct{0, 0}));
+    s.call(0, 0x08, raw(wire::EndStruct{0, 1, 0})).reply(0, 0, 0, 0, 0);
+    s.call(0, 0x05, raw(wire::ReconnectStruct{0, 2, 3, 1, 2, 0})).reply(0, 0, 0, 2, 0x00010034);
+    s.call(0, 0x06, raw(wire::DisconnectStruct{0, 0, 0})).reply(0, 0, 0, 0, 0);
+    s.call(0, 0x02, raw(wire::ReleaseStruct{0, 0}));
+    write("shim_core", "card-session", s.data());
+  }
+  // 2. Event wait, card removal signal, cancel from a second connection.
+  {
+    Script s(script::kFlagDeskReady);
+    hello_client(s, 0);
+    s.call(0, 0x13, {});
+    s.snapshot({{0, 0x10, 2, {}}, {1, 0x10, 0, {}}});  // card removed: signal
+    s.call(0, 0x14, {});
+    s.call(0, 0x13, {});
+    s.open().call(1, 0x0D, raw(wire::CancelStruct{0, 0}));
+    s.close(1);
+    s.call(0, 0x15, {});
+    write("shim_core", "events-and-cancel", s.data());
+  }
+  // 3. Protocol 4.6 client: size + array, with a signal held back.
+  {
+    Script s(script::kFlagDeskReady);
+    hello_client(s, 0, 2);
+    s.call(0, 0x13, {});
+    s.snapshot({{0, 0x20, 3, kAtr}});
+    s.call(0, 0x16, {}).call(0, 0x17, {});
+    s.call(0, 0x15, {});
+    write("shim_core", "protocol-4.6", s.data());
+  }
+  // 4. Desk handshake by hand, then a desk restart while a call is in flight.
+  {
+    Script s(0);
+    s.desk_up().tick(600).hello(1, static_cast<uint32_t>(pr::caps::kAll), 1);
+    s.snapshot({{0, 0x20, 1, kAtr}, {2, 0x10, 0, {}}});
+    hello_client(s, 0);
+    s.call(0, 0x04, raw(connect_body(1)), {}, 0).reply(0, 0, 9, 1, 0);
+    s.call(0, 0x09, raw(wire::TransmitStruct{0, 1, 16, 0, 3, 16, 258, 0}), {0x00, 0x20, 0x00, 0x81, 0x02, 0x31, 0x32});
+    s.hello(1, 0, 2);  // another instance: the desk restarted
+    s.call(0, 0x0B, raw(wire::StatusStruct{0, 0}));
+    s.desk_down().desk_up().hello(1, 0, 3);
+    s.call(0, 0x06, raw(wire::DisconnectStruct{0, 0, 0}));
+    write("shim_core", "desk-restart", s.data());
+  }
+  // 5. Baseline mode (one round trip per call), exclusive connect, two clients.
+  {
+    Script s(script::kFlagDeskReady | script::kFlagOneRoundTrip);
+    hello_client(s, 0);
+    s.reply(0, 0, 0, 0, 0);
+    s.call(0, 0x12, {}).reply(0, 0, 0, 0, 0);
+    hello_client(s, 1);
+    s.reply(0, 0, 0, 0, 0);
+    s.call(0, 0x04, raw(connect_body(1)), {}, 1).reply(0, 0, 7, 2, 0);
+    s.call(1, 0x04, raw(connect_body(2)), {}, 1).reply(0, 2, 0, 0, 0);
+    s.call(0, 0x0B, raw(wire::StatusStruct{0, 0})).reply(0, 0, 0, 0, 0);
+    s.close(0);
+    write("shim_core", "baseline-two-clients", s.data());
+  }
+  // 6. Hostile client: a handle it does not own, a bad size, an unknown command.
+  {
+    Script s(script::kFlagDeskReady);
+    hello_client(s, 0);
+    s.req(0, 0x09, 0, 0, raw(wire::TransmitStruct{0x1234, 2, 16, 0, 3, 16, 258, 0}));
+    hello_client(s, 1);
+    s.req(1, 0x01, 0, 0, Bytes(9, 0));
+    hello_client(s, 2);
+    s.req(2, 0x0C, script::kFixHeader, 0, {});
+    s.desk_payload({0xFF, 0xFF});
+    write("shim_core", "hostile", s.data());
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::cerr << "usage: " << argv[0] << " OUTDIR\n";
+    return 2;
+  }
+  g_out = argv[1];
+  frame_decoder_seeds();
+  codec_seeds();
+  pcscd_wire_seeds();
+  shim_core_seeds();
+  return 0;
+}

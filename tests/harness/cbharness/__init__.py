@@ -1,0 +1,22 @@
+"""CardBridge test harness: an emulated "desk" (private pcscd + vpcd + vicc).
+
+See tests/harness/README.md.  Main entry points:
+
+    EmulatedDesk        private pcscd with virtual readers and emulated cards
+    Proc                child process with log file and process-group cleanup
+    wait_until          deadline-based polling
+    pcsc_call/PcscWatch pyscard probes in a subprocess (per-socket)
+    reader_states       pure-Python query of a pcscd socket (no pyscard)
+"""
+from .desk import EmulatedDesk, HotplugUnsupported
+from .pcsc import PcscWatch, pcsc_call, transmit
+from .pcscwire import ReaderState, reader_names, reader_states
+from .procs import Proc, live_procs, stop_all
+from .support import nodelay_preload
+from .waiting import Deadline, HarnessError, HarnessTimeout, wait_until
+
+__all__ = [
+    "EmulatedDesk", "HotplugUnsupported", "PcscWatch", "pcsc_call", "transmit", "ReaderState",
+    "reader_names", "reader_states", "Proc", "live_procs", "stop_all", "nodelay_preload",
+    "Deadline", "HarnessError", "HarnessTimeout", "wait_until",
+]

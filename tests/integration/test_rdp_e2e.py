@@ -1,0 +1,325 @@
+"""End to end over a real RDP channel (FreeRDP 2, loopback, TLS):
+
+    emulated desk (private pcscd + vpcd + vicc, tests/harness)
+      -> cb-rdp-client with the CardBridge add-in (static /vc or dynamic /dvc CBRIDGE channel)
+      -> cb-rdp-host (libfreerdp-server2 + WinPR WTS) -> cardbridge::shim::WtsRelay
+      -> relay socket -> cardbridge-shim --desk unix:RELAY
+      -> PC/SC programs on the shim's socket (cb-pcsc, pyscard)
+
+Run:  /usr/bin/python3 -m pytest tests/integration/test_rdp_e2e.py -v
+Env:  CARDBRIDGE_BUILD_DIR  build directory (default <repo>/build)
+      CARDBRIDGE_ADDIN      add-in to load (default $CARDBRIDGE_BUILD_DIR/client-plugin/libcardbridge-client.so)
+      CBHARNESS_KEEP=1      keep the desk's directory (logs)
+Logs of every process of a test are in its pytest tmp_path and are printed when it fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "harness"))
+from cbharness import EmulatedDesk, Proc, wait_until  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from xrdp_fixture import PcscSession  # noqa: E402  (pyscard session tool shared with the xrdp tests)
+
+BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
+ADDIN = Path(os.environ.get("CARDBRIDGE_ADDIN", BUILD / "client-plugin" / "libcardbridge-client.so"))
+HOST = BUILD / "tests" / "tools" / "rdp_host" / "cb-rdp-host"
+CLIENT = BUILD / "tests" / "tools" / "rdp_client" / "cb-rdp-client"
+SHIM = BUILD / "server-shim" / "cardbridge-shim"
+CB_PCSC = BUILD / "tests" / "tools" / "cb-pcsc"
+
+GET_CHALLENGE = "0084000008"
+QUIET_TESTS = {"test_latency"}
+OK = "0x00000000"
+
+
+def _require(path: Path, what: str) -> None:
+    if not path.exists():
+        pytest.fail(f"{what} not found at {path}: build first (CARDBRIDGE_BUILD_DIR={BUILD})", pytrace=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _binaries():
+    _require(HOST, "cb-rdp-host")
+    _require(CLIENT, "cb-rdp-client")
+    _require(SHIM, "cardbridge-shim")
+    _require(CB_PCSC, "cb-pcsc")
+    _require(ADDIN, "the add-in")
+
+
+@pytest.fixture(scope="module")
+def desk():
+    """Two virtual readers; a card in the first one, with the harness's test INS (80 EE) for
+    large and extended APDUs."""
+    d = EmulatedDesk(slots=2, name="rdpdesk")
+    d.start()
+    try:
+        d.insert_card(0, test_ins=True, extended=True)
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def cert_dir():
+    d = Path(tempfile.mkdtemp(prefix="cbrdp-cert-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def cb_pcsc(sock: str, *args: str, timeout: float = 30.0) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PCSCLITE_")}
+    env["PCSCLITE_CSOCK_NAME"] = sock
+    r = subprocess.run([str(CB_PCSC), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    lines = r.stdout.strip().splitlines()
+    if not lines:
+        raise AssertionError(f"cb-pcsc {args} printed nothing (rc {r.returncode}): {r.stderr}")
+    return json.loads(lines[-1])
+
+
+class Rig:
+    """cb-rdp-host + cardbridge-shim, and cb-rdp-clients started on demand."""
+
+    def __init__(self, mode: str, desk: EmulatedDesk, logs: Path, cert_dir: Path, log_level: str = "debug"):
+        self.mode = mode
+        self.log_level = log_level
+        self.desk = desk
+        self.logs = logs
+        self.cert_dir = cert_dir
+        # AF_UNIX paths are short: keep the sockets out of pytest's long tmp_path.
+        self.rt = Path(tempfile.mkdtemp(prefix="cbrdp-"))
+        self.relay = str(self.rt / "relay" / "desk.sock")
+        self.shim_socket = str(self.rt / "shim" / "pcscd.comm")
+        self.procs: list[Proc] = []
+        self.port = 0
+        self.host: Proc | None = None
+        self.shim: Proc | None = None
+
+    # -- processes -------------------------------------------------------------------------
+    def _proc(self, argv, name, env=None) -> Proc:
+        p = Proc(argv, name=name, log_path=self.logs / f"{name}.log", env=env).start()
+        self.procs.append(p)
+        return p
+
+    def start_host(self) -> None:
+        self.host = self._proc([HOST, "--port", "0", "--bind", "127.0.0.1", "--make-cert", self.cert_dir,
+                                "--relay", self.relay, "--channel", self.mode, "--log-level", self.log_level], "host")
+        line = wait_until(lambda: next((l for l in self.host.log_text().splitlines() if l.startswith("READY port=")),
+                                       None),
+                          timeout=20, desc="cb-rdp-host READY line",
+                          abort=lambda: None if self.host.alive() else self.host.exit_description(),
+                          details=lambda: self.host.log_tail(30))
+        self.port = int(line.split("=", 1)[1])
+
+    def start_shim(self) -> None:
+        self.shim = self._proc([SHIM, "--socket", self.shim_socket, "--desk", f"unix:{self.relay}",
+                                "--log-level", self.log_level], "shim")
+        wait_until(lambda: os.path.exists(self.shim_socket), timeout=10, desc="the shim's socket",
+                   abort=lambda: None if self.shim.alive() else self.shim.exit_description())
+
+    def start_client(self, name: str, desk_name: str | None = None) -> Proc:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PCSCLITE_")}
+        env.update(self.desk.env())
+        args = f"log-level:{self.log_level},name:{desk_name or name}"
+        p = self._proc([CLIENT, "--host", "127.0.0.1", "--port", str(self.port), "--addin", ADDIN,
+                        "--mode", self.mode, "--addin-args", args, "--client-name", name], f"client-{name}", env=env)
+        wait_until(lambda: "CONNECTED" in p.log_text().splitlines(), timeout=20, desc=f"client {name} to connect",
+                   abort=lambda: None if p.alive() else p.exit_description(), details=lambda: p.log_tail(30))
+        return p
+
+    def session(self) -> PcscSession:
+        return PcscSession(self.shim_socket, self.logs)
+
+    # -- observations on the shim side -----------------------------------------------------
+    def shim_readers(self) -> list[str]:
+        r = cb_pcsc(self.shim_socket, "list")
+        return [x["name"] for x in r.get("readers", [])] if r.get("list") == OK else []
+
+    def wait_readers(self, timeout: float = 10.0) -> list[str]:
+        want = self.desk.readers
+        return wait_until(lambda: self.shim_readers() == want and want, timeout=timeout,
+                          desc=f"readers {want} on the shim", details=self.report)
+
+    def report(self) -> str:
+        return "\n".join(p.failure_report(25) for p in self.procs)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop(grace=5)
+        shutil.rmtree(self.rt, ignore_errors=True)
+
+
+@pytest.fixture(params=["static", "dynamic"])
+def rig(request, desk, tmp_path, cert_dir):
+    # Measurements run every process at log level info (debug logging costs latency).
+    level = "info" if request.node.originalname in QUIET_TESTS else "debug"
+    r = Rig(request.param, desk, tmp_path, cert_dir, level)
+    try:
+        r.start_host()
+        r.start_shim()
+        yield r
+    finally:
+        r.stop()
+        # Captured output: pytest shows it when the test failed.
+        print(r.report())
+
+
+def transmit_ok(sess: PcscSession, apdu: str, what: str) -> str:
+    r = sess.call(op="transmit", apdu=apdu)
+    hint = ""
+    if r["rv"] == "0x80100011":
+        hint = (" -- SCARD_E_INVALID_VALUE from the desk: inside a FreeRDP client the add-in's SCard* calls "
+                "bind to libwinpr2's Windows-ABI SCard* exports instead of libpcsclite's (see the RDP relay "
+                "report: pcsc_card_api.cpp must dlsym libpcsclite)")
+    assert r["rv"] == OK, f"{what}: {r}{hint}"
+    return r["resp"]
+
+
+# ===================================================================================== tests
+
+def test_relay_socket_is_private(rig):
+    relay = Path(rig.relay)
+    assert stat.S_IMODE(relay.parent.stat().st_mode) == 0o700
+    st = relay.stat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_card_over_rdp(rig, desk):
+    """Readers appear on the shim; GET CHALLENGE twice; a large and an extended APDU."""
+    client = rig.start_client("desk-a")
+    t0 = time.monotonic()
+    assert rig.wait_readers() == desk.readers
+    print(f"[{rig.mode}] readers on the shim {time.monotonic() - t0:.3f}s after the client connected")
+    lst = cb_pcsc(rig.shim_socket, "list")
+    direct = cb_pcsc(desk.socket_path, "list")
+    assert [(x["name"], x["atr"]) for x in lst["readers"]] == [(x["name"], x["atr"]) for x in direct["readers"]]
+
+    sess = rig.session()
+    try:
+        r = sess.call(op="connect", reader=desk.readers[0])
+        assert r["rv"] == OK, r
+        a = transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE #1")
+        b = transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE #2")
+        for resp in (a, b):
+            assert len(resp) == 2 * (8 + 2) and resp.endswith("9000"), resp
+        assert a[:16] != b[:16], "two GET CHALLENGEs returned the same random"
+
+        # Short APDU, 256-byte response (test INS: P1P2 = length of a 00 01 02 .. pattern).
+        resp = transmit_ok(sess, "80EE010000", "short APDU with a 256-byte response")
+        assert bytes.fromhex(resp) == bytes(i & 0xFF for i in range(256)) + b"\x90\x00"
+
+        # Extended APDU both ways: 4000 bytes echoed back.
+        data = bytes((7 * i + 3) & 0xFF for i in range(4000))
+        apdu = "80EE000000" + f"{len(data):04X}" + data.hex() + "0000"
+        resp = transmit_ok(sess, apdu, "extended APDU echo")
+        assert bytes.fromhex(resp) == data + b"\x90\x00"
+
+        # Extended Le: 20000 pattern bytes from a command without data.
+        resp = transmit_ok(sess, "80EE4E2000" + "0000", "extended-Le APDU (20000 bytes)")
+        assert bytes.fromhex(resp) == bytes(i & 0xFF for i in range(20000)) + b"\x90\x00"
+    finally:
+        sess.close()
+    assert client.alive()
+
+
+def test_disconnect_then_reconnect_from_another_desk(rig, desk):
+    """Kill the client: readers vanish within 2 s, the old handle fails; a second client
+    (another desk name) brings them back and a new connection works."""
+    first = rig.start_client("desk-a")
+    rig.wait_readers()
+    sess = rig.session()
+    try:
+        assert sess.call(op="connect", reader=desk.readers[0])["rv"] == OK
+        transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE before the disconnect")
+
+        t0 = time.monotonic()
+        first.send_signal(signal.SIGKILL)
+        wait_until(lambda: rig.shim_readers() == [], timeout=2.0, desc="readers to vanish from the shim within 2 s",
+                   details=rig.report)
+        gone = time.monotonic() - t0
+        print(f"[{rig.mode}] readers gone {gone * 1000:.0f} ms after the client was killed")
+        r = sess.call(op="transmit", apdu=GET_CHALLENGE)
+        assert r["rv"] != OK, f"transmit on a handle of the vanished desk succeeded: {r}"
+        print(f"[{rig.mode}] transmit on the old handle: {r['rv']}")
+
+        t1 = time.monotonic()
+        rig.start_client("desk-b")
+        rig.wait_readers()
+        print(f"[{rig.mode}] readers back {time.monotonic() - t1:.3f}s after starting the second client")
+        assert "desk 'desk-b'" in rig.shim.log_text(), "the shim did not see the second desk"
+
+        r = sess.call(op="transmit", apdu=GET_CHALLENGE)
+        assert r["rv"] != OK, f"the old handle works again after the reconnect: {r}"
+        fresh = rig.session()
+        try:
+            assert fresh.call(op="connect", reader=desk.readers[0])["rv"] == OK
+            transmit_ok(fresh, GET_CHALLENGE, "GET CHALLENGE after the reconnect")
+        finally:
+            fresh.close()
+    finally:
+        sess.close()
+
+
+def test_takeover_by_second_client(rig, desk):
+    """A second client connecting takes the session over: the first one is disconnected in
+    an orderly way (exit status 0) and the shim serves the new desk."""
+    first = rig.start_client("desk-a")
+    rig.wait_readers()
+    second = rig.start_client("desk-b")
+    rc = first.wait(10)
+    assert rc == 0, f"the client that lost the session exited with {rc}\n{first.log_tail(20)}"
+    wait_until(lambda: "desk 'desk-b'" in rig.shim.log_text(), timeout=10, desc="the shim to see desk-b",
+               details=rig.report)
+    rig.wait_readers()
+    sess = rig.session()
+    try:
+        assert sess.call(op="connect", reader=desk.readers[0])["rv"] == OK
+        transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE through the second client")
+    finally:
+        sess.close()
+    assert second.alive()
+
+
+def test_orderly_shutdown(rig):
+    """SIGTERM to a client: it exits 0 and the readers go. SIGTERM to the host with a client
+    connected: the host closes the session in order (the client exits 0), exits 0 itself and
+    removes its socket."""
+    client = rig.start_client("desk-a")
+    rig.wait_readers()
+    assert client.stop(grace=10) == 0, client.failure_report(20)
+    wait_until(lambda: rig.shim_readers() == [], timeout=2.0, desc="readers to vanish after the client left")
+    second = rig.start_client("desk-b")
+    rig.wait_readers()
+    assert rig.host.stop(grace=10) == 0, rig.host.failure_report(30)
+    assert second.wait(10) == 0, second.failure_report(20)
+    assert not os.path.exists(rig.relay)
+
+
+def test_latency(rig, desk):
+    """Median GET CHALLENGE round trip, local pcscd vs. through the RDP channel (reported)."""
+    rig.start_client("desk-a")
+    rig.wait_readers()
+    reader = desk.readers[0]
+    local = cb_pcsc(desk.socket_path, "bench", "--op", "transmit", "--reader", reader, "--apdu", GET_CHALLENGE,
+                    "--iterations", "300")
+    remote = cb_pcsc(rig.shim_socket, "bench", "--op", "transmit", "--reader", reader, "--apdu", GET_CHALLENGE,
+                     "--iterations", "300")
+    assert remote.get("rv") == OK, remote
+    lm, rm = local["latency"]["median_us"], remote["latency"]["median_us"]
+    print(f"[{rig.mode}] transmit median: local pcscd {lm:.0f} us, over RDP {rm:.0f} us "
+          f"(p99 {remote['latency']['p99_us']:.0f} us)")
+    assert rm < 20_000, remote

@@ -1,0 +1,93 @@
+// Version and capability negotiation (protocol/version.hpp).
+#include "cardbridge/protocol/version.hpp"
+
+#include <gtest/gtest.h>
+
+namespace cardbridge::protocol {
+namespace {
+
+Hello hello(uint32_t major, uint32_t minor, uint64_t capabilities) {
+  Hello h;
+  h.version_major = major;
+  h.version_minor = minor;
+  h.capabilities = capabilities;
+  h.role = Role::kDesk;
+  return h;
+}
+
+TEST(VersionTest, CurrentVersionIsOneZero) {
+  EXPECT_EQ(kVersionMajor, 1u);
+  EXPECT_EQ(kVersionMinor, 0u);
+}
+
+TEST(VersionTest, SameVersionAllCapabilities) {
+  auto n = negotiate(hello(1, 0, caps::kAll), hello(1, 0, caps::kAll));
+  ASSERT_TRUE(n.has_value());
+  EXPECT_EQ(n->minor, 0u);
+  EXPECT_EQ(n->capabilities, caps::kAll);
+}
+
+TEST(VersionTest, MajorMismatchFailsBothWays) {
+  EXPECT_FALSE(negotiate(hello(1, 0, caps::kAll), hello(2, 0, caps::kAll)).has_value());
+  EXPECT_FALSE(negotiate(hello(2, 0, caps::kAll), hello(1, 0, caps::kAll)).has_value());
+  EXPECT_FALSE(negotiate(hello(1, 5, 0), hello(0, 5, 0)).has_value());
+  EXPECT_FALSE(negotiate(hello(1, 0, 0), hello(0xFFFFFFFF, 0, 0)).has_value());
+}
+
+TEST(VersionTest, MinorIsTheMinimum) {
+  auto a = negotiate(hello(1, 3, 0), hello(1, 7, 0));
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->minor, 3u);
+  auto b = negotiate(hello(1, 7, 0), hello(1, 3, 0));
+  ASSERT_TRUE(b.has_value());
+  EXPECT_EQ(b->minor, 3u);
+  auto c = negotiate(hello(1, 0, 0), hello(1, 0xFFFFFFFF, 0));
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->minor, 0u);
+}
+
+TEST(VersionTest, CapabilitiesAreTheIntersection) {
+  auto n = negotiate(hello(1, 0, caps::kReaderPush | caps::kDeferredBegin | caps::kReadAhead),
+                     hello(1, 0, caps::kDeferredBegin | caps::kPrefetchGetResponse | caps::kReadAhead));
+  ASSERT_TRUE(n.has_value());
+  EXPECT_EQ(n->capabilities, caps::kDeferredBegin | caps::kReadAhead);
+}
+
+TEST(VersionTest, UnknownCapabilityBitsIntersectToo) {
+  // A future capability only counts when both ends announce it.
+  const uint64_t future = 1ull << 40;
+  auto n = negotiate(hello(1, 0, future | caps::kReaderPush), hello(1, 0, caps::kReaderPush));
+  ASSERT_TRUE(n.has_value());
+  EXPECT_EQ(n->capabilities, caps::kReaderPush);
+  auto m = negotiate(hello(1, 0, future), hello(1, 0, future));
+  ASSERT_TRUE(m.has_value());
+  EXPECT_EQ(m->capabilities, future);
+}
+
+TEST(VersionTest, NoCommonCapabilityIsStillAgreement) {
+  auto n = negotiate(hello(1, 0, caps::kReaderPush), hello(1, 0, caps::kReadAhead));
+  ASSERT_TRUE(n.has_value());
+  EXPECT_EQ(n->capabilities, 0u);
+}
+
+TEST(VersionTest, CapabilityBitsAreDistinct) {
+  EXPECT_EQ(caps::kReaderPush & caps::kDeferredBegin, 0u);
+  EXPECT_EQ(caps::kAll, 0x1Fu);
+}
+
+TEST(CapabilitiesTextTest, Names) {
+  EXPECT_EQ(capabilities_text(0), "none");
+  EXPECT_EQ(capabilities_text(caps::kReaderPush), "reader-push");
+  EXPECT_EQ(capabilities_text(caps::kDeferredBegin), "deferred-begin");
+  EXPECT_EQ(capabilities_text(caps::kPrefetchGetResponse), "prefetch-get-response");
+  EXPECT_EQ(capabilities_text(caps::kReadAhead), "read-ahead");
+  EXPECT_EQ(capabilities_text(caps::kAll), "reader-push,deferred-begin,prefetch-get-response,read-ahead,desk-ordering");
+  EXPECT_EQ(capabilities_text(caps::kReaderPush | caps::kReadAhead), "reader-push,read-ahead");
+}
+
+TEST(CapabilitiesTextTest, UnknownBitsAreNotNamed) {
+  EXPECT_EQ(capabilities_text(caps::kDeferredBegin | (1ull << 63)), "deferred-begin");
+}
+
+}  // namespace
+}  // namespace cardbridge::protocol
