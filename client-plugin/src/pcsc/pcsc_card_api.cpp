@@ -1,4 +1,5 @@
 #include "pcsc/pcsc_card_api.hpp"
+#include "pcsc/library_gate.hpp"
 
 #include <PCSC/winscard.h>
 #include <PCSC/wintypes.h>
@@ -100,15 +101,26 @@ const Pcsc& pcsc() {
   return lib;
 }
 
+// libpcsclite's handle table is one per process and not safe for concurrent Connect or
+// Disconnect (library_gate.hpp): one gate for every PcscCardApi in the process.
+LibraryGate& gate() {
+  static LibraryGate g;
+  return g;
+}
+
 class PcscCardApi final : public CardApi {
  public:
   uint32_t establish(uint32_t scope, ScardContext* ctx) override {
-    SCARDCONTEXT c = 0;
-    LONG rv = pcsc().EstablishContext(scope, nullptr, nullptr, &c);
-    *ctx = static_cast<ScardContext>(c);
-    return rv32(rv);
+    return gate().establish([&] {
+      SCARDCONTEXT c = 0;
+      LONG rv = pcsc().EstablishContext(scope, nullptr, nullptr, &c);
+      *ctx = static_cast<ScardContext>(c);
+      return rv32(rv);
+    });
   }
-  uint32_t release(ScardContext ctx) override { return rv32(pcsc().ReleaseContext(static_cast<SCARDCONTEXT>(ctx))); }
+  uint32_t release(ScardContext ctx) override {
+    return gate().release(ctx, [&] { return rv32(pcsc().ReleaseContext(static_cast<SCARDCONTEXT>(ctx))); });
+  }
 
   uint32_t list_readers(ScardContext ctx, std::vector<std::string>* readers) override {
     readers->clear();
@@ -149,30 +161,36 @@ class PcscCardApi final : public CardApi {
 
   uint32_t connect(ScardContext ctx, const std::string& reader, uint32_t share_mode, uint32_t protocols,
                    ScardHandle* card, uint32_t* active_protocol) override {
-    SCARDHANDLE h = 0;
-    DWORD proto = 0;
-    LONG rv = pcsc().Connect(static_cast<SCARDCONTEXT>(ctx), reader.c_str(), share_mode, protocols, &h, &proto);
-    *card = static_cast<ScardHandle>(h);
-    *active_protocol = static_cast<uint32_t>(proto);
-    return rv32(rv);
+    return gate().connect(ctx, reader, [&](LibraryGate::Handle* made) {
+      SCARDHANDLE h = 0;
+      DWORD proto = 0;
+      LONG rv = pcsc().Connect(static_cast<SCARDCONTEXT>(ctx), reader.c_str(), share_mode, protocols, &h, &proto);
+      *card = *made = static_cast<ScardHandle>(h);
+      *active_protocol = static_cast<uint32_t>(proto);
+      return rv32(rv);
+    });
   }
 
   uint32_t reconnect(ScardHandle card, uint32_t share_mode, uint32_t protocols, uint32_t initialization,
                      uint32_t* active_protocol) override {
-    DWORD proto = *active_protocol;
-    LONG rv = pcsc().Reconnect(static_cast<SCARDHANDLE>(card), share_mode, protocols, initialization, &proto);
-    *active_protocol = static_cast<uint32_t>(proto);
-    return rv32(rv);
+    return gate().lookup(card, [&] {
+      DWORD proto = *active_protocol;
+      LONG rv = pcsc().Reconnect(static_cast<SCARDHANDLE>(card), share_mode, protocols, initialization, &proto);
+      *active_protocol = static_cast<uint32_t>(proto);
+      return rv32(rv);
+    });
   }
 
   uint32_t disconnect(ScardHandle card, uint32_t disposition) override {
-    return rv32(pcsc().Disconnect(static_cast<SCARDHANDLE>(card), disposition));
+    return gate().disconnect(card, disposition == SCARD_LEAVE_CARD,
+                            [&] { return rv32(pcsc().Disconnect(static_cast<SCARDHANDLE>(card), disposition)); });
   }
   uint32_t begin_transaction(ScardHandle card) override {
-    return rv32(pcsc().BeginTransaction(static_cast<SCARDHANDLE>(card)));
+    return gate().begin_transaction(card, [&] { return rv32(pcsc().BeginTransaction(static_cast<SCARDHANDLE>(card))); });
   }
   uint32_t end_transaction(ScardHandle card, uint32_t disposition) override {
-    return rv32(pcsc().EndTransaction(static_cast<SCARDHANDLE>(card), disposition));
+    return gate().end_transaction(
+        card, [&] { return rv32(pcsc().EndTransaction(static_cast<SCARDHANDLE>(card), disposition)); });
   }
 
   uint32_t transmit(ScardHandle card, uint32_t send_protocol, std::span<const uint8_t> command,
@@ -181,8 +199,10 @@ class PcscCardApi final : public CardApi {
     SCARD_IO_REQUEST recv_pci{*recv_protocol, sizeof(SCARD_IO_REQUEST)};
     response->data.resize(std::max<uint32_t>(recv_capacity, 1));
     DWORD len = recv_capacity;
-    LONG rv = pcsc().Transmit(static_cast<SCARDHANDLE>(card), &send_pci, command.data(),
-                            static_cast<DWORD>(command.size()), &recv_pci, response->data.data(), &len);
+    const LONG rv = gate().lookup(card, [&] {
+      return rv32(pcsc().Transmit(static_cast<SCARDHANDLE>(card), &send_pci, command.data(),
+                                  static_cast<DWORD>(command.size()), &recv_pci, response->data.data(), &len));
+    });
     *recv_protocol = static_cast<uint32_t>(recv_pci.dwProtocol);
     response->length = static_cast<uint32_t>(len);
     if (rv == SCARD_S_SUCCESS) {
@@ -197,8 +217,10 @@ class PcscCardApi final : public CardApi {
                    Buffer* out) override {
     out->data.resize(std::max<uint32_t>(recv_capacity, 1));
     DWORD returned = 0;
-    LONG rv = pcsc().Control(static_cast<SCARDHANDLE>(card), code, in.data(), static_cast<DWORD>(in.size()),
-                           out->data.data(), recv_capacity, &returned);
+    const LONG rv = gate().lookup(card, [&] {
+      return rv32(pcsc().Control(static_cast<SCARDHANDLE>(card), code, in.data(), static_cast<DWORD>(in.size()),
+                                 out->data.data(), recv_capacity, &returned));
+    });
     out->length = static_cast<uint32_t>(returned);
     if (rv == SCARD_S_SUCCESS) {
       out->data.resize(std::min<std::size_t>(returned, out->data.size()));
@@ -211,7 +233,8 @@ class PcscCardApi final : public CardApi {
   uint32_t get_attrib(ScardHandle card, uint32_t attr, uint32_t capacity, Buffer* out) override {
     out->data.resize(std::max<uint32_t>(capacity, 1));
     DWORD len = capacity;
-    LONG rv = pcsc().GetAttrib(static_cast<SCARDHANDLE>(card), attr, out->data.data(), &len);
+    const LONG rv = gate().lookup(
+        card, [&] { return rv32(pcsc().GetAttrib(static_cast<SCARDHANDLE>(card), attr, out->data.data(), &len)); });
     out->length = static_cast<uint32_t>(len);
     if (rv == SCARD_S_SUCCESS) {
       out->data.resize(std::min<std::size_t>(len, out->data.size()));
@@ -222,7 +245,10 @@ class PcscCardApi final : public CardApi {
   }
 
   uint32_t set_attrib(ScardHandle card, uint32_t attr, std::span<const uint8_t> value) override {
-    return rv32(pcsc().SetAttrib(static_cast<SCARDHANDLE>(card), attr, value.data(), static_cast<DWORD>(value.size())));
+    return gate().lookup(card, [&] {
+      return rv32(
+          pcsc().SetAttrib(static_cast<SCARDHANDLE>(card), attr, value.data(), static_cast<DWORD>(value.size())));
+    });
   }
 
   uint32_t status(ScardHandle card, std::string* reader, uint32_t* state, uint32_t* protocol,
@@ -232,7 +258,9 @@ class PcscCardApi final : public CardApi {
     BYTE atr_buf[MAX_ATR_SIZE] = {};
     DWORD atr_len = sizeof atr_buf;
     DWORD st = 0, proto = 0;
-    LONG rv = pcsc().Status(static_cast<SCARDHANDLE>(card), name, &name_len, &st, &proto, atr_buf, &atr_len);
+    const LONG rv = gate().lookup(card, [&] {
+      return rv32(pcsc().Status(static_cast<SCARDHANDLE>(card), name, &name_len, &st, &proto, atr_buf, &atr_len));
+    });
     if (rv == SCARD_S_SUCCESS) {
       *reader = std::string(name, strnlen(name, sizeof name));
       *state = static_cast<uint32_t>(st);
