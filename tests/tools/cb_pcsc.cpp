@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <barrier>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -285,14 +286,24 @@ int main(int argc, char** argv) {
     std::set<std::string> seen;
     std::atomic<int> duplicates{0};
     std::vector<std::thread> ts;
+    // libpcsclite's handle table is not thread-safe (client-plugin/src/pcsc/library_gate.hpp):
+    // threads set up and tear down one at a time, while no other thread transmits.
+    std::mutex setup;
+    std::barrier started(threads), finished(threads);
     for (int t = 0; t < threads; ++t) {
       ts.emplace_back([&] {
+        std::unique_lock one(setup);
         Ctx c;
         SCARDHANDLE h = 0;
         DWORD proto = 0;
-        if (c.rv != SCARD_S_SUCCESS || connect(c.h, &h, &proto, SCARD_SHARE_SHARED) != SCARD_S_SUCCESS) {
+        const bool up = c.rv == SCARD_S_SUCCESS && connect(c.h, &h, &proto, SCARD_SHARE_SHARED) == SCARD_S_SUCCESS;
+        one.unlock();
+        started.arrive_and_wait();
+        if (!up) {
           ++failures;
-          return;
+          finished.arrive_and_wait();
+          one.lock();
+          return;  // ~Ctx releases the context under |setup|
         }
         auto cmd = unhex(apdu);
         for (int i = 0; i < count; ++i) {
@@ -308,6 +319,8 @@ int main(int argc, char** argv) {
           if (!seen.insert(hex(resp, 8)).second) ++duplicates;
           ++ok;
         }
+        finished.arrive_and_wait();
+        one.lock();
         SCardDisconnect(h, SCARD_LEAVE_CARD);
       });
     }
