@@ -43,16 +43,43 @@ void LibraryGate::leave_shared(Handle card, uint32_t rv, Change change) {
     auto it = handles_.find(card);
     if (it != handles_.end()) {
       Entry& e = it->second;
-      if (change == Change::kBegin) {
-        e.beginning = false;
-        if (rv == sc::kSuccess) ++e.transactions;
-      } else if (change == Change::kEnd && rv == sc::kSuccess && e.transactions > 0) {
-        --e.transactions;
+      if (change == Change::kEnd && rv == sc::kSuccess && e.transactions > 0) --e.transactions;
+      if (handle_gone(rv)) e.transactions = 0;
+    }
+  }
+  cv_.notify_all();
+}
+
+void LibraryGate::leave_begin(Handle card, uint32_t rv, bool tracked, int64_t epoch) {
+  {
+    std::lock_guard lock(m_);
+    --readers_;
+    auto it = handles_.find(card);
+    if (it != handles_.end() && tracked) {
+      Entry& e = it->second;
+      e.beginning = false;
+      if (rv == sc::kSuccess && epoch != kGone) {
+        if (e.transactions == 0) e.epoch = epoch;
+        ++e.transactions;
       }
       if (handle_gone(rv)) e.transactions = 0;
     }
   }
   cv_.notify_all();
+}
+
+void LibraryGate::observe(const std::string& reader, uint32_t counter) {
+  bool changed = false;
+  {
+    std::lock_guard lock(m_);
+    for (auto& [h, e] : handles_) {
+      if (e.reader == reader && e.transactions > 0 && e.epoch >= 0 && e.epoch != counter) {
+        e.transactions = 0;  // the card was removed since: pcscd dropped the lock
+        changed = true;
+      }
+    }
+  }
+  if (changed) cv_.notify_all();
 }
 
 void LibraryGate::leave_exclusive() {

@@ -28,6 +28,10 @@
 //    (not in libpcsclite's retry loop, which would hold a shared section) while another
 //    of our handles holds or is taking the reader's transaction.
 // What is left for pcscd to wait on inside a section is other programs at the desk.
+// pcscd drops a reader's transaction when its card is removed: each transaction we track
+// carries the reader's event counter when it began (SCardStatus right after the Begin),
+// and the desk's reader monitor reports every counter it sees (observe()): a transaction
+// begun under another counter is gone.
 //
 // Pure logic (no libpcsclite): the calls are passed in; unit-tested with plain functions.
 #pragma once
@@ -62,13 +66,21 @@ class LibraryGate {
     return rv;
   }
   // Waits while another of our handles holds (or is taking) |card|'s reader transaction.
-  template <typename F>
-  uint32_t begin_transaction(Handle card, F&& call) {
+  // |counter| runs after a successful Begin, in the same section: the reader's event
+  // counter (pcsc-lite's dwState >> 16), kGone when the card went meanwhile (no lock is
+  // left), or kUnknown.
+  static constexpr int64_t kGone = -1;
+  static constexpr int64_t kUnknown = -2;
+  template <typename F, typename Counter>
+  uint32_t begin_transaction(Handle card, F&& call, Counter&& counter) {
     const bool tracked = enter_begin(card);
     const uint32_t rv = call();
-    leave_shared(card, rv, tracked ? Change::kBegin : Change::kNone);
+    const int64_t epoch = rv == 0 && tracked ? counter() : kUnknown;
+    leave_begin(card, rv, tracked, epoch);
     return rv;
   }
+  // The reader monitor saw |reader| with event counter |counter|.
+  void observe(const std::string& reader, uint32_t counter);
   // |call| is uint32_t(Handle* out). Waits while one of our handles holds or is taking a
   // transaction on |reader|, then runs exclusive; a handle it makes is tracked.
   template <typename F>
@@ -110,17 +122,19 @@ class LibraryGate {
   int transactions(Handle card) const;
 
  private:
-  enum class Change { kNone, kBegin, kEnd };
+  enum class Change { kNone, kEnd };
   struct Entry {
     Context ctx = 0;
     std::string reader;
-    int transactions = 0;   // successful Begins not yet ended
-    bool beginning = false;  // a Begin is in flight
+    int transactions = 0;       // successful Begins not yet ended
+    int64_t epoch = kUnknown;   // the reader's event counter when the first one began
+    bool beginning = false;     // a Begin is in flight
   };
 
   void enter_shared();
   bool enter_begin(Handle card);
   void leave_shared(Handle card, uint32_t rv, Change change);
+  void leave_begin(Handle card, uint32_t rv, bool tracked, int64_t epoch);
   // Waits until no section is open and |blocked| (evaluated under m_) is false.
   template <typename Blocked>
   void enter_exclusive(Blocked blocked) {

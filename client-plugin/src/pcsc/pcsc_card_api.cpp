@@ -151,6 +151,9 @@ class PcscCardApi final : public CardApi {
                                    static_cast<DWORD>(rs.size()));
     for (std::size_t i = 0; i < states.size(); ++i) {
       states[i].event_state = static_cast<uint32_t>(rs[i].dwEventState);
+      if (rv == SCARD_S_SUCCESS && !(rs[i].dwEventState & (SCARD_STATE_UNKNOWN | SCARD_STATE_UNAVAILABLE))) {
+        gate().observe(states[i].name, static_cast<uint32_t>(rs[i].dwEventState >> 16));
+      }
       const auto n = std::min<std::size_t>(rs[i].cbAtr, sizeof rs[i].rgbAtr);
       states[i].atr.assign(rs[i].rgbAtr, rs[i].rgbAtr + n);
     }
@@ -186,7 +189,22 @@ class PcscCardApi final : public CardApi {
                             [&] { return rv32(pcsc().Disconnect(static_cast<SCARDHANDLE>(card), disposition)); });
   }
   uint32_t begin_transaction(ScardHandle card) override {
-    return gate().begin_transaction(card, [&] { return rv32(pcsc().BeginTransaction(static_cast<SCARDHANDLE>(card))); });
+    return gate().begin_transaction(
+        card, [&] { return rv32(pcsc().BeginTransaction(static_cast<SCARDHANDLE>(card))); },
+        [&]() -> int64_t {
+          // The reader's event counter now, to tell this transaction from one a card
+          // removal has ended (LibraryGate::observe). A desk-local call, not a round trip.
+          char name[MAX_READERNAME + 1] = {};
+          BYTE atr[MAX_ATR_SIZE] = {};
+          DWORD st = 0, proto = 0, name_len = sizeof name, atr_len = sizeof atr;
+          const LONG rv =
+              pcsc().Status(static_cast<SCARDHANDLE>(card), name, &name_len, &st, &proto, atr, &atr_len);
+          if (rv == SCARD_S_SUCCESS) return static_cast<int64_t>(st >> 16);
+          if (rv == SCARD_W_REMOVED_CARD || rv == SCARD_W_RESET_CARD || rv == SCARD_E_NO_SMARTCARD) {
+            return LibraryGate::kGone;
+          }
+          return LibraryGate::kUnknown;
+        });
   }
   uint32_t end_transaction(ScardHandle card, uint32_t disposition) override {
     return gate().end_transaction(

@@ -44,6 +44,10 @@ uint32_t connect(LibraryGate& g, LibraryGate::Context ctx, const std::string& re
   });
 }
 uint32_t ok() { return sc::kSuccess; }
+// What the gate learns after a successful Begin: the reader's event counter.
+auto epoch(int64_t counter) {
+  return [counter] { return counter; };
+}
 
 TEST(LibraryGate, ConnectWaitsForAHandleCallInFlight) {
   LibraryGate g;
@@ -108,7 +112,7 @@ TEST(LibraryGate, HandleCallsDoNotWaitForAWaitingConnect) {
 TEST(LibraryGate, ConnectWaitsWhileOurHandleHoldsTheReadersTransaction) {
   LibraryGate g;
   ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
-  ASSERT_EQ(g.begin_transaction(11, ok), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(1)), sc::kSuccess);
   EXPECT_EQ(g.transactions(11), 1);
   auto same = std::async(std::launch::async, [&] { return connect(g, 2, "R", 22); });
   auto other = std::async(std::launch::async, [&] { return connect(g, 3, "R2", 33); });
@@ -124,8 +128,8 @@ TEST(LibraryGate, ConnectWaitsWhileOurHandleHoldsTheReadersTransaction) {
 TEST(LibraryGate, NestedTransactionsCountAndAFailedEndKeepsTheLock) {
   LibraryGate g;
   ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
-  ASSERT_EQ(g.begin_transaction(11, ok), sc::kSuccess);
-  ASSERT_EQ(g.begin_transaction(11, ok), sc::kSuccess);  // its own lock: no wait
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(1)), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(1)), sc::kSuccess);  // its own lock: no wait
   EXPECT_EQ(g.transactions(11), 2);
   // pcscd keeps the lock when End fails (e.g. the card was reset): so do we.
   EXPECT_EQ(g.end_transaction(11, [] { return sc::kWResetCard; }), sc::kWResetCard);
@@ -141,13 +145,13 @@ TEST(LibraryGate, BeginWaitsOutsideLibpcscliteForAnotherOfOurHandles) {
   LibraryGate g;
   ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
   ASSERT_EQ(connect(g, 2, "R", 22), sc::kSuccess);
-  ASSERT_EQ(g.begin_transaction(11, ok), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(1)), sc::kSuccess);
   std::atomic<bool> called{false};
   auto b = std::async(std::launch::async, [&] {
     return g.begin_transaction(22, [&] {
       called = true;
       return ok();
-    });
+    }, epoch(1));
   });
   EXPECT_TRUE(still_waiting(b));
   EXPECT_FALSE(called);  // not parked in libpcsclite's retry loop inside a shared section
@@ -163,7 +167,7 @@ TEST(LibraryGate, ABeginInFlightCountsAsTheReadersLock) {
   LibraryGate g;
   ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
   Latch begin;
-  auto b = std::async(std::launch::async, [&] { return g.begin_transaction(11, std::ref(begin)); });
+  auto b = std::async(std::launch::async, [&] { return g.begin_transaction(11, std::ref(begin), epoch(1)); });
   begin.entered.wait();
   auto c = std::async(std::launch::async, [&] { return connect(g, 2, "R", 22); });
   begin.release_p.set_value();
@@ -173,10 +177,39 @@ TEST(LibraryGate, ABeginInFlightCountsAsTheReadersLock) {
   EXPECT_TRUE(finished(c));
 }
 
+TEST(LibraryGate, ACardRemovalSeenByTheMonitorEndsTheTransactionsBegunBefore) {
+  // pcscd drops the lock when the card goes; the holder's handle then only gets errors.
+  LibraryGate g;
+  ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
+  ASSERT_EQ(connect(g, 2, "R", 22), sc::kSuccess);
+  ASSERT_EQ(connect(g, 3, "R2", 33), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(4)), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(33, ok, epoch(LibraryGate::kUnknown)), sc::kSuccess);
+  g.observe("R", 4);   // same counter: nothing happened to the card
+  g.observe("R2", 9);  // unknown epoch: only End/Disconnect/Release end it
+  EXPECT_EQ(g.transactions(11), 1);
+  EXPECT_EQ(g.transactions(33), 1);
+  auto b = std::async(std::launch::async, [&] { return g.begin_transaction(22, ok, epoch(6)); });
+  EXPECT_TRUE(still_waiting(b));
+  g.observe("R", 5);  // removed (and maybe back): pcscd no longer holds 11's lock
+  EXPECT_TRUE(finished(b));
+  EXPECT_EQ(g.transactions(11), 0);
+  EXPECT_EQ(g.transactions(22), 1);  // begun under counter 6: a later one, kept
+  g.observe("R", 6);
+  EXPECT_EQ(g.transactions(22), 1);
+}
+
+TEST(LibraryGate, ABeginWhoseCardWentMeanwhileTakesNoLock) {
+  LibraryGate g;
+  ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, [] { return LibraryGate::kGone; }), sc::kSuccess);
+  EXPECT_EQ(g.transactions(11), 0);
+}
+
 TEST(LibraryGate, AFailedBeginTakesNoLock) {
   LibraryGate g;
   ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
-  EXPECT_EQ(g.begin_transaction(11, [] { return sc::kWRemovedCard; }), sc::kWRemovedCard);
+  EXPECT_EQ(g.begin_transaction(11, [] { return sc::kWRemovedCard; }, epoch(1)), sc::kWRemovedCard);
   EXPECT_EQ(g.transactions(11), 0);
   auto c = std::async(std::launch::async, [&] { return connect(g, 2, "R", 22); });
   EXPECT_TRUE(finished(c));
@@ -187,7 +220,7 @@ TEST(LibraryGate, DisconnectWaitsOnlyWithACardActionAndNotForItsOwnLock) {
   ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
   ASSERT_EQ(connect(g, 2, "R", 22), sc::kSuccess);
   ASSERT_EQ(connect(g, 3, "R", 33), sc::kSuccess);
-  ASSERT_EQ(g.begin_transaction(11, ok), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(1)), sc::kSuccess);
   // LEAVE: pcscd does not wait for the lock.
   auto leave = std::async(std::launch::async, [&] { return g.disconnect(22, true, ok); });
   EXPECT_TRUE(finished(leave));
@@ -204,7 +237,7 @@ TEST(LibraryGate, ReleasingTheHoldersContextFreesTheReader) {
   LibraryGate g;
   ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
   ASSERT_EQ(connect(g, 1, "R", 12), sc::kSuccess);
-  ASSERT_EQ(g.begin_transaction(11, ok), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(1)), sc::kSuccess);
   auto c = std::async(std::launch::async, [&] { return connect(g, 2, "R", 22); });
   EXPECT_TRUE(still_waiting(c));
   EXPECT_EQ(g.release(1, ok), sc::kSuccess);
@@ -219,7 +252,7 @@ TEST(LibraryGate, ReleaseWaitsForAnotherContextsTransactionOnItsReaders) {
   ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
   ASSERT_EQ(connect(g, 2, "R", 22), sc::kSuccess);
   ASSERT_EQ(connect(g, 3, "R2", 33), sc::kSuccess);
-  ASSERT_EQ(g.begin_transaction(11, ok), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(1)), sc::kSuccess);
   auto r2 = std::async(std::launch::async, [&] { return g.release(2, ok); });
   auto r3 = std::async(std::launch::async, [&] { return g.release(3, ok); });  // other reader
   EXPECT_TRUE(finished(r3));
@@ -227,7 +260,7 @@ TEST(LibraryGate, ReleaseWaitsForAnotherContextsTransactionOnItsReaders) {
   ASSERT_EQ(g.end_transaction(11, ok), sc::kSuccess);
   EXPECT_TRUE(finished(r2));
   // Releasing the holder's own context does not wait for its own transaction.
-  ASSERT_EQ(g.begin_transaction(11, ok), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(1)), sc::kSuccess);
   auto r1 = std::async(std::launch::async, [&] { return g.release(1, ok); });
   EXPECT_TRUE(finished(r1));
   EXPECT_EQ(g.tracked_handles(), 0u);
@@ -251,7 +284,7 @@ TEST(LibraryGate, EstablishIsExclusiveToo) {
 TEST(LibraryGate, AHandleOrReaderThatIsGoneHoldsNoLock) {
   LibraryGate g;
   ASSERT_EQ(connect(g, 1, "R", 11), sc::kSuccess);
-  ASSERT_EQ(g.begin_transaction(11, ok), sc::kSuccess);
+  ASSERT_EQ(g.begin_transaction(11, ok, epoch(1)), sc::kSuccess);
   auto c = std::async(std::launch::async, [&] { return connect(g, 2, "R", 22); });
   EXPECT_TRUE(still_waiting(c));
   EXPECT_EQ(g.lookup(11, [] { return sc::kEReaderUnavailable; }), sc::kEReaderUnavailable);
@@ -263,7 +296,7 @@ TEST(LibraryGate, FailedConnectIsNotTrackedAndUnknownHandlesPassThrough) {
   EXPECT_EQ(g.connect(1, "R", [](LibraryGate::Handle*) { return sc::kESharingViolation; }),
             sc::kESharingViolation);
   EXPECT_EQ(g.tracked_handles(), 0u);
-  EXPECT_EQ(g.begin_transaction(99, [] { return sc::kEInvalidHandle; }), sc::kEInvalidHandle);
+  EXPECT_EQ(g.begin_transaction(99, [] { return sc::kEInvalidHandle; }, epoch(1)), sc::kEInvalidHandle);
   EXPECT_EQ(g.disconnect(99, false, [] { return sc::kEInvalidHandle; }), sc::kEInvalidHandle);
   EXPECT_EQ(g.tracked_handles(), 0u);
 }
@@ -302,7 +335,7 @@ TEST(LibraryGate, ManyThreadsNeverOverlapAnExclusiveSection) {
         });
         g.lookup(h, shared_call);
         if (i % 3 == 0) {
-          g.begin_transaction(h, shared_call);
+          g.begin_transaction(h, shared_call, epoch(1));
           g.lookup(h, shared_call);
           g.end_transaction(h, shared_call);
         }
