@@ -194,15 +194,12 @@ class PcscCardApi final : public CardApi {
         [&]() -> int64_t {
           // The reader's event counter now, to tell this transaction from one a card
           // removal has ended (LibraryGate::observe). A desk-local call, not a round trip.
-          char name[MAX_READERNAME + 1] = {};
-          BYTE atr[MAX_ATR_SIZE] = {};
-          DWORD st = 0, proto = 0, name_len = sizeof name, atr_len = sizeof atr;
-          const LONG rv =
-              pcsc().Status(static_cast<SCARDHANDLE>(card), name, &name_len, &st, &proto, atr, &atr_len);
-          if (rv == SCARD_S_SUCCESS) return static_cast<int64_t>(st >> 16);
-          if (rv == SCARD_W_REMOVED_CARD || rv == SCARD_W_RESET_CARD || rv == SCARD_E_NO_SMARTCARD) {
-            return LibraryGate::kGone;
-          }
+          std::string name;
+          uint32_t st = 0, proto = 0;
+          std::vector<uint8_t> atr;
+          const uint32_t rv = status_call(card, &name, &st, &proto, &atr);
+          if (rv == sc::kSuccess) return static_cast<int64_t>(st >> 16);
+          if (rv == sc::kWRemovedCard || rv == sc::kWResetCard || rv == sc::kENoSmartcard) return LibraryGate::kGone;
           return LibraryGate::kUnknown;
         });
   }
@@ -271,14 +268,19 @@ class PcscCardApi final : public CardApi {
 
   uint32_t status(ScardHandle card, std::string* reader, uint32_t* state, uint32_t* protocol,
                   std::vector<uint8_t>* atr) override {
+    return gate().lookup(card, [&] { return status_call(card, reader, state, protocol, atr); });
+  }
+
+ private:
+  // SCardStatus itself; the caller is inside a gate section.
+  static uint32_t status_call(ScardHandle card, std::string* reader, uint32_t* state, uint32_t* protocol,
+                              std::vector<uint8_t>* atr) {
     char name[MAX_READERNAME + 1] = {};
     DWORD name_len = sizeof name;
     BYTE atr_buf[MAX_ATR_SIZE] = {};
     DWORD atr_len = sizeof atr_buf;
     DWORD st = 0, proto = 0;
-    const LONG rv = gate().lookup(card, [&] {
-      return rv32(pcsc().Status(static_cast<SCARDHANDLE>(card), name, &name_len, &st, &proto, atr_buf, &atr_len));
-    });
+    const LONG rv = pcsc().Status(static_cast<SCARDHANDLE>(card), name, &name_len, &st, &proto, atr_buf, &atr_len);
     if (rv == SCARD_S_SUCCESS) {
       *reader = std::string(name, strnlen(name, sizeof name));
       *state = static_cast<uint32_t>(st);
