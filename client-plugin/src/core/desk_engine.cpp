@@ -235,16 +235,12 @@ void DeskEngine::send(const pr::Message& m) noexcept {
 }
 
 void DeskEngine::send_hello(bool reply) {
-  pr::Hello h;
+  pr::Hello h = pr::local_hello(pr::Role::kDesk, config_.capabilities);
   {
     std::lock_guard lock(mu_);
     if (!transport_up_) return;
     h.instance = local_instance_;
   }
-  h.version_major = pr::kVersionMajor;
-  h.version_minor = pr::kVersionMinor;
-  h.capabilities = config_.capabilities;
-  h.role = pr::Role::kDesk;
   h.software = fmt::format("{} {}", config_.software, CARDBRIDGE_VERSION);
   h.peer_name = config_.desk_name;
   h.reply = reply;
@@ -257,11 +253,7 @@ void DeskEngine::on_hello(const pr::Hello& h) {
     if (io_.close_link) io_.close_link("peer is not a server");
     return;
   }
-  pr::Hello local;
-  local.version_major = pr::kVersionMajor;
-  local.version_minor = pr::kVersionMinor;
-  local.capabilities = config_.capabilities;
-  auto n = pr::negotiate(local, h);
+  auto n = pr::negotiate(pr::local_hello(pr::Role::kDesk, config_.capabilities), h);
   if (!n) {
     logger()->error("server speaks protocol {}.{}, we speak {}.{}; closing the link", h.version_major,
                     h.version_minor, pr::kVersionMajor, pr::kVersionMinor);

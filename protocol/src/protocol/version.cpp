@@ -4,6 +4,15 @@
 
 namespace cardbridge::protocol {
 
+Hello local_hello(Role role, uint64_t capabilities) {
+  Hello h;
+  h.version_major = kVersionMajor;
+  h.version_minor = kVersionMinor;
+  h.capabilities = capabilities;
+  h.role = role;
+  return h;
+}
+
 std::optional<Negotiated> negotiate(const Hello& local, const Hello& remote) {
   if (local.version_major != remote.version_major) return std::nullopt;
   return Negotiated{std::min(local.version_minor, remote.version_minor),

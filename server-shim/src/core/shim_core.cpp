@@ -1364,11 +1364,7 @@ void ShimCore::desk_connected(Clock::time_point now) {
 }
 
 void ShimCore::send_hello(bool reply) {
-  pr::Hello h;
-  h.version_major = pr::kVersionMajor;
-  h.version_minor = pr::kVersionMinor;
-  h.capabilities = config_.capabilities;
-  h.role = pr::Role::kServer;
+  pr::Hello h = pr::local_hello(pr::Role::kServer, config_.capabilities);
   h.software = fmt::format("cardbridge-shim {}", CARDBRIDGE_VERSION);
   h.peer_name = config_.server_name;
   h.instance = desk_.local_instance;
@@ -1452,11 +1448,7 @@ void ShimCore::on_desk_hello(const pr::Hello& h) {
     fx_.reset_desk_link("peer is not a desk");
     return;
   }
-  pr::Hello local;
-  local.version_major = pr::kVersionMajor;
-  local.version_minor = pr::kVersionMinor;
-  local.capabilities = config_.capabilities;
-  auto n = pr::negotiate(local, h);
+  auto n = pr::negotiate(pr::local_hello(pr::Role::kServer, config_.capabilities), h);
   if (!n) {
     logger()->error("desk link: desk speaks protocol {}.{}, we speak {}.{}", h.version_major,
                     h.version_minor, pr::kVersionMajor, pr::kVersionMinor);

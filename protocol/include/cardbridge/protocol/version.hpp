@@ -29,6 +29,10 @@ struct Negotiated {
   uint64_t capabilities = 0;
 };
 
+// Our side of the hello exchange: this build's protocol version, |role| and |capabilities|
+// (the caller adds its names and instance).
+Hello local_hello(Role role, uint64_t capabilities);
+
 // Same major required; minor = min of both; capabilities = intersection.
 std::optional<Negotiated> negotiate(const Hello& local, const Hello& remote);
 
