@@ -14,11 +14,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "harness"))
-from cbharness import EmulatedDesk, Proc, wait_until  # noqa: E402
+from cbharness import EmulatedDesk, Proc, shim_control, wait_until  # noqa: E402
 
 BUILD = os.environ.get("CARDBRIDGE_BUILD_DIR", os.path.join(ROOT, "build"))
 CB_PCSC = os.path.join(BUILD, "tests", "tools", "cb-pcsc")
@@ -40,17 +39,7 @@ def bench(socket, op, iterations, reader):
 
 
 def shim_stats(socket):
-    import socket as s
-    c = s.socket(s.AF_UNIX)
-    c.connect(socket + ".ctl")
-    c.sendall(b'{"cmd":"status"}\n')
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = c.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return json.loads(data)["stats"]
+    return shim_control(socket + ".ctl", {"cmd": "status"})["stats"]
 
 
 def main():

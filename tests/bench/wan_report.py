@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,8 +35,10 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "harness"))
+from cbharness import shim_control  # noqa: E402
 from wan.netns import Wan, cleanup_stale  # noqa: E402
-from wan.stack import Binaries, Stack, control_request  # noqa: E402
+from wan.stack import Binaries, Stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TRACES = REPO / "tests" / "bench" / "traces"
@@ -85,12 +86,12 @@ def parse_list(text: str, conv=str) -> list:
 
 
 def status(shim) -> dict:
-    return control_request(shim.control, {"cmd": "status"})
+    return shim_control(shim.control, {"cmd": "status"}, timeout=30)
 
 
 def measure_rtt(shim) -> Optional[float]:
     try:
-        r = control_request(shim.control, {"cmd": "ping", "count": 10})
+        r = shim_control(shim.control, {"cmd": "ping", "count": 10}, timeout=30)
         return round(r["median_us"] / 1000.0, 2)
     except Exception:  # noqa: BLE001
         return None
@@ -340,7 +341,7 @@ def print_table(report: dict) -> None:
             print(f"  {trace}: {total} = " + ", ".join(f"{k} {v}" for k, v in by_kind.items()))
             reads = [c for c in calls if "READ BINARY" in c["call"]]
             if reads:
-                print(f"    READ BINARY not served by read-ahead: " + "; ".join(
+                print("    READ BINARY not served by read-ahead: " + "; ".join(
                     f"{c['label']} ({c['call'].split()[-1]})" for c in reads))
     if report.get("idle") is not None:
         i = report["idle"]

@@ -43,7 +43,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
-from cbharness import EmulatedDesk, Proc, reader_states, wait_until  # noqa: E402
+from cbharness import EmulatedDesk, Proc, last_json_line, reader_states, shim_control, wait_until  # noqa: E402
 from cbharness.waiting import HarnessError  # noqa: E402
 
 # Test files import the helpers below as `core_support` (tests/harness has a conftest.py of its
@@ -663,17 +663,7 @@ class Rig:
             return f"({exc})"
 
     def ctl(self, cmd: dict, timeout: float = 5.0) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(self.shim_sock + ".ctl")
-            s.sendall(json.dumps(cmd).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
+        return shim_control(self.shim_sock + ".ctl", cmd, timeout)
 
     def status(self) -> dict:
         return self.ctl({"cmd": "status"})
@@ -805,10 +795,7 @@ def pytest_runtest_makereport(item, call):
 
 def cb_pcsc(sock: str, *args: str, timeout: float = 30.0) -> dict:
     r = subprocess.run([str(CB_PCSC), *args], env=client_env(sock), capture_output=True, text=True, timeout=timeout)
-    lines = [l for l in r.stdout.strip().splitlines() if l.startswith("{")]
-    if not lines:
-        raise AssertionError(f"cb-pcsc {args} on {sock} printed nothing (rc {r.returncode}): {r.stderr}")
-    return json.loads(lines[-1])
+    return last_json_line(r, f"cb-pcsc {args} on {sock}")
 
 
 PYSCARD_PRELUDE = r'''

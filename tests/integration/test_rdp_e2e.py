@@ -14,13 +14,10 @@ Logs of every process of a test are in its pytest tmp_path and are printed when 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +31,7 @@ from cbharness import EmulatedDesk, Proc, wait_until  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from xrdp_fixture import PcscSession  # noqa: E402  (pyscard session tool shared with the xrdp tests)
+from core_support import cb_pcsc  # noqa: E402  (conftest's cb-pcsc runner)
 
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
 ADDIN = Path(os.environ.get("CARDBRIDGE_ADDIN", BUILD / "client-plugin" / "libcardbridge-client.so"))
@@ -79,16 +77,6 @@ def cert_dir():
     d = Path(tempfile.mkdtemp(prefix="cbrdp-cert-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def cb_pcsc(sock: str, *args: str, timeout: float = 30.0) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PCSCLITE_")}
-    env["PCSCLITE_CSOCK_NAME"] = sock
-    r = subprocess.run([str(CB_PCSC), *args], env=env, capture_output=True, text=True, timeout=timeout)
-    lines = r.stdout.strip().splitlines()
-    if not lines:
-        raise AssertionError(f"cb-pcsc {args} printed nothing (rc {r.returncode}): {r.stderr}")
-    return json.loads(lines[-1])
 
 
 class Rig:

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
-from cbharness import EmulatedDesk, Proc, wait_until  # noqa: E402,F401
+from cbharness import EmulatedDesk, Proc, last_json_line, shim_control, wait_until  # noqa: E402,F401
 from cbharness.ports import reserve_ports  # noqa: E402
 from cbharness.waiting import HarnessError  # noqa: E402
 
@@ -113,11 +113,7 @@ def cdr(*args, env, user: Optional[str] = None, timeout: float = 30.0) -> subpro
 
 def cb_pcsc(sock: str, *args: str, user: Optional[str] = None, timeout: float = 30.0) -> dict:
     env = session_env(None, PCSCLITE_CSOCK_NAME=sock)
-    r = run([CB_PCSC, *args], env, user, timeout)
-    lines = [l for l in r.stdout.strip().splitlines() if l.startswith("{")]
-    if not lines:
-        raise AssertionError(f"cb-pcsc {args} on {sock} printed nothing (rc {r.returncode}): {r.stderr}")
-    return json.loads(lines[-1])
+    return last_json_line(run([CB_PCSC, *args], env, user, timeout), f"cb-pcsc {args} on {sock}")
 
 
 def shim_reader_names(sock: str, user: Optional[str] = None) -> List[str]:
@@ -127,17 +123,7 @@ def shim_reader_names(sock: str, user: Optional[str] = None) -> List[str]:
 
 def control(ctl_path: str, cmd: dict, timeout: float = 5.0) -> dict:
     """One request on a shim's control socket (same uid only: the shim refuses others)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(ctl_path)
-        s.sendall(json.dumps(cmd).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf)
+    return shim_control(ctl_path, cmd, timeout)
 
 
 def export_socket(stdout: str) -> str:

@@ -27,7 +27,8 @@ BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 
 from wan.netns import Wan, cleanup_stale  # noqa: E402
-from wan.stack import READER, Binaries, Stack, control_request  # noqa: E402
+from cbharness import shim_control  # noqa: E402
+from wan.stack import READER, Binaries, Stack  # noqa: E402
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -161,10 +162,10 @@ def _concrete(ops: list, desk_sock: Path, work: Path) -> list:
 def test_same_answers_through_the_shim_as_at_the_desk(stack, name):
     st, shim, work = stack
     ops = _concrete(SCENARIOS[name], st.desk_socket, work)
-    before = control_request(shim.control, {"cmd": "status"})["stats"]
+    before = shim_control(shim.control, {"cmd": "status"})["stats"]
     direct = _run(st.desk_socket, ops, work)
     through = _run(shim.socket, ops, work)
-    after = control_request(shim.control, {"cmd": "status"})["stats"]
+    after = shim_control(shim.control, {"cmd": "status"})["stats"]
     for i, (d, s) in enumerate(zip(direct, through)):
         assert s == d, f"{name}: op {i} {ops[i]}: desk {d}, shim {s}"
     assert len(direct) == len(through) == len(ops)

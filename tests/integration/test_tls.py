@@ -4,7 +4,6 @@ emulated desk <- cardbridge-desk --listen tls:... <- cardbridge-shim --desk tls:
 Certificates are made at test time with the openssl CLI: one CA, a desk and a server
 certificate, and a rogue self-signed one.
 """
-import json
 import os
 import socket
 import ssl
@@ -18,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
 from cbharness import EmulatedDesk, Proc, wait_until  # noqa: E402
 from cbharness.ports import reserve_ports  # noqa: E402
+from core_support import cb_pcsc  # noqa: E402  (conftest's cb-pcsc runner)
 
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
 DESK = BUILD / "client-plugin" / "cardbridge-desk"
 SHIM = BUILD / "server-shim" / "cardbridge-shim"
-CB_PCSC = BUILD / "tests" / "tools" / "cb-pcsc"
 
 
 def openssl(*args, cwd):
@@ -70,12 +69,6 @@ def start_shim(tmp_path, port, cert, key, ca, peer_name=None, name="s"):
     if peer_name:
         argv += ["--tls-peer-name", peer_name]
     return Proc(argv, name="cardbridge-shim", log_path=log).start(), sock, log
-
-
-def cb_pcsc(sock, *args):
-    out = subprocess.run([CB_PCSC, *args], env=dict(os.environ, PCSCLITE_CSOCK_NAME=str(sock)),
-                         capture_output=True, text=True, timeout=30)
-    return json.loads(out.stdout)
 
 
 def test_cards_work_over_mutual_tls(pki, tls_desk, tmp_path):

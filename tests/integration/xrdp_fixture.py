@@ -56,7 +56,7 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
-from cbharness import Proc, wait_until  # noqa: E402
+from cbharness import Proc, last_json_line, shim_control, wait_until  # noqa: E402
 
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
 ADDIN = Path(os.environ.get("CARDBRIDGE_ADDIN", BUILD / "client-plugin" / "libcardbridge-client.so"))
@@ -153,10 +153,7 @@ def cb_pcsc(sock: str, *args: str, uid: Optional[int] = None, timeout: float = 6
     """Runs cb-pcsc against `sock` (as `uid` if given); its last JSON line."""
     r = subprocess.run([str(binary), *args], env=client_env(sock, "/"), capture_output=True, text=True,
                        timeout=timeout, **_user_kwargs(uid, None))
-    lines = [l for l in r.stdout.strip().splitlines() if l.startswith("{")]
-    if not lines:
-        raise AssertionError(f"cb-pcsc {args} on {sock} printed nothing (rc {r.returncode}): {r.stderr}")
-    return json.loads(lines[-1])
+    return last_json_line(r, f"cb-pcsc {args} on {sock}")
 
 
 def reader_names(sock: str, uid: Optional[int] = None) -> List[str]:
@@ -164,23 +161,9 @@ def reader_names(sock: str, uid: Optional[int] = None) -> List[str]:
     return [x["name"] for x in r.get("readers", [])] if r.get("list") == OK else []
 
 
-def control_request(ctl: str, request: dict, timeout: float = 5.0) -> dict:
-    with socket.socket(socket.AF_UNIX) as c:
-        c.settimeout(timeout)
-        c.connect(ctl)
-        c.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = c.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
-
-
 def shim_status(sock: str) -> dict:
     """The shim's `{"cmd":"status"}` answer (control socket SOCK.ctl)."""
-    return control_request(sock + ".ctl", {"cmd": "status"})
+    return shim_control(sock + ".ctl", {"cmd": "status"})
 
 
 # A PC/SC session that outlives single calls: one JSON command per stdin line, one JSON answer per

@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
+from cbharness import shim_control
 
 from .netns import DESK_ADDR, SERVER_ADDR, Wan, in_ns, kill_group
 
@@ -90,23 +91,6 @@ class Shim:
         self.socket = socket_path
         self.control = Path(str(socket_path) + ".ctl")
         self.proc = proc
-
-
-def control_request(path: Path, request: dict, timeout: float = 30.0) -> dict:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(path))
-        s.sendall((json.dumps(request) + "\n").encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        s.close()
-    return json.loads(data)
 
 
 class Stack:
@@ -256,7 +240,7 @@ class Stack:
         shim = Shim(name, sock, proc)
 
         def ready() -> bool:
-            st = control_request(shim.control, {"cmd": "status"}, timeout=5)
+            st = shim_control(shim.control, {"cmd": "status"}, timeout=5)
             return st["desk"]["connected"] and any(r["card_present"] and r["name"] == READER for r in st["readers"])
 
         self._wait(f"shim '{name}' connected to the desk with the card", ready, 20, [f"shim-{name}", "desk-agent"])

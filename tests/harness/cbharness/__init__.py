@@ -7,7 +7,9 @@ See tests/harness/README.md.  Main entry points:
     wait_until          deadline-based polling
     pcsc_call/PcscWatch pyscard probes in a subprocess (per-socket)
     reader_states       pure-Python query of a pcscd socket (no pyscard)
+    shim_control        one request on a shim's control socket
 """
+from .control import last_json_line, shim_control
 from .desk import EmulatedDesk, HotplugUnsupported
 from .pcsc import PcscWatch, pcsc_call, transmit
 from .pcscwire import ReaderState, reader_names, reader_states
@@ -18,5 +20,5 @@ from .waiting import Deadline, HarnessError, HarnessTimeout, wait_until
 __all__ = [
     "EmulatedDesk", "HotplugUnsupported", "PcscWatch", "pcsc_call", "transmit", "ReaderState",
     "reader_names", "reader_states", "Proc", "live_procs", "stop_all", "nodelay_preload",
-    "Deadline", "HarnessError", "HarnessTimeout", "wait_until",
+    "Deadline", "HarnessError", "HarnessTimeout", "wait_until", "shim_control", "last_json_line",
 ]
