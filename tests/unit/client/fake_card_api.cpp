@@ -20,6 +20,14 @@ bool valid_share(uint32_t share) {
 
 bool resets(uint32_t disposition) { return disposition == sc::kResetCard || disposition == sc::kUnpowerCard; }
 
+// An answer of |bytes| into a caller's buffer of |capacity|: the length is always reported.
+uint32_t answer(Buffer* out, std::vector<uint8_t> bytes, uint32_t capacity) {
+  out->length = static_cast<uint32_t>(bytes.size());
+  if (bytes.size() > capacity) return sc::kEInsufficientBuffer;
+  out->data = std::move(bytes);
+  return sc::kSuccess;
+}
+
 }  // namespace
 
 // ---- the world ----------------------------------------------------------------------------
@@ -530,12 +538,10 @@ uint32_t FakeCardApi::transmit(ScardHandle card, uint32_t send_protocol, std::sp
   last_send_protocol_ = send_protocol;
   const std::vector<uint8_t> key(command.begin(), command.end());
   auto it = r->card->answers.find(key);
-  const auto& answer = it == r->card->answers.end() ? r->card->default_answer : it->second;
-  response->length = static_cast<uint32_t>(answer.size());
-  if (answer.size() > recv_capacity) return sc::kEInsufficientBuffer;
-  response->data = answer;
-  *recv_protocol = h->protocol;
-  return sc::kSuccess;
+  const auto& bytes = it == r->card->answers.end() ? r->card->default_answer : it->second;
+  const uint32_t rv = answer(response, bytes, recv_capacity);
+  if (rv == sc::kSuccess) *recv_protocol = h->protocol;
+  return rv;
 }
 
 uint32_t FakeCardApi::control(ScardHandle card, uint32_t code, std::span<const uint8_t> /*in*/, uint32_t recv_capacity,
@@ -549,10 +555,7 @@ uint32_t FakeCardApi::control(ScardHandle card, uint32_t code, std::span<const u
   if (auto rv = check_handle(card, &h, &r); rv != sc::kSuccess) return rv;
   auto it = r->control_answers.find(code);
   if (it == r->control_answers.end()) return sc::kEUnsupportedFeature;
-  out->length = static_cast<uint32_t>(it->second.size());
-  if (it->second.size() > recv_capacity) return sc::kEInsufficientBuffer;
-  out->data = it->second;
-  return sc::kSuccess;
+  return answer(out, it->second, recv_capacity);
 }
 
 uint32_t FakeCardApi::get_attrib(ScardHandle card, uint32_t attr, uint32_t capacity, Buffer* out) {
@@ -572,10 +575,7 @@ uint32_t FakeCardApi::get_attrib(ScardHandle card, uint32_t attr, uint32_t capac
     if (it == r->attributes.end()) return sc::kEUnsupportedFeature;
     value = it->second;
   }
-  out->length = static_cast<uint32_t>(value.size());
-  if (value.size() > capacity) return sc::kEInsufficientBuffer;
-  out->data = std::move(value);
-  return sc::kSuccess;
+  return answer(out, std::move(value), capacity);
 }
 
 uint32_t FakeCardApi::set_attrib(ScardHandle card, uint32_t attr, std::span<const uint8_t> value) {
