@@ -73,6 +73,22 @@ def test_exclusive_across_shim_and_desk(rig, holder_t, contender_t):
         _close(holder, contender)
 
 
+def batch_rv_counts(rig, steps, timeout: float) -> dict:
+    """Runs |steps| as one batch on the desk's pcscd and on the shim; per target, how many
+    times each op returned each rv ("connect 0x00000000": 200, ...)."""
+    res = {}
+    for t in ("desk", "shim"):
+        s = rig.session(t)
+        try:
+            out = s.call("batch", steps=steps, timeout=timeout)["results"]
+        finally:
+            s.close()
+        counts = {}
+        for r in out:
+            counts[f"{r['op']} {r['rv']}"] = counts.get(f"{r['op']} {r['rv']}", 0) + 1
+        res[t] = counts
+    return res
+
 def test_exclusive_reconnected_at_once_by_another_context(rig):
     """Program A disconnects its exclusive handle; at once program B (another context) connects
     exclusively. On pcscd B always succeeds: A's Disconnect has returned. 200 rounds, in one
@@ -84,19 +100,8 @@ def test_exclusive_reconnected_at_once_by_another_context(rig):
                   {"op": "disconnect", "h": "a"},
                   {"op": "connect", "ctx": "b", "reader": r0, "share": "exclusive", "h": "b"},
                   {"op": "disconnect", "h": "b"}]
-    res = {}
-    for t in ("desk", "shim"):
-        s = rig.session(t)
-        try:
-            out = s.call("batch", steps=steps, timeout=30)["results"]
-        finally:
-            s.close()
-        counts = {}
-        for r in out:
-            counts[f"{r['op']} {r['rv']}"] = counts.get(f"{r['op']} {r['rv']}", 0) + 1
-        res[t] = counts
-    compare(res, "exclusive connect by B right after A's exclusive handle was disconnected (200 rounds; "
-                 "counts of op/rv)")
+    compare(batch_rv_counts(rig, steps, timeout=30),
+            "exclusive connect by B right after A's exclusive handle was disconnected (200 rounds; counts of op/rv)")
 
 
 def test_disconnect_with_reset_then_another_context_connects(rig):
@@ -111,18 +116,8 @@ def test_disconnect_with_reset_then_another_context_connects(rig):
                   {"op": "connect", "ctx": "b", "reader": r0, "h": "b"},
                   {"op": "transmit", "h": "b", "apdu": GET_CHALLENGE},
                   {"op": "disconnect", "h": "b"}]
-    res = {}
-    for t in ("desk", "shim"):
-        s = rig.session(t)
-        try:
-            out = s.call("batch", steps=steps, timeout=60)["results"]
-        finally:
-            s.close()
-        counts = {}
-        for r in out:
-            counts[f"{r['op']} {r['rv']}"] = counts.get(f"{r['op']} {r['rv']}", 0) + 1
-        res[t] = counts
-    compare(res, "B connects and transmits right after A's Disconnect(RESET) (100 rounds; counts of op/rv)")
+    compare(batch_rv_counts(rig, steps, timeout=60),
+            "B connects and transmits right after A's Disconnect(RESET) (100 rounds; counts of op/rv)")
 
 
 def test_begin_transaction_waits_for_end_transaction(rig):
