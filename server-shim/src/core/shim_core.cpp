@@ -123,6 +123,21 @@ struct ShimCore::Handle {
   uint32_t lock_floor() const { return share_mode == sc::kShareExclusive ? 1 : 0; }
 };
 
+ShimCore::PendingCall ShimCore::call_on(Command command, const Handle& h) {
+  PendingCall call;
+  call.command = command;
+  call.card = h.card;
+  call.slot = h.slot;
+  return call;
+}
+
+pr::Request ShimCore::request_on(pr::Op op, const Handle& h) {
+  pr::Request q;
+  q.op = op;
+  q.handle = h.desk;
+  return q;
+}
+
 std::string Optimizations::disable(std::string_view names) {
   std::string error;
   while (!names.empty()) {
@@ -612,17 +627,12 @@ void ShimCore::on_reconnect(Client& c, const wire::ReconnectStruct& s) {
   Handle* h = owned_handle(c, s.card, "RECONNECT");
   if (!h) return;
   if (auto rv = refusal(*h)) return answer(c, s, *rv);
-  pr::Request q;
-  q.op = pr::Op::kReconnect;
-  q.handle = h->desk;
+  pr::Request q = request_on(pr::Op::kReconnect, *h);
   q.share_mode = s.share_mode;
   q.protocols = s.preferred_protocols;
   q.disposition = s.initialization;
-  PendingCall call;
-  call.command = Command::kReconnect;
-  call.card = h->card;
+  PendingCall call = call_on(Command::kReconnect, *h);
   call.reconnect = s;
-  call.slot = h->slot;
   q.flags = request_flags(*h, q.op, call.carried_begin);
   h->prefetch.clear();
   drop_prefetch_on_slot(h->slot, 0);
@@ -658,9 +668,7 @@ void ShimCore::on_disconnect(Client& c, const wire::DisconnectStruct& s) {
     --h->lock_count;
   }
   h->prefetch.clear();
-  pr::Request q;
-  q.op = pr::Op::kDisconnect;
-  q.handle = h->desk;
+  pr::Request q = request_on(pr::Op::kDisconnect, *h);
   q.disposition = s.disposition;
   if (config_.optimizations.pipeline) {
     // A valid handle with a valid disposition always disconnects: answer now.
@@ -677,11 +685,8 @@ void ShimCore::on_disconnect(Client& c, const wire::DisconnectStruct& s) {
     after_state_change();
     return;
   }
-  PendingCall call;
-  call.command = Command::kDisconnect;
-  call.card = h->card;
+  PendingCall call = call_on(Command::kDisconnect, *h);
   call.disconnect = s;
-  call.slot = h->slot;
   call_desk(c, std::move(q), std::move(call));
 }
 
@@ -705,14 +710,9 @@ void ShimCore::on_begin(Client& c, const wire::BeginStruct& s) {
     ++stats_.deferred_begins;
     return answer(c, r, sc::kSuccess);
   }
-  pr::Request q;
-  q.op = pr::Op::kBeginTransaction;
-  q.handle = h->desk;
-  PendingCall call;
-  call.command = Command::kBeginTransaction;
-  call.card = h->card;
+  pr::Request q = request_on(pr::Op::kBeginTransaction, *h);
+  PendingCall call = call_on(Command::kBeginTransaction, *h);
   call.begin = s;
-  call.slot = h->slot;
   q.flags = request_flags(*h, q.op, call.carried_begin);
   call_desk(c, std::move(q), std::move(call));
 }
@@ -738,15 +738,10 @@ void ShimCore::on_end(Client& c, const wire::EndStruct& s) {
     resume_parked();
     return;
   }
-  pr::Request q;
-  q.op = pr::Op::kEndTransaction;
-  q.handle = h->desk;
+  pr::Request q = request_on(pr::Op::kEndTransaction, *h);
   q.disposition = s.disposition;
-  PendingCall call;
-  call.command = Command::kEndTransaction;
-  call.card = h->card;
+  PendingCall call = call_on(Command::kEndTransaction, *h);
   call.end = s;
-  call.slot = h->slot;
   q.flags = request_flags(*h, q.op, call.carried_begin);
   if (config_.optimizations.pipeline && s.disposition <= sc::kEjectCard && h->lock_count > h->lock_floor() &&
       predicted_clean(*h)) {
@@ -783,11 +778,8 @@ void ShimCore::on_transmit(Client& c, const wire::TransmitRequest& t) {
       rep.rv = sc::kSuccess;
       rep.data = next.response;
       rep.protocol = h->prefetch_recv_protocol;
-      PendingCall call;
-      call.command = Command::kTransmit;
-      call.card = h->card;
+      PendingCall call = call_on(Command::kTransmit, *h);
       call.transmit = t.fixed;
-      call.slot = h->slot;
       if (logger()->should_log(spdlog::level::debug) && redact::apdu_body_loggable(t.apdu)) call.command_apdu = t.apdu;
       h->prefetch.pop_front();
       ++stats_.prefetch_hits;
@@ -797,19 +789,14 @@ void ShimCore::on_transmit(Client& c, const wire::TransmitRequest& t) {
     stats_.prefetch_discarded += h->prefetch.size();
     h->prefetch.clear();
   }
-  pr::Request q;
-  q.op = pr::Op::kTransmit;
-  q.handle = h->desk;
+  pr::Request q = request_on(pr::Op::kTransmit, *h);
   q.protocols = t.fixed.send_pci_protocol;
   q.recv_protocol = t.fixed.recv_pci_protocol;
   q.recv_length = static_cast<uint32_t>(
       std::min<std::size_t>(t.fixed.recv_length, sc::kMaxBufferSizeExtended));
   q.data = t.apdu;
-  PendingCall call;
-  call.command = Command::kTransmit;
-  call.card = h->card;
+  PendingCall call = call_on(Command::kTransmit, *h);
   call.transmit = t.fixed;
-  call.slot = h->slot;
   q.flags = request_flags(*h, q.op, call.carried_begin);
   drop_prefetch_on_slot(h->slot, h->card);
   if (logger()->should_log(spdlog::level::debug) && redact::apdu_body_loggable(t.apdu)) {
@@ -827,18 +814,13 @@ void ShimCore::on_control(Client& c, const wire::ControlRequest& t) {
     return answer(c, r, *rv);
   }
   logger()->debug("client {}: control {}", c.id, redact::control(t.fixed.control_code, t.data));
-  pr::Request q;
-  q.op = pr::Op::kControl;
-  q.handle = h->desk;
+  pr::Request q = request_on(pr::Op::kControl, *h);
   q.code = t.fixed.control_code;
   q.recv_length = static_cast<uint32_t>(
       std::min<std::size_t>(t.fixed.recv_length, sc::kMaxBufferSizeExtended));
   q.data = t.data;
-  PendingCall call;
-  call.command = Command::kControl;
-  call.card = h->card;
+  PendingCall call = call_on(Command::kControl, *h);
   call.control = t.fixed;
-  call.slot = h->slot;
   q.flags = request_flags(*h, q.op, call.carried_begin);
   drop_prefetch_on_slot(h->slot, 0);  // a control (PIN pad...) may change the card's state
   call_desk(c, std::move(q), std::move(call));
@@ -848,11 +830,8 @@ void ShimCore::on_get_attrib(Client& c, const wire::GetSetStruct& s) {
   Handle* h = owned_handle(c, s.card, "GET_ATTRIB");
   if (!h) return;
   if (auto rv = refusal(*h)) return answer(c, s, *rv);
-  PendingCall call;
-  call.command = Command::kGetAttrib;
-  call.card = h->card;
+  PendingCall call = call_on(Command::kGetAttrib, *h);
   call.getset = s;
-  call.slot = h->slot;
   if (config_.optimizations.cache_attributes && cacheable_attribute(s.attr_id) && !h->begin_pending &&
       predicted_clean(*h)) {
     auto& cache = readers_.slot(h->slot).attributes;
@@ -866,9 +845,7 @@ void ShimCore::on_get_attrib(Client& c, const wire::GetSetStruct& s) {
       return;
     }
   }
-  pr::Request q;
-  q.op = pr::Op::kGetAttrib;
-  q.handle = h->desk;
+  pr::Request q = request_on(pr::Op::kGetAttrib, *h);
   q.code = s.attr_id;
   q.recv_length = s.attr_length;
   q.flags = request_flags(*h, q.op, call.carried_begin);
@@ -879,16 +856,11 @@ void ShimCore::on_set_attrib(Client& c, const wire::GetSetStruct& s) {
   Handle* h = owned_handle(c, s.card, "SET_ATTRIB");
   if (!h) return;
   if (auto rv = refusal(*h)) return answer(c, s, *rv);
-  pr::Request q;
-  q.op = pr::Op::kSetAttrib;
-  q.handle = h->desk;
+  pr::Request q = request_on(pr::Op::kSetAttrib, *h);
   q.code = s.attr_id;
   q.data.assign(s.attr, s.attr + s.attr_length);
-  PendingCall call;
-  call.command = Command::kSetAttrib;
-  call.card = h->card;
+  PendingCall call = call_on(Command::kSetAttrib, *h);
   call.getset = s;
-  call.slot = h->slot;
   q.flags = request_flags(*h, q.op, call.carried_begin);
   readers_.slot(h->slot).attributes.erase(s.attr_id);
   drop_prefetch_on_slot(h->slot, 0);

@@ -158,6 +158,10 @@ class ShimCore {
   void drop_client(ClientId id, bool close_socket);
   void release_context(Client& c);
   Handle* owned_handle(Client& c, int32_t card, const char* what);
+  // A desk call about handle |h|: the pending record (command, hCard, reader slot) and the
+  // request (op, desk handle).
+  static PendingCall call_on(wire::Command command, const Handle& h);
+  static protocol::Request request_on(protocol::Op op, const Handle& h);
   bool is_orphan(const Handle& h) const;
   bool removed_since(const Handle& h) const;
   void set_baseline(Handle& h, const protocol::Reply& rep);
