@@ -30,7 +30,7 @@ bool LibraryGate::enter_begin(Handle card) {
   const std::string reader = it->second.reader;
   cv_.wait(lock, [&] { return !writer_ && !reader_locked(reader, [&](Handle h) { return h == card; }); });
   ++readers_;
-  it = handles_.find(card);  // a Disconnect cannot have run (it is exclusive), but be safe
+  it = handles_.find(card);  // m_ was released while waiting: the entry may be gone (context released)
   if (it == handles_.end()) return false;
   it->second.beginning = true;
   return true;
