@@ -22,6 +22,12 @@ using wire::Command;
 
 namespace {
 
+// TRANSMIT and CONTROL replies: the struct, then the data only when rv == 0 (as libpcsclite reads them).
+template <typename Struct>
+std::vector<uint8_t> with_data_on_success(const Struct& r, const std::vector<uint8_t>& data) {
+  return r.rv == sc::kSuccess ? wire::bytes_of(r, data) : wire::bytes_of(r);
+}
+
 std::shared_ptr<spdlog::logger> logger() {
   static auto l = log::get("cardbridge.shim");
   return l;
@@ -1263,11 +1269,7 @@ void ShimCore::complete(Client& c, const PendingCall& call, const pr::Reply& rep
           it->second.prefetch_recv_protocol = rep.protocol;
         }
       }
-      if (r.rv == sc::kSuccess) {
-        send(c, wire::bytes_of(r, rep.data));
-      } else {
-        send(c, wire::bytes_of(r));
-      }
+      send(c, with_data_on_success(r, rep.data));
       break;
     }
     case Command::kControl: {
@@ -1279,11 +1281,7 @@ void ShimCore::complete(Client& c, const PendingCall& call, const pr::Reply& rep
       } else {
         r.bytes_returned = rep.rv == sc::kSuccess ? static_cast<uint32_t>(rep.data.size()) : rep.length;
       }
-      if (r.rv == sc::kSuccess) {
-        send(c, wire::bytes_of(r, rep.data));
-      } else {
-        send(c, wire::bytes_of(r));
-      }
+      send(c, with_data_on_success(r, rep.data));
       break;
     }
     case Command::kGetAttrib: {
