@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 
-from wan.netns import Wan, cleanup_stale  # noqa: E402
+from wan.netns import Wan, cleanup_stale, unavailable  # noqa: E402
 from cbharness import shim_control  # noqa: E402
 from wan.stack import READER, Binaries, Stack  # noqa: E402
 
@@ -97,11 +97,8 @@ SCENARIOS = {
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    for tool in ("ip", "pcscd", "unshare"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed"
+    if reason := unavailable():
+        return reason
     bins = Binaries(BUILD)
     if bins.missing():
         return f"not built: {bins.missing()}"

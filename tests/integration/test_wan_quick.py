@@ -18,28 +18,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
+sys.path.insert(0, str(ROOT / "tests" / "bench"))
+from wan.netns import unavailable  # noqa: E402
 RTT = 20.0
 MAX_ROUND_TRIPS = {"cps3-warm": 11, "cps3-cold": 25}
 QUICK_BUDGET_S = 180
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    for tool in ("ip", "pcscd", "unshare"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed"
-    if not Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so").exists():
-        return "vsmartcard-vpcd not installed"
-    return None
+    return unavailable()
 
 
 @pytest.fixture(scope="module")

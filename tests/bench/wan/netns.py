@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,18 @@ _STATE_DIR = Path("/run/cbwan")
 class WanError(RuntimeError):
     pass
 
+
+
+def unavailable() -> Optional[str]:
+    """Why an emulated WAN (with an emulated desk) cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "pcscd", "unshare"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    if not Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so").exists():
+        return "vsmartcard-vpcd not installed"
+    return None
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
     r = subprocess.run(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
