@@ -219,16 +219,15 @@ def test_desk_card_api_under_concurrent_contexts(rig, threads, churn):
     (begin), transmit, status, (end), disconnect or not, a new context every CHURN rounds.
     Every call succeeds (or meets another thread's transaction, as pcscd answers), the
     process neither crashes nor hangs, and pcscd is left with no reader in use."""
-    import json
     import subprocess
-    from core_support import client_env
+    from core_support import client_env, last_json_line
     runs = []
     for _ in range(3):
         p = subprocess.run([str(DESK_STORM), "--reader", rig.desk.readers[0], "--threads", str(threads),
                             "--rounds", "150", "--churn", str(churn)],
                            env=client_env(rig.sock("desk")), capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, f"cb-desk-storm rc {p.returncode}: {p.stdout[-2000:]} {p.stderr[-2000:]}"
-        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        runs.append(last_json_line(p, "cb-desk-storm"))
     for r in runs:
         assert r["gate"] is True and r["failures"] == {}, r
         assert r["calls"] >= threads * 150 * 4, r  # connect, transmit, status and half a disconnect, at least

@@ -26,7 +26,10 @@ namespace cb = cardbridge::client;
 
 namespace {
 
-// The same slice of the API, straight onto libpcsclite (no gate).
+// The same slice of the API, straight onto libpcsclite (no gate). The storm does not use
+// the calls answered kUnused.
+constexpr auto kUnused = static_cast<uint32_t>(SCARD_E_UNSUPPORTED_FEATURE);
+
 class RawApi final : public cb::CardApi {
  public:
   uint32_t establish(uint32_t scope, cb::ScardContext* ctx) override {
@@ -36,9 +39,9 @@ class RawApi final : public cb::CardApi {
     return static_cast<uint32_t>(rv);
   }
   uint32_t release(cb::ScardContext ctx) override { return static_cast<uint32_t>(SCardReleaseContext(ctx)); }
-  uint32_t list_readers(cb::ScardContext, std::vector<std::string>*) override { return 0; }
-  uint32_t get_status_change(cb::ScardContext, uint32_t, std::vector<cb::ReaderStateIo>&) override { return 0; }
-  uint32_t cancel(cb::ScardContext) override { return 0; }
+  uint32_t list_readers(cb::ScardContext, std::vector<std::string>*) override { return kUnused; }
+  uint32_t get_status_change(cb::ScardContext, uint32_t, std::vector<cb::ReaderStateIo>&) override { return kUnused; }
+  uint32_t cancel(cb::ScardContext) override { return kUnused; }
   uint32_t connect(cb::ScardContext ctx, const std::string& reader, uint32_t share, uint32_t protocols,
                    cb::ScardHandle* card, uint32_t* active) override {
     SCARDHANDLE h = 0;
@@ -48,7 +51,7 @@ class RawApi final : public cb::CardApi {
     *active = static_cast<uint32_t>(p);
     return static_cast<uint32_t>(rv);
   }
-  uint32_t reconnect(cb::ScardHandle, uint32_t, uint32_t, uint32_t, uint32_t*) override { return 0; }
+  uint32_t reconnect(cb::ScardHandle, uint32_t, uint32_t, uint32_t, uint32_t*) override { return kUnused; }
   uint32_t disconnect(cb::ScardHandle card, uint32_t disposition) override {
     return static_cast<uint32_t>(SCardDisconnect(card, disposition));
   }
@@ -66,9 +69,9 @@ class RawApi final : public cb::CardApi {
     response->data.resize(rv == SCARD_S_SUCCESS ? len : 0);
     return static_cast<uint32_t>(rv);
   }
-  uint32_t control(cb::ScardHandle, uint32_t, std::span<const uint8_t>, uint32_t, cb::Buffer*) override { return 0; }
-  uint32_t get_attrib(cb::ScardHandle, uint32_t, uint32_t, cb::Buffer*) override { return 0; }
-  uint32_t set_attrib(cb::ScardHandle, uint32_t, std::span<const uint8_t>) override { return 0; }
+  uint32_t control(cb::ScardHandle, uint32_t, std::span<const uint8_t>, uint32_t, cb::Buffer*) override { return kUnused; }
+  uint32_t get_attrib(cb::ScardHandle, uint32_t, uint32_t, cb::Buffer*) override { return kUnused; }
+  uint32_t set_attrib(cb::ScardHandle, uint32_t, std::span<const uint8_t>) override { return kUnused; }
   uint32_t status(cb::ScardHandle card, std::string*, uint32_t* state, uint32_t* protocol,
                   std::vector<uint8_t>*) override {
     char name[256];
