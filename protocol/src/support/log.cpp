@@ -48,6 +48,13 @@ std::shared_ptr<spdlog::logger> get(const std::string& name) {
   return logger;
 }
 
+spdlog::logger& Channel::resolve() const {
+  if (auto* l = cached_.load(std::memory_order_acquire)) return *l;
+  auto* l = get(name_).get();  // registered: lives as long as the process
+  cached_.store(l, std::memory_order_release);
+  return *l;
+}
+
 std::string printable(std::string_view text) {
   std::string out;
   const std::size_t n = std::min<std::size_t>(text.size(), 256);

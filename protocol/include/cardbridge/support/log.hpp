@@ -2,6 +2,7 @@
 // ("cardbridge.shim.conn"). Levels: trace, debug, info, warn, error, critical, off.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
@@ -17,6 +18,26 @@ std::optional<spdlog::level::level_enum> parse_level(std::string_view name);
 void init(spdlog::level::level_enum level, std::string_view program);
 // A named logger sharing the stderr sink (created on first use).
 std::shared_ptr<spdlog::logger> get(const std::string& name);
+
+// A component's named logger, resolved once on first use. The one way code gets a logger:
+//   namespace { log::Channel logger{"cardbridge.shim"}; }
+//   logger->info("...");
+// spdlog checks the level before it formats: pass arguments whose formatting is costly as
+// lazily formatted values (see redact.hpp), never as pre-built strings.
+class Channel {
+ public:
+  explicit Channel(const char* name) : name_(name) {}
+  Channel(const Channel&) = delete;
+  Channel& operator=(const Channel&) = delete;
+  spdlog::logger* operator->() const { return &resolve(); }
+  spdlog::logger& operator*() const { return resolve(); }
+
+ private:
+  spdlog::logger& resolve() const;
+  const char* name_;
+  // Loggers are registered for the life of the process (never dropped): a plain pointer.
+  mutable std::atomic<spdlog::logger*> cached_{nullptr};
+};
 
 // Text that came from a peer (names, messages), made safe for a log line: control
 // characters, backslashes and non-ASCII bytes become \xNN, and it is cut at 256 bytes.
