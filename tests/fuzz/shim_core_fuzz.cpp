@@ -2,8 +2,8 @@
 // interleaved for a few clients (action language: shim_script.hpp).
 //
 // The harness plays the I/O layer the way ShimService does: client ids are never reused,
-// a closed client gets no more bytes, desk bytes go through a FrameDecoder and a framing
-// error drops the link, reset_desk_link() drops it after the current call returns.
+// a closed client gets no more bytes, desk bytes go to the core as they come (its link
+// session frames them), reset_desk_link() drops the link after the current call returns.
 // Oracle (besides ASan/UBSan): the core never writes to a client it closed or that went
 // away, never closes a client twice, never talks to a desk link that is down, and every
 // frame it sends the desk is well formed and of a kind a server may send.
@@ -142,11 +142,11 @@ class Harness final : public shim::ShimEffects {
     // Everybody leaves: exercises the cleanup paths.
     for (auto id : std::vector<shim::ClientId>(open_.begin(), open_.end())) {
       open_.erase(id);
-      core_.client_closed(id);
+      core_.client_closed(id, now_);
     }
     if (desk_up_) {
       desk_up_ = false;
-      core_.desk_disconnected();
+      core_.desk_disconnected(now_);
     }
     FUZZ_ASSERT(core_.client_count() == 0);
     FUZZ_ASSERT(core_.handle_count() == 0);
@@ -170,26 +170,18 @@ class Harness final : public shim::ShimEffects {
     return *it;
   }
 
-  void client_send(shim::ClientId id, const std::vector<uint8_t>& bytes) { core_.client_data(id, bytes); }
+  void client_send(shim::ClientId id, const std::vector<uint8_t>& bytes) { core_.client_data(id, bytes, now_); }
 
   void desk_connect() {
     if (desk_up_) return;
     desk_up_ = true;
-    frames_ = pr::FrameDecoder();
     core_.desk_connected(now_);
   }
 
   void desk_bytes(std::span<const uint8_t> bytes) {
     if (!desk_up_) return;
-    if (!frames_.feed(bytes)) {  // ShimService drops the link on a framing error
-      desk_up_ = false;
-      core_.desk_disconnected();
-      return;
-    }
-    while (auto f = frames_.next()) {
-      core_.desk_frame(*f, now_);
-      if (!desk_up_) return;
-    }
+    core_.desk_bytes(bytes, now_);
+    after_action();  // a framing or protocol error asks for the link to be reset
   }
 
   void to_desk_message(const pr::Message& m) { desk_bytes(pr::encode_frame(m)); }
@@ -199,7 +191,7 @@ class Harness final : public shim::ShimEffects {
       reset_requested_ = false;
       if (desk_up_) {
         desk_up_ = false;
-        core_.desk_disconnected();
+        core_.desk_disconnected(now_);
       }
     }
   }
@@ -209,13 +201,13 @@ class Harness final : public shim::ShimEffects {
       case script::kOpen: {
         const shim::ClientId id = next_client_++;
         open_.insert(id);
-        core_.client_opened(id);
+        core_.client_opened(id, now_);
         break;
       }
       case script::kClose: {
         if (auto id = pick_client(in.u8())) {
           open_.erase(*id);
-          core_.client_closed(*id);
+          core_.client_closed(*id, now_);
         }
         break;
       }
@@ -261,7 +253,7 @@ class Harness final : public shim::ShimEffects {
       case script::kDeskDown:
         if (desk_up_) {
           desk_up_ = false;
-          core_.desk_disconnected();
+          core_.desk_disconnected(now_);
         }
         break;
       case script::kDeskUp: desk_connect(); break;
@@ -358,7 +350,6 @@ class Harness final : public shim::ShimEffects {
   shim::ClientId next_client_ = 1;
   std::map<shim::ClientId, uint32_t> last_command_;
   std::vector<uint32_t> cards_, contexts_, pending_;
-  pr::FrameDecoder frames_;
   bool desk_up_ = false;
   bool reset_requested_ = false;
   uint64_t sequence_ = 0;

@@ -91,8 +91,7 @@ void LinkSession::tick(TimePoint now) {
   if (auto due = liveness_deadline(); due && now >= *due) {
     if (liveness_probe_) {
       logger->warn("{} '{}' does not answer (no reply to a ping in {} ms with requests outstanding)",
-                   role_name(settings_.role == Role::kServer ? Role::kDesk : Role::kServer),
-                   log::printable(peer_->name), settings_.liveness_timeout.count());
+                   role_name(peer_role()), log::printable(peer_->name), settings_.liveness_timeout.count());
       return protocol_error("the peer does not answer", now);
     }
     liveness_sent_ = now;
@@ -197,11 +196,9 @@ void LinkSession::on_message(Message&& m, TimePoint now) {
 }
 
 void LinkSession::on_hello(const Hello& h, TimePoint now) {
-  const Role expected = settings_.role == Role::kDesk ? Role::kServer : Role::kDesk;
+  const Role expected = peer_role();
   if (h.role != expected) {
-    return protocol_error(fmt::format("peer is not a CardBridge {} (role {})", role_name(expected),
-                                      role_name(h.role)),
-                          now);
+    return protocol_error(fmt::format("peer is not a {} (role {})", role_name(expected), role_name(h.role)), now);
   }
   Hello ours = local_hello(settings_.role, settings_.capabilities);
   auto n = negotiate(ours, h);
@@ -258,7 +255,7 @@ void LinkSession::end_session(const std::string& reason, TimePoint now) {
 
 void LinkSession::protocol_error(const std::string& reason, TimePoint now) {
   if (failed_) return;
-  logger->error("link: {}; closing it", reason);
+  logger->error("{} link: {}; closing it", role_name(peer_role()), reason);
   failed_ = true;
   hello_due_.reset();
   end_session(reason, now);

@@ -1,18 +1,27 @@
 // ShimCore: the pcscd impersonation, sans I/O.
 //
 // It consumes events (a client connected / sent bytes / went away; the desk link came
-// up / delivered a message / went down; time passed) and produces effects through
-// ShimEffects (bytes to a client, close a client, a frame to the desk). One thread calls
-// it (the shim's io_context thread); it has no locks and never blocks.
+// up / delivered bytes / went down; time passed) and produces effects through ShimEffects
+// (bytes to a client, close a client, bytes to the desk). Every entry point is given the
+// time; the core never reads a clock. One thread calls it (the shim's io_context thread);
+// it has no locks and never blocks.
 //
-// What it answers locally, from the state the desk pushes (no desk round trip):
-// version handshake, establish/release context, the reader-state array (ListReaders,
-// Status), the event wait and its stop, cancel, reader events. What touches the card
-// is forwarded: connect, reconnect, disconnect, transactions, transmit, control,
-// get/set attribute. Semantics follow pcscd 1.9.9 (docs/pcsc-lite-wire.md).
+// What it answers locally, from the state the desk pushes (no desk round trip): version
+// handshake, establish/release context, the reader-state array (ListReaders, Status), the
+// event wait and its stop, cancel, reader events. What touches the card is forwarded:
+// connect, reconnect, disconnect, transactions, transmit, control, get/set attribute.
+// Semantics follow pcscd 1.9.9 (docs/pcsc-lite-wire.md).
+//
+// Where the pieces live:
+//  * shim_core.cpp      clients, contexts, the reader-state array and its waiters, the
+//                       desk session (through protocol::LinkSession), desk calls;
+//  * card_calls.cpp     the card operations: what pcscd would refuse locally, what goes
+//                       to the desk, and what the answer does to the handles;
+//  * handle_table.*     handles and pcscd's lock / reset / removal rules;
+//  * prefetch.*         serving the desk's speculative answers;
+//  * pcscd_wire/        the client protocol and its reply builders.
 #pragma once
 
-#include <array>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -22,17 +31,19 @@
 #include <random>
 #include <set>
 #include <string>
-#include <unordered_map>
+#include <variant>
 #include <vector>
 
+#include "cardbridge/protocol/link_session.hpp"
 #include "cardbridge/protocol/messages.hpp"
+#include "core/handle_table.hpp"
 #include "core/reader_table.hpp"
 #include "pcscd_wire/wire.hpp"
 
 namespace cardbridge::shim {
 
-using ClientId = uint64_t;
 using Clock = std::chrono::steady_clock;
+using TimePoint = Clock::time_point;
 
 // Implemented by the I/O layer. Calls happen synchronously from ShimCore methods.
 class ShimEffects {
@@ -41,9 +52,10 @@ class ShimEffects {
   virtual void send_to_client(ClientId id, std::vector<uint8_t> bytes) = 0;
   // The core has forgotten the client; the I/O layer closes the socket.
   virtual void close_client(ClientId id) = 0;
-  // A complete frame (header included) for the desk link.
-  virtual void send_to_desk(std::vector<uint8_t> frame) = 0;
-  // The desk link is unusable (protocol error); the I/O layer drops and re-establishes it.
+  // Whole frames for the desk link.
+  virtual void send_to_desk(std::vector<uint8_t> bytes) = 0;
+  // The desk link is unusable (protocol error, silent desk); the I/O layer drops and
+  // re-establishes it.
   virtual void reset_desk_link(const std::string& reason) = 0;
   // Audit trail (security officers): which desk, reader and card (ATR only) were used and
   // when. Never APDU contents. |client| is 0 for events that concern no client.
@@ -88,7 +100,8 @@ struct ShimConfig {
   // |liveness_after| without a byte from the desk, a Ping; no answer within
   // |liveness_timeout| and the desk counts as lost (a network cut or a suspended client
   // keeps the transport open, and a PC/SC call would otherwise wait forever). The desk
-  // answers pings on a thread of their own, so a slow card op does not trip it.
+  // answers pings at once, whatever its card operations are doing, so a slow card op
+  // does not trip it.
   std::chrono::milliseconds liveness_after{5000};
   std::chrono::milliseconds liveness_timeout{5000};
 };
@@ -109,174 +122,167 @@ struct ShimStats {
   uint64_t desk_bytes_out = 0;
 };
 
-class ShimCore {
+class ShimCore : private protocol::LinkSession::Handler {
  public:
   ShimCore(ShimEffects& effects, ShimConfig config);
-  ~ShimCore();
+  ~ShimCore() override;
   ShimCore(const ShimCore&) = delete;
   ShimCore& operator=(const ShimCore&) = delete;
 
   // ---- client side (pcsc-lite protocol) ----
-  void client_opened(ClientId id);
-  void client_data(ClientId id, std::span<const uint8_t> bytes);
-  void client_closed(ClientId id);
+  void client_opened(ClientId id, TimePoint now);
+  void client_data(ClientId id, std::span<const uint8_t> bytes, TimePoint now);
+  void client_closed(ClientId id, TimePoint now);
 
   // ---- desk side ----
-  void desk_connected(Clock::time_point now);  // transport up: we say hello
-  void desk_frame(std::span<const uint8_t> payload, Clock::time_point now);
-  void desk_disconnected();  // transport down
+  void desk_connected(TimePoint now);  // transport up: we say hello
+  void desk_bytes(std::span<const uint8_t> bytes, TimePoint now);
+  void desk_disconnected(TimePoint now);  // transport down
   // Timers: call tick() at or after next_deadline().
-  std::optional<Clock::time_point> next_deadline() const;
-  void tick(Clock::time_point now);
+  std::optional<TimePoint> next_deadline() const { return link_.next_deadline(); }
+  void tick(TimePoint now);
 
   // Sends a Ping to the desk; |done| runs with true when the answer arrives, with false
   // when the desk is or goes away. For latency probes (control socket, doctor).
-  void ping_desk(std::function<void(bool)> done);
+  void ping_desk(TimePoint now, std::function<void(bool)> done);
 
   // ---- introspection (status, doctor, tests) ----
-  bool desk_up() const { return desk_.established; }
-  const std::string& desk_name() const { return desk_.peer_name; }
+  bool desk_up() const { return link_.established(); }
+  // The desk of the current session, or of the last one (as its hello declared it).
+  const std::string& desk_name() const { return desk_.name; }
   const std::string& desk_software() const { return desk_.software; }
-  uint64_t negotiated_capabilities() const { return desk_.capabilities; }
+  uint64_t negotiated_capabilities() const { return link_.established() ? link_.peer().capabilities : 0; }
   const ReaderTable& readers() const { return readers_; }
-  const ShimStats& stats() const { return stats_; }
+  ShimStats stats() const;
   const ShimConfig& config() const { return config_; }
-  uint64_t desk_generation() const { return desk_.generation; }
+  uint64_t desk_generation() const { return link_.generation(); }
   std::size_t client_count() const { return clients_.size(); }
   std::size_t handle_count() const { return handles_.size(); }
 
  private:
   struct Client;
-  struct Handle;
-  struct PendingCall;
+  // A card operation waiting for the desk: the request struct to answer, and what it is about.
+  struct OnHandle {
+    uint32_t card = 0;
+    std::size_t slot = 0;
+    bool carried_begin = false;  // the request carried a deferred BeginTransaction
+  };
+  struct ConnectCall { wire::ConnectStruct req; std::size_t slot = 0; };
+  struct ReconnectCall : OnHandle { wire::ReconnectStruct req; };
+  struct DisconnectCall : OnHandle { wire::DisconnectStruct req; };
+  struct BeginCall : OnHandle { wire::BeginStruct req; };
+  struct EndCall : OnHandle { wire::EndStruct req; };
+  struct TransmitCall : OnHandle {
+    wire::TransmitStruct req;
+    std::vector<uint8_t> loggable_command;  // kept only to log the answer of a non-secret command
+  };
+  struct ControlCall : OnHandle { wire::ControlStruct req; };
+  struct GetAttribCall : OnHandle { wire::GetSetStruct req; };
+  struct SetAttribCall : OnHandle { wire::GetSetStruct req; };
+  // Per-call (benchmark) mode: the desk round trip charged before a locally answered call.
+  struct ChargeCall { wire::DecodedRequest request; };
+  using PendingCall = std::variant<ConnectCall, ReconnectCall, DisconnectCall, BeginCall, EndCall, TransmitCall,
+                                   ControlCall, GetAttribCall, SetAttribCall, ChargeCall>;
+  struct Fenced;
 
-  // client request processing
+  // ---- clients (shim_core.cpp) ----
   void pump(Client& c);
-  bool handle_request(Client& c, const wire::DecodedRequest& req);  // false: stop pumping
+  void handle_request(Client& c, wire::DecodedRequest req);
+  bool charge_round_trip(Client& c, const wire::DecodedRequest& req);
   void violation(Client& c, const std::string& what);
   void send(Client& c, std::vector<uint8_t> bytes);
+  template <typename S>
+  void answer(Client& c, S s, uint32_t rv);
   void drop_client(ClientId id, bool close_socket);
   void release_context(Client& c);
   Handle* owned_handle(Client& c, int32_t card, const char* what);
-  // A desk call about handle |h|: the pending record (command, hCard, reader slot) and the
-  // request (op, desk handle).
-  static PendingCall call_on(wire::Command command, const Handle& h);
-  static protocol::Request request_on(protocol::Op op, const Handle& h);
-  bool is_orphan(const Handle& h) const;
-  bool removed_since(const Handle& h) const;
-  void set_baseline(Handle& h, const protocol::Reply& rep);
+  void forget_handle(Client& c, uint32_t card);
+  uint32_t new_id();
 
-  // the pcscd commands
   void on_version(Client& c, const wire::VersionStruct& s);
   void on_establish(Client& c, const wire::EstablishStruct& s);
   void on_release(Client& c, const wire::ReleaseStruct& s);
+  void on_status(Client& c, const wire::StatusStruct& s);
+  void on_cancel(Client& c, const wire::CancelStruct& s);
+  void on_header_only(Client& c, wire::Command cmd);
+
+  // ---- card operations (card_calls.cpp) ----
   void on_connect(Client& c, const wire::ConnectStruct& s);
   void on_reconnect(Client& c, const wire::ReconnectStruct& s);
   void on_disconnect(Client& c, const wire::DisconnectStruct& s);
   void on_begin(Client& c, const wire::BeginStruct& s);
   void on_end(Client& c, const wire::EndStruct& s);
-  void on_transmit(Client& c, const wire::TransmitRequest& r);
-  void on_control(Client& c, const wire::ControlRequest& r);
-  void on_status(Client& c, const wire::StatusStruct& s);
-  void on_cancel(Client& c, const wire::CancelStruct& s);
+  void on_transmit(Client& c, const wire::TransmitRequest& t);
+  void on_control(Client& c, const wire::ControlRequest& t);
   void on_get_attrib(Client& c, const wire::GetSetStruct& s);
   void on_set_attrib(Client& c, const wire::GetSetStruct& s);
-  void on_header_only(Client& c, wire::Command cmd);
-
-  // desk calls
-  void call_desk(Client& c, protocol::Request req, PendingCall call);
-  void complete(Client& c, const PendingCall& call, const protocol::Reply& reply);
-  void fail_call(Client& c, const PendingCall& call, uint32_t rv);
-  void send_desk(const protocol::Message& m);
-  void send_hello(bool reply);
-  void on_desk_message(protocol::Message m);
-  void on_desk_hello(const protocol::Hello& h);
-  void on_desk_snapshot(const protocol::ReaderSnapshot& s);
-  void on_desk_reply(uint32_t id, const protocol::Reply& r);
-  void desk_lost(const std::string& why);
-  protocol::ContextId desk_context(Client& c);
-
-  // events
-  void after_state_change();  // recompute the array; signal waiters if it changed
-  void signal_waiters();
-  void deliver_signal(Client& c, uint32_t rv);
-  std::array<int32_t, ReaderTable::kSlots> sharing() const;
-  void mark_reset(std::size_t slot, uint32_t except_card, bool include_caller);
-  void after_power_action(std::size_t slot, uint32_t disposition);
-  void learn_card_state(std::size_t slot, const protocol::Reply& r);
-  uint32_t request_flags(Handle& h, protocol::Op op, bool& carried_begin);
-  void drop_prefetch_on_slot(std::size_t slot, uint32_t except_card);
-  void adapt_get_response(Handle& h, const std::vector<uint8_t>& apdu);
-  bool predicted_clean(const Handle& h) const;  // no pending event, no foreign lock
-  // Another handle of this shim holds a transaction (or exclusive access) on the reader.
-  // The shim is authoritative for its own clients' locks (a deferred Begin exists only
-  // here), so it answers SHARING_VIOLATION itself, as pcscd would.
-  bool locked_by_other(const Handle& h) const;
   // What pcscd answers a handle's card operation before it reaches the card, in its order:
   // the desk lost the handle (orphan), or another handle holds the transaction.
   std::optional<uint32_t> refusal(const Handle& h) const;
-  // Sends the client the request struct |r| back with |rv| (a call that ends here).
-  template <class S>
-  void answer(Client& c, S r, uint32_t rv);
-  bool transaction_on_slot(std::size_t slot) const;
+  static protocol::Request request_on(protocol::Op op, const Handle& h);
+  static OnHandle on_handle(const Handle& h) { return OnHandle{h.card, h.slot, false}; }
+  uint32_t request_flags(Handle& h, protocol::Op op, bool& carried_begin);
+  void complete(Client& c, PendingCall call, const protocol::Reply& rep);
+  void fail_call(Client& c, PendingCall call, uint32_t rv);
+  void connected(Client& c, const ConnectCall& call, const protocol::Reply& rep);
+  void after_power_action(std::size_t slot, uint32_t disposition);
+  void learn_card_state(std::size_t slot, const protocol::Reply& r);
   void resume_parked();
-  void send_async(Client& c, protocol::Request req, uint32_t card, std::vector<std::size_t> slots = {});
-  // A pipelined request of another client on the same reader is still in flight at the
-  // desk: this client's card operation waits for it (the desk runs contexts in parallel,
-  // so without this fence it could overtake what pcscd would have done first).
-  bool fenced(std::size_t slot, ClientId client) const;
-  // With the desk-ordering capability the desk waits instead: the ids it must wait for.
+
+  // ---- desk calls (shim_core.cpp) ----
+  // |slot|: the reader a card operation is about (fencing).
+  void call_desk(Client& c, protocol::Request req, PendingCall call, std::size_t slot);
+  // A request whose answer nobody waits for (pipelined End/Disconnect, releases).
+  void send_async(Client& c, protocol::Request req, uint32_t card, std::vector<std::size_t> slots);
+  // Another client's pipelined request on the same reader is still in flight at the desk:
+  // the desk runs contexts in parallel, so a card operation must not overtake what pcscd
+  // would have run first. With the desk-ordering capability the desk waits (these ids go
+  // in Request.after); without it the call is held here until they are done.
   std::vector<uint32_t> fence_ids(std::size_t slot, ClientId client) const;
   void release_fenced();
-  bool uses(uint64_t cap) const { return (desk_.capabilities & cap) != 0; }
+  protocol::ContextId desk_context(Client& c);
+  bool uses(uint64_t cap) const { return link_.uses(cap); }
 
-  uint32_t new_id();  // random, positive, 31-bit, unique among live contexts and handles
+  // ---- LinkSession::Handler ----
+  void link_send(std::vector<uint8_t> bytes) override;
+  void link_close(const std::string& reason) override;
+  void session_started(const protocol::PeerSession& peer, TimePoint now) override;
+  void session_ended(const std::string& reason, TimePoint now) override;
+  void received_reply(uint32_t id, protocol::Reply&& r, TimePoint now) override;
+  void received_snapshot(protocol::ReaderSnapshot&& s, TimePoint now) override;
+
+  // ---- the reader-state array and its waiters (shim_core.cpp) ----
+  void after_state_change();  // resumes parked calls, republishes the array
+  void publish_array();                    // recompute the array; signal waiters if it changed
+  void deliver_signal(Client& c, uint32_t rv);
+  void bump_reader_events();
 
   ShimEffects& fx_;
   ShimConfig config_;
+  TimePoint now_{};  // the time of the event being handled (every entry point sets it)
   std::mt19937 rng_;
+  protocol::LinkSession link_;
+  protocol::PeerSession desk_;  // the desk of the current (or last) session
   ReaderTable readers_;
+  HandleTable handles_{readers_};
   std::vector<uint8_t> last_array_;
   uint16_t reader_events_ = 1;  // pcscd 2.x readerEvents: +1 per reader add/remove, never 0
   std::map<ClientId, std::unique_ptr<Client>> clients_;
-  // Connects waiting, as pcscd makes them wait, for another handle's transaction to end.
+  // Connects waiting, as pcscd makes them wait, for another handle's transaction to end;
+  // Disconnects with RESET/UNPOWER likewise (the card must not be reset inside it).
   std::vector<std::pair<ClientId, wire::ConnectStruct>> parked_connects_;
-  // Disconnects with RESET/UNPOWER waiting, as pcscd makes them wait, for another handle's
-  // transaction to end (the card must not be reset inside it).
   std::vector<std::pair<ClientId, wire::DisconnectStruct>> parked_disconnects_;
-  struct Fenced;
   std::vector<std::unique_ptr<Fenced>> fenced_;
-  std::unordered_map<uint32_t, Handle> handles_;  // by hCard
-  std::set<uint32_t> live_ids_;
+  std::set<uint32_t> live_ids_;  // hContext and hCard values in use
   ShimStats stats_;
-
-  struct DeskState {
-    bool transport_up = false;
-    bool established = false;
-    uint64_t generation = 0;      // bumps with every accepted desk session
-    uint64_t local_instance = 0;  // our Hello instance for this transport session
-    uint64_t peer_instance = 0;
-    uint64_t capabilities = 0;
-    std::string peer_name;
-    std::string software;
-    uint32_t next_request = 1;
-    uint32_t next_context = 1;
-    std::optional<Clock::time_point> hello_due;
-    std::map<uint32_t, ClientId> pending;  // request id -> client waiting for it
-    struct Async {
-      uint32_t card = 0;
-      std::vector<std::size_t> slots;  // readers it may change
-      ClientId client = 0;
-    };
-    std::map<uint32_t, Async> async;       // pipelined request id -> what it was about
-    std::map<uint32_t, std::function<void(bool)>> probes;
-    Clock::time_point last_heard{};               // last frame from the desk
-    std::optional<Clock::time_point> busy_since;  // first request sent while none was outstanding
-    std::optional<uint32_t> liveness_probe;       // our Ping in flight
-    Clock::time_point liveness_sent{};
-  } desk_;
-  bool awaiting_desk() const { return !desk_.pending.empty() || !desk_.async.empty(); }
-  std::optional<Clock::time_point> liveness_deadline() const;
+  uint32_t next_context_ = 1;    // desk context ids
+  std::map<uint32_t, ClientId> pending_;  // desk request id -> client waiting for it
+  struct Async {
+    uint32_t card = 0;
+    std::vector<std::size_t> slots;  // readers it may change
+    ClientId client = 0;
+  };
+  std::map<uint32_t, Async> async_;  // pipelined request id -> what it was about
 };
 
 }  // namespace cardbridge::shim

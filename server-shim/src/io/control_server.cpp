@@ -13,10 +13,7 @@
 namespace cardbridge::shim {
 
 namespace {
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = log::get("cardbridge.shim.control");
-  return l;
-}
+log::Channel logger{"cardbridge.shim.control"};
 constexpr std::size_t kMaxRequest = 4096;
 constexpr int kMaxPings = 1000;
 }  // namespace
@@ -60,7 +57,7 @@ void ControlServer::accept() {
     }
     auto cred = transport::peer_credentials(sock);
     if (!cred || cred->uid != ::geteuid()) {
-      logger()->warn("control: refused uid {}", cred ? static_cast<long>(cred->uid) : -1L);
+      logger->warn("control: refused uid {}", cred ? static_cast<long>(cred->uid) : -1L);
       accept();
       return;
     }
@@ -164,7 +161,7 @@ void ControlServer::run_pings(std::shared_ptr<transport::ByteStream> stream, int
     return;
   }
   auto t0 = std::chrono::steady_clock::now();
-  core_.ping_desk([this, stream, remaining, samples = std::move(samples), t0,
+  core_.ping_desk(t0, [this, stream, remaining, samples = std::move(samples), t0,
                    alive = std::weak_ptr<bool>(alive_)](bool ok) mutable {
     if (alive.expired()) return;
     if (!ok) {

@@ -5,10 +5,7 @@
 namespace cardbridge::shim {
 
 namespace {
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = log::get("cardbridge.shim.desk");
-  return l;
-}
+log::Channel logger{"cardbridge.shim.desk"};
 constexpr std::chrono::milliseconds kMinBackoff{100};
 constexpr std::chrono::milliseconds kMaxBackoff{2000};
 }  // namespace
@@ -51,16 +48,16 @@ void StreamDeskLink::connect() {
     if (!self || self->stopped_) return;
     if (!stream) {
       if (!self->warned_) {
-        logger()->warn("desk {} not reachable ({}); retrying", self->description_, err);
+        logger->warn("desk {} not reachable ({}); retrying", self->description_, err);
         self->warned_ = true;
       } else {
-        logger()->debug("desk {} not reachable ({})", self->description_, err);
+        logger->debug("desk {} not reachable ({})", self->description_, err);
       }
       self->schedule_retry();
       return;
     }
     self->warned_ = false;
-    logger()->info("connected to desk {}", self->description_);
+    logger->info("connected to desk {}", self->description_);
     self->stream_ = std::move(stream);
     self->stream_->start(
         [weak](std::span<const uint8_t> data) {
@@ -72,7 +69,7 @@ void StreamDeskLink::connect() {
         [weak](const std::string& reason) {
           auto s = weak.lock();
           if (!s) return;
-          logger()->info("desk {} connection closed: {}", s->description_, reason);
+          logger->info("desk {} connection closed: {}", s->description_, reason);
           s->stream_.reset();
           s->health_timer_.cancel();
           if (s->events_.down) s->events_.down(reason);
@@ -115,7 +112,7 @@ void StreamDeskLink::send(std::vector<uint8_t> bytes) {
 
 void StreamDeskLink::reset(const std::string& reason) {
   if (!stream_) return;
-  logger()->warn("dropping desk connection: {}", reason);
+  logger->warn("dropping desk connection: {}", reason);
   health_timer_.cancel();
   stream_->close(reason);
   stream_.reset();

@@ -16,10 +16,7 @@
 namespace cardbridge::shim {
 
 namespace {
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = log::get("cardbridge.shim.io");
-  return l;
-}
+log::Channel logger{"cardbridge.shim.io"};
 }  // namespace
 
 Result<bool, std::string> prepare_socket_directory(const std::string& socket_path) {
@@ -63,14 +60,13 @@ Result<bool, std::string> ShimService::start() {
   acceptor_.emplace(std::move(*acceptor));
   struct stat st {};
   if (::stat(config_.socket_path.c_str(), &st) == 0) socket_inode_ = st.st_ino;
-  logger()->info("serving pcsc-lite clients on {}", config_.socket_path);
+  logger->info("serving pcsc-lite clients on {}", config_.socket_path);
   accept();
 
   std::weak_ptr<bool> alive = alive_;
   desk_->start(DeskLink::Events{
       [this, alive] {
         if (alive.expired()) return;
-        desk_frames_ = protocol::FrameDecoder();
         core_.desk_connected(Clock::now());
         arm_timer();
       },
@@ -79,7 +75,7 @@ Result<bool, std::string> ShimService::start() {
       },
       [this, alive](const std::string&) {
         if (alive.expired()) return;
-        core_.desk_disconnected();
+        core_.desk_disconnected(Clock::now());
         arm_timer();
       }});
   return true;
@@ -102,7 +98,7 @@ void ShimService::stop() {
   clients_.clear();
   for (auto& [id, s] : clients) {
     s->close("shim stopping");
-    core_.client_closed(id);
+    core_.client_closed(id, Clock::now());
   }
   if (desk_) desk_->stop();
 }
@@ -114,7 +110,7 @@ void ShimService::accept() {
     if (alive.expired() || stopped_) return;
     if (ec) {
       if (ec != boost::asio::error::operation_aborted) {
-        logger()->error("accept failed: {}", ec.message());
+        logger->error("accept failed: {}", ec.message());
         // EMFILE and friends: do not spin.
         auto t = std::make_shared<boost::asio::steady_timer>(io_, std::chrono::milliseconds(100));
         t->async_wait([this, t, alive](boost::system::error_code) {
@@ -125,7 +121,7 @@ void ShimService::accept() {
     }
     auto cred = transport::peer_credentials(sock);
     if (!cred || cred->uid != ::geteuid()) {
-      logger()->warn("refused a client of uid {} (pid {}): only uid {} may use this shim",
+      logger->warn("refused a client of uid {} (pid {}): only uid {} may use this shim",
                      cred ? static_cast<long>(cred->uid) : -1L, cred ? cred->pid : -1, ::geteuid());
       boost::system::error_code ignored;
       sock.close(ignored);
@@ -136,15 +132,15 @@ void ShimService::accept() {
     auto stream = std::make_shared<transport::ByteStream>(std::move(sock));
     clients_.emplace(id, stream);
     client_pids_[id] = cred->pid;
-    logger()->debug("client {}: pid {}", id, cred->pid);
-    core_.client_opened(id);
+    logger->debug("client {}: pid {}", id, cred->pid);
+    core_.client_opened(id, Clock::now());
     stream->start([this, id](std::span<const uint8_t> data) {
-                    core_.client_data(id, data);
+                    core_.client_data(id, data, Clock::now());
                     arm_timer();  // a request to the desk may have started the liveness clock
                   },
                   [this, id](const std::string&) {
                     clients_.erase(id);
-                    core_.client_closed(id);
+                    core_.client_closed(id, Clock::now());
                     client_pids_.erase(id);
                   });
     accept();
@@ -159,14 +155,14 @@ void ShimService::send_to_client(ClientId id, std::vector<uint8_t> bytes) {
   // bound (pcscd's thread would simply block). Drop it; the core forgets it off this stack.
   constexpr std::size_t kMaxUnread = 1 << 20;
   if (it->second->queued_bytes() > kMaxUnread) {
-    logger()->warn("client {}: more than {} bytes of answers unread; closing the connection", id, kMaxUnread);
+    logger->warn("client {}: more than {} bytes of answers unread; closing the connection", id, kMaxUnread);
     auto s = it->second;
     clients_.erase(it);
     s->close("not reading");
     boost::asio::post(io_, [this, id, alive = std::weak_ptr<bool>(alive_)] {
       if (alive.expired()) return;
       client_pids_.erase(id);
-      core_.client_closed(id);
+      core_.client_closed(id, Clock::now());
     });
   }
 }
@@ -190,7 +186,7 @@ void ShimService::audit(ClientId client, const std::string& event) {
   if (auto it = client_pids_.find(client); it != client_pids_.end()) pid = it->second;
   const std::string line = pid ? fmt::format("{} pid={}", event, pid) : event;
   ::syslog(LOG_INFO, "%s", line.c_str());
-  logger()->info("audit: {}", line);
+  logger->info("audit: {}", line);
   char when[32] = {};
   const std::time_t now = std::time(nullptr);
   struct tm tm {};
@@ -213,14 +209,7 @@ void ShimService::reset_desk_link(const std::string& reason) {
 }
 
 void ShimService::on_desk_bytes(std::span<const uint8_t> bytes) {
-  if (!desk_frames_.feed(bytes)) {
-    logger()->error("desk link: {}; resetting the link", protocol::to_string(*desk_frames_.error()));
-    desk_->reset("framing error");  // its down event tells the core
-    return;
-  }
-  while (auto frame = desk_frames_.next()) {
-    core_.desk_frame(*frame, Clock::now());
-  }
+  core_.desk_bytes(bytes, Clock::now());
   arm_timer();
 }
 

@@ -7,7 +7,6 @@
 #include <memory>
 #include <string>
 
-#include "cardbridge/protocol/framing.hpp"
 #include "cardbridge/transport/stream.hpp"
 #include "core/shim_core.hpp"
 #include "io/desk_link.hpp"
@@ -61,7 +60,6 @@ class ShimService : private ShimEffects {
   std::map<ClientId, int> client_pids_;
   std::deque<AuditEvent> audit_;
   ClientId next_client_ = 1;
-  protocol::FrameDecoder desk_frames_;
   boost::asio::steady_timer timer_;
   bool stopped_ = false;
   ino_t socket_inode_ = 0;

@@ -195,7 +195,7 @@ TEST(LinkSession, WrongRoleClosesTheLinkWithoutASession) {
   s.hear(Message{0, peer_hello(Role::kServer, 5)});
   EXPECT_FALSE(s.link.established());
   ASSERT_EQ(s.rec.closed.size(), 1u);
-  EXPECT_NE(s.rec.closed[0].find("not a CardBridge desk"), std::string::npos) << s.rec.closed[0];
+  EXPECT_NE(s.rec.closed[0].find("peer is not a desk (role server)"), std::string::npos) << s.rec.closed[0];
 }
 
 TEST(LinkSession, VersionMismatchSendsAnErrorThenCloses) {

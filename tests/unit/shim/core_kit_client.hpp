@@ -45,22 +45,23 @@ inline std::string entry_name(const wire::ReaderState& rs) { return std::string(
 
 class PcscClient {
  public:
-  PcscClient(shim::ShimCore& core, FakeEffects& fx, shim::ClientId id) : core_(&core), fx_(&fx), id_(id) {}
+  PcscClient(shim::ShimCore& core, FakeEffects& fx, shim::ClientId id, const shim::Clock::time_point* now)
+      : core_(&core), fx_(&fx), id_(id), now_(now) {}
 
   shim::ClientId id() const { return id_; }
   uint32_t context() const { return context_; }
   int32_t minor() const { return minor_; }
 
   // ---- connection ----
-  void open() { core_->client_opened(id_); }
+  void open() { core_->client_opened(id_, *now_); }
   void close() {  // the client went away (EOF)
     fx_->client_gone(id_);
-    core_->client_closed(id_);
+    core_->client_closed(id_, *now_);
   }
   bool closed_by_shim() const { return fx_->is_closed(id_); }
 
   // ---- raw bytes ----
-  void send_raw(std::span<const uint8_t> bytes) { core_->client_data(id_, bytes); }
+  void send_raw(std::span<const uint8_t> bytes) { core_->client_data(id_, bytes, *now_); }
   // One request as libpcsclite writes it: header, struct, trailing data (separate writes).
   void request(Command cmd, std::span<const uint8_t> body = {}, std::span<const uint8_t> trailing = {}) {
     wire::Header h{static_cast<uint32_t>(body.size()), static_cast<uint32_t>(cmd)};
@@ -213,6 +214,7 @@ class PcscClient {
   shim::ShimCore* core_;
   FakeEffects* fx_;
   shim::ClientId id_;
+  const shim::Clock::time_point* now_;
   uint32_t context_ = 0;
   int32_t minor_ = 0;
   std::map<uint32_t, std::string> names_;

@@ -78,10 +78,10 @@ class FakeDesk {
   void snapshot(std::vector<pr::ReaderInfo> readers) { send(pr::Message{0, pr::ReaderSnapshot{++sequence_, std::move(readers)}}); }
   void send(const pr::Message& m) {
     auto payload = pr::encode(m);
-    core_->desk_frame(payload, *now_);
+    core_->desk_bytes(pr::frame(payload), *now_);
   }
   void reply(uint32_t id, pr::Reply r) { send(pr::Message{id, std::move(r)}); }
-  void payload(const std::vector<uint8_t>& bytes) { core_->desk_frame(bytes, *now_); }
+  void payload(const std::vector<uint8_t>& bytes) { core_->desk_bytes(pr::frame(bytes), *now_); }
 
   // ---- what the shim sent ----
   bool idle() const { return read_ == fx_->desk.size(); }
@@ -135,23 +135,21 @@ class Rig {
   Rig(const Rig&) = delete;
   Rig& operator=(const Rig&) = delete;
 
-  // The test's clock. It starts ahead of the real steady clock because ShimCore stamps the
-  // start of a busy period with Clock::now() (client_data() carries no time); ahead, that
-  // stamp never wins over the injected times, so deadlines depend on |now| only.
-  Clock::time_point now = Clock::now() + 1000h;
+  // The test's clock: every event the core sees carries it.
+  Clock::time_point now = Clock::time_point(1000h);
   FakeEffects fx;
   shim::ShimCore core;
   FakeDesk desk;
 
   // A connection that has only been opened.
   PcscClient raw_client() {
-    PcscClient c(core, fx, next_id_++);
+    PcscClient c(core, fx, next_id_++, &now);
     c.open();
     return c;
   }
   // SCardEstablishContext done (CMD_VERSION 4.<minor>, ESTABLISH).
   PcscClient client(int32_t minor = 4) {
-    PcscClient c(core, fx, next_id_++);
+    PcscClient c(core, fx, next_id_++, &now);
     c.start(minor);
     return c;
   }

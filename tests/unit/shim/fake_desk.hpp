@@ -91,7 +91,7 @@ class FakeDesk {
   }
   void send(const pr::Message& m) {
     auto payload = pr::encode(m);
-    core_->desk_frame(payload, *now_);
+    core_->desk_bytes(pr::frame(payload), *now_);
   }
   void reply(uint32_t id, const pr::Reply& r) { send(pr::Message{id, r}); }
 

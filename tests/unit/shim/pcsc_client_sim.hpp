@@ -112,25 +112,26 @@ inline Bytes slot_bytes(std::string_view name, uint32_t counter, uint32_t state,
 
 class PcscClientSim {
  public:
-  PcscClientSim(ShimCore& core, FakeEffects& fx, ClientId id) : core_(&core), fx_(&fx), id_(id) {}
+  PcscClientSim(ShimCore& core, FakeEffects& fx, ClientId id, const Clock::time_point* now)
+      : core_(&core), fx_(&fx), id_(id), now_(now) {}
 
   ClientId id() const { return id_; }
   uint32_t context = 0;  // from the last successful ESTABLISH
   int32_t minor = 4;
 
-  void open() { core_->client_opened(id_); }
-  void close() { core_->client_closed(id_); }
+  void open() { core_->client_opened(id_, *now_); }
+  void close() { core_->client_closed(id_, *now_); }
   bool closed() const { return fx_->was_closed(id_); }
 
   // ---- raw I/O ----
   // Header, then body, then trailing data: separate writes as libpcsclite does.
   void send(uint32_t command, const Bytes& body, const Bytes& trailing = {}) {
     send_header(static_cast<uint32_t>(body.size()), command);
-    if (!body.empty()) core_->client_data(id_, body);
-    if (!trailing.empty()) core_->client_data(id_, trailing);
+    if (!body.empty()) core_->client_data(id_, body, *now_);
+    if (!trailing.empty()) core_->client_data(id_, trailing, *now_);
   }
-  void send_header(uint32_t size, uint32_t command) { core_->client_data(id_, Le().u32(size).u32(command).get()); }
-  void send_raw(const Bytes& b) { core_->client_data(id_, b); }
+  void send_header(uint32_t size, uint32_t command) { core_->client_data(id_, Le().u32(size).u32(command).get(), *now_); }
+  void send_raw(const Bytes& b) { core_->client_data(id_, b, *now_); }
   Bytes take() { return fx_->take(id_); }
   // Takes exactly what is pending and checks its length.
   Bytes take_exact(std::size_t n, const char* what) {
@@ -325,6 +326,7 @@ class PcscClientSim {
   ShimCore* core_;
   FakeEffects* fx_;
   ClientId id_;
+  const Clock::time_point* now_;
 };
 
 }  // namespace cardbridge::shim::testkit

@@ -100,7 +100,7 @@ struct Rig {
   ClientId next_id = 1;
 
   PcscClientSim open() {
-    PcscClientSim c(core, fx, next_id++);
+    PcscClientSim c(core, fx, next_id++, &now);
     c.open();
     return c;
   }
@@ -644,7 +644,7 @@ struct Connected {
   Rig r;
   PcscClientSim c;
   int32_t card = 0;
-  explicit Connected(ShimConfig cfg = test_config()) : r(std::move(cfg)), c(r.core, r.fx, 0) {
+  explicit Connected(ShimConfig cfg = test_config()) : r(std::move(cfg)), c(r.core, r.fx, 0, &r.now) {
     r.up({reader_card(kReaderA, 1)});
     c = r.client();
     card = r.card(c, kReaderA);
@@ -978,7 +978,7 @@ TEST(ShimCoreDeskLoss, InFlightTransmitFailsAtOnceReadersVanishAndWaitersAreSign
   t.r.wait(waiter);
   t.c.send_transmit(t.card, kT1, kSelectMf, 258);
   ASSERT_EQ(t.r.desk.queued_requests(), 1u);
-  t.r.core.desk_disconnected();
+  t.r.core.desk_disconnected(t.r.now);
   auto tr = t.c.transmit_reply();  // at once, 32 bytes, no data
   EXPECT_EQ(tr.rv, kReaderUnavailable);
   EXPECT_EQ(tr.card, t.card);
@@ -999,7 +999,7 @@ TEST(ShimCoreDeskLoss, OrphansDisconnectCleanlyAndStayOrphanedWhenTheDeskComesBa
   Connected t;
   auto c2 = t.r.client();
   const int32_t card2 = t.r.card(c2, kReaderA);
-  t.r.core.desk_disconnected();
+  t.r.core.desk_disconnected(t.r.now);
   t.c.send_disconnect(t.card, kLeave);
   EXPECT_EQ(t.c.card_disp_reply(t.card, kLeave, "DISCONNECT"), kSuccess);
   // A new desk session (new instance) with the same reader.
@@ -1127,7 +1127,7 @@ TEST(ShimCoreMalformed, OversizedTransmitOrAttributeClosesTheConnection) {
 TEST(ShimCoreDeskLink, AMalformedDeskFrameResetsTheLink) {
   Connected t;
   const Bytes garbage = {0xFF, 0xFF, 0xFF, 0x01, 0x02};
-  t.r.core.desk_frame(garbage, t.r.now);
+  t.r.core.desk_bytes(pr::frame(garbage), t.r.now);
   ASSERT_EQ(t.r.fx.resets.size(), 1u);
   EXPECT_FALSE(t.r.core.desk_up());
   EXPECT_EQ(t.r.array(), kZeroArray);

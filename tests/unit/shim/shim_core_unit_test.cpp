@@ -925,7 +925,7 @@ TEST(ShimCoreDeskLoss, InFlightTransmitFailsAtOnceReadersVanishWaitersSignalled)
   a.send_transmit(ha, kSelect);
   rig.desk.expect(pr::Op::kTransmit);
   EXPECT_TRUE(a.nothing_pending());
-  rig.core.desk_disconnected();
+  rig.core.desk_disconnected(rig.now);
   auto r = a.read<wire::TransmitStruct>();
   EXPECT_EQ(r.rv, sc::kEReaderUnavailable);
   EXPECT_TRUE(a.nothing_pending());
@@ -941,7 +941,7 @@ TEST(ShimCoreDeskLoss, OrphanHandlesAnswerInvalidValueAndStayOrphanedInANewSessi
   auto a = rig.client();
   const uint32_t ha = rig.connect(a);
   const uint32_t hb = rig.connect(a);
-  rig.core.desk_disconnected();
+  rig.core.desk_disconnected(rig.now);
   const std::size_t desk_before = rig.fx.desk.size();
 
   a.send_transmit(ha, kSelect);
@@ -1232,9 +1232,9 @@ TEST(ShimCorePerCall, OneRoundTripForLocalCalls) {
 
   c.send_release(e.context);
   EXPECT_TRUE(c.nothing_pending());
-  rig.desk.expect(pr::Op::kReleaseContext);  // the desk context goes, nobody waits for it
-  rig.answer(pr::Op::kPing);
+  rig.answer(pr::Op::kPing);  // the round trip is charged first, then the release is done
   EXPECT_EQ(c.take_all(), as_bytes(wire::ReleaseStruct{e.context, sc::kSuccess}));
+  rig.desk.expect(pr::Op::kReleaseContext);  // the desk context goes, nobody waits for it
   EXPECT_EQ(rig.core.stats().round_trips, rt0 + 4);
   EXPECT_TRUE(rig.desk.idle());
 }

@@ -15,6 +15,8 @@
 #include <span>
 #include <string>
 
+#include <fmt/format.h>
+
 namespace cardbridge::redact {
 
 // True when the command's data (and its response data) may be logged.
@@ -30,4 +32,38 @@ std::string response(std::span<const uint8_t> command_apdu, std::span<const uint
 // Control buffers are always redacted: "ctl 0x42000D48 <n bytes>".
 std::string control(uint32_t code, std::span<const uint8_t> buffer);
 
+// The same, formatted only when a log line is actually written (spdlog checks the level
+// before formatting its arguments): logger->debug("transmit {}", redact::Command{apdu}).
+// The spans must stay valid for the duration of the log call.
+struct Command {
+  std::span<const uint8_t> apdu;
+};
+struct Response {
+  std::span<const uint8_t> command_apdu;
+  std::span<const uint8_t> response;
+};
+struct Control {
+  uint32_t code = 0;
+  std::span<const uint8_t> buffer;
+};
+
 }  // namespace cardbridge::redact
+
+template <>
+struct fmt::formatter<cardbridge::redact::Command> : fmt::formatter<std::string_view> {
+  auto format(const cardbridge::redact::Command& c, format_context& ctx) const {
+    return fmt::formatter<std::string_view>::format(cardbridge::redact::command(c.apdu), ctx);
+  }
+};
+template <>
+struct fmt::formatter<cardbridge::redact::Response> : fmt::formatter<std::string_view> {
+  auto format(const cardbridge::redact::Response& r, format_context& ctx) const {
+    return fmt::formatter<std::string_view>::format(cardbridge::redact::response(r.command_apdu, r.response), ctx);
+  }
+};
+template <>
+struct fmt::formatter<cardbridge::redact::Control> : fmt::formatter<std::string_view> {
+  auto format(const cardbridge::redact::Control& c, format_context& ctx) const {
+    return fmt::formatter<std::string_view>::format(cardbridge::redact::control(c.code, c.buffer), ctx);
+  }
+};
