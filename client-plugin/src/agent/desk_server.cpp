@@ -3,49 +3,51 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <thread>
-
-#include "cardbridge/protocol/framing.hpp"
 #include "cardbridge/support/log.hpp"
+#include "runtime/janitor.hpp"
 
 namespace cardbridge::client {
 
 namespace {
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = log::get("cardbridge.desk.server");
-  return l;
-}
+log::Channel logger{"cardbridge.desk.server"};
 }  // namespace
 
-// One server connection: bytes <-> frames <-> DeskEngine. Engine output arrives on
-// engine threads and is posted to the io_context thread that owns the socket.
+// One server connection: the stream and the desk runtime serving it. The runtime's output
+// arrives on its threads and is posted to the io_context thread that owns the stream.
 class DeskServer::Connection : public std::enable_shared_from_this<Connection> {
  public:
-  Connection(boost::asio::io_context& io, std::shared_ptr<transport::Stream> stream, CardApi& api, EngineConfig cfg,
+  Connection(boost::asio::io_context& io, std::shared_ptr<transport::Stream> stream, CardApi& api, DeskConfig cfg,
              std::function<void(std::shared_ptr<Connection>)> on_gone)
-      : io_(io), stream_(std::move(stream)), on_gone_(std::move(on_gone)) {
+      : io_(io), stream_(std::move(stream)), timer_(io), on_gone_(std::move(on_gone)) {
     std::weak_ptr<transport::Stream> weak_stream = stream_;
     auto* io_ptr = &io_;
-    EngineIo eio;
-    eio.send_frame = [io_ptr, weak_stream](std::vector<uint8_t> frame) {
+    DeskRuntime::Io rio;
+    rio.send = [io_ptr, weak_stream](std::vector<uint8_t> frame) {
       boost::asio::post(*io_ptr, [weak_stream, f = std::move(frame)]() mutable {
         if (auto s = weak_stream.lock()) s->send(std::move(f));
       });
     };
-    eio.close_link = [io_ptr, weak_stream](const std::string& reason) {
+    rio.close_link = [io_ptr, weak_stream](const std::string& reason) {
       boost::asio::post(*io_ptr, [weak_stream, reason] {
         if (auto s = weak_stream.lock()) s->close_after_flush(reason);
       });
     };
-    engine_ = std::make_unique<DeskEngine>(api, std::move(cfg), std::move(eio));
+    runtime_ = std::make_unique<DeskRuntime>(api, std::move(cfg), std::move(rio));
   }
 
   void start() {
     auto self = shared_from_this();
-    engine_->start();
-    stream_->start([self](std::span<const uint8_t> data) { self->on_data(data); },
+    // The timer is armed from the runtime's threads: hand the deadline to the io thread.
+    std::weak_ptr<Connection> weak = self;
+    runtime_->set_timer([io_ptr = &io_, weak](std::optional<TimePoint> when) {
+      boost::asio::post(*io_ptr, [weak, when] {
+        if (auto c = weak.lock()) c->arm(when);
+      });
+    });
+    runtime_->start();
+    stream_->start([self](std::span<const uint8_t> data) { self->runtime_ ? self->runtime_->receive(data) : void(); },
                    [self](const std::string& reason) { self->on_closed(reason); });
-    engine_->transport_up();
+    runtime_->transport_up();
   }
 
   void stop() {
@@ -54,38 +56,41 @@ class DeskServer::Connection : public std::enable_shared_from_this<Connection> {
   }
 
  private:
-  void on_data(std::span<const uint8_t> data) {
-    if (!frames_.feed(data)) {
-      logger()->error("server sent a bad frame ({}); closing the connection",
-                      protocol::to_string(*frames_.error()));
-      stream_->close("bad frame");
-      on_closed("bad frame");
+  void arm(std::optional<TimePoint> when) {
+    if (!runtime_) return;
+    if (!when) {
+      timer_.cancel();
       return;
     }
-    while (auto f = frames_.next()) engine_->on_frame(*f);
+    timer_.expires_at(*when);
+    timer_.async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+      if (ec) return;
+      if (auto c = weak.lock(); c && c->runtime_) c->runtime_->tick();
+    });
   }
 
   void on_closed(const std::string& reason) {
-    logger()->info("server connection closed: {}", reason);
+    logger->info("server connection closed: {}", reason);
     finish();
   }
 
   void finish() {
-    if (!engine_) return;
-    engine_->transport_down();
-    // stop() may wait for card calls in progress: never on the io thread.
-    std::thread([e = std::move(engine_)]() mutable { e->stop(); }).detach();
+    if (!runtime_) return;
+    timer_.cancel();
+    runtime_->transport_down();
+    runtime_->detach_io();
+    Janitor::instance().dispose(std::move(runtime_));  // stopping may wait for card calls: never here
     if (on_gone_) on_gone_(shared_from_this());
   }
 
   boost::asio::io_context& io_;
   std::shared_ptr<transport::Stream> stream_;
-  std::unique_ptr<DeskEngine> engine_;
-  protocol::FrameDecoder frames_;
+  std::unique_ptr<DeskRuntime> runtime_;
+  boost::asio::steady_timer timer_;
   std::function<void(std::shared_ptr<Connection>)> on_gone_;
 };
 
-DeskServer::DeskServer(boost::asio::io_context& io, CardApi& api, EngineConfig config, transport::TlsContext tls)
+DeskServer::DeskServer(boost::asio::io_context& io, CardApi& api, DeskConfig config, transport::TlsContext tls)
     : io_(io), api_(api), config_(std::move(config)), tls_(std::move(tls)) {}
 
 DeskServer::~DeskServer() { stop(); }
@@ -94,7 +99,7 @@ Result<bool, std::string> DeskServer::listen(const transport::Endpoint& ep) {
   auto a = transport::listen(io_, ep, 0600);
   if (!a) return unexpected(a.error());
   acceptor_.emplace(std::move(*a));
-  logger()->info("listening on {}", ep.to_string());
+  logger->info("listening on {}", ep.to_string());
   accept();
   return true;
 }
@@ -104,7 +109,7 @@ void DeskServer::accept() {
     if (stopped_) return;
     if (ec) {
       if (ec == boost::asio::error::operation_aborted) return;
-      logger()->error("accept failed: {}", ec.message());
+      logger->error("accept failed: {}", ec.message());
       auto t = std::make_shared<boost::asio::steady_timer>(io_, std::chrono::milliseconds(100));
       t->async_wait([this, t](boost::system::error_code) {
         if (!stopped_) accept();
@@ -118,14 +123,14 @@ void DeskServer::accept() {
                                                                std::string error) {
         if (stopped_) return;
         if (!s) {
-          logger()->warn("TLS connection refused: {}", error);
+          logger->warn("TLS connection refused: {}", error);
           return;
         }
-        logger()->info("server connected over TLS ({})", log::printable(subject));
+        logger->info("server connected over TLS ({})", log::printable(subject));
         add_connection(std::move(s));
       });
     } else {
-      logger()->info("server connected");
+      logger->info("server connected");
       add_connection(std::make_shared<transport::ByteStream>(std::move(sock)));
     }
     accept();

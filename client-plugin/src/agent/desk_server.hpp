@@ -1,5 +1,5 @@
 // The standalone desk agent's server: accepts server shims (or relays) on a UNIX or
-// loopback TCP socket and gives each connection its own DeskEngine.
+// loopback TCP socket and gives each connection its own DeskRuntime.
 #pragma once
 
 #include <functional>
@@ -9,14 +9,14 @@
 #include "cardbridge/transport/stream.hpp"
 #include "cardbridge/transport/tls.hpp"
 #include "core/card_api.hpp"
-#include "core/desk_engine.hpp"
+#include "runtime/desk_runtime.hpp"
 
 namespace cardbridge::client {
 
 class DeskServer {
  public:
   // |tls|: when set, every accepted connection must complete a mutual TLS handshake.
-  DeskServer(boost::asio::io_context& io, CardApi& api, EngineConfig config, transport::TlsContext tls = nullptr);
+  DeskServer(boost::asio::io_context& io, CardApi& api, DeskConfig config, transport::TlsContext tls = nullptr);
   ~DeskServer();
   Result<bool, std::string> listen(const transport::Endpoint& ep);
   void stop();
@@ -28,7 +28,7 @@ class DeskServer {
 
   boost::asio::io_context& io_;
   CardApi& api_;
-  EngineConfig config_;
+  DeskConfig config_;
   transport::TlsContext tls_;
   std::optional<transport::GenericAcceptor> acceptor_;
   std::set<std::shared_ptr<Connection>> connections_;

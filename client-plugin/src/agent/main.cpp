@@ -11,6 +11,7 @@
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
 #include "pcsc/pcsc_card_api.hpp"
+#include "runtime/janitor.hpp"
 
 namespace {
 
@@ -88,16 +89,15 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  cb::client::EngineConfig cfg;
+  cb::client::DeskConfig cfg;
   cfg.desk_name = name;
   cfg.software = "cardbridge-desk";
   cfg.capabilities = cb::protocol::caps::kAll;
   cfg.policy.reader_filter = cb::client::Policy::parse_reader_filter(readers);
   cfg.policy.control_allow = *allow;
 
-  auto api = cb::client::make_pcsc_card_api();
   boost::asio::io_context io;
-  cb::client::DeskServer server(io, *api, cfg, tls_ctx);
+  cb::client::DeskServer server(io, cb::client::process_pcsc_card_api(), cfg, tls_ctx);
   if (auto ok = server.listen(*ep); !ok) {
     log->critical("{}", ok.error());
     return 1;
@@ -113,5 +113,13 @@ int main(int argc, char** argv) {
   });
   ::signal(SIGPIPE, SIG_IGN);
   io.run();
+  // Every connection's runtime releases its PC/SC contexts (the Janitor waits for calls in
+  // flight). One still blocked in the desk's pcscd after the grace time (a Connect behind
+  // another desk program's transaction) ends with the process.
+  if (!cb::client::Janitor::instance().drain(std::chrono::seconds(3))) {
+    log->warn("a desk PC/SC call is still blocked; exiting anyway");
+    spdlog::shutdown();
+    std::_Exit(0);
+  }
   return 0;
 }

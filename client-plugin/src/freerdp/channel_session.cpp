@@ -9,10 +9,7 @@
 namespace cardbridge::client {
 
 namespace {
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = log::get("cardbridge.addin");
-  return l;
-}
+log::Channel logger{"cardbridge.addin"};
 }  // namespace
 
 AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
@@ -54,7 +51,7 @@ void init_addin_logging(const std::string& level) {
 
 ChannelSession::ChannelSession(const AddinOptions& options, std::string default_name, Writer writer)
     : writer_(std::move(writer)) {
-  EngineConfig cfg;
+  DeskConfig cfg;
   cfg.desk_name = options.name.empty() ? std::move(default_name) : options.name;
   cfg.software = "cardbridge-client";
   cfg.capabilities = protocol::caps::kAll;
@@ -62,55 +59,50 @@ ChannelSession::ChannelSession(const AddinOptions& options, std::string default_
   if (auto allow = Policy::parse_control_allow(options.allow_control)) {
     cfg.policy.control_allow = *allow;
   } else {
-    logger()->error("allow-control: {}; no control code allowed", allow.error());
+    logger->error("allow-control: {}; no control code allowed", allow.error());
     cfg.policy.control_allow = std::set<uint32_t>{};
   }
-  api_ = make_pcsc_card_api();
-  EngineIo io;
-  io.send_frame = [this](std::vector<uint8_t> frame) {
-    if (!writer_(std::move(frame))) logger()->warn("channel write failed");
+  DeskRuntime::Io io;
+  io.send = [this](std::vector<uint8_t> frame) {
+    if (!writer_(std::move(frame))) logger->warn("channel write failed");
   };
   io.close_link = [](const std::string& reason) {
-    // A virtual channel cannot be re-opened from our side: we stop talking until the
-    // server says hello again.
-    logger()->error("server link unusable: {}", reason);
+    // A virtual channel cannot be re-opened from our side: the runtime ignores the channel
+    // until the server says hello again on a reopened one.
+    logger->error("server link unusable: {}", reason);
   };
-  engine_ = std::make_unique<DeskEngine>(*api_, std::move(cfg), std::move(io));
-  engine_->start();
+  io.arm_timer = [this](std::optional<TimePoint> when) {
+    if (timer_) timer_->arm(when);
+  };
+  timer_ = std::make_unique<TimerThread>([this] {
+    if (runtime_) runtime_->tick();
+  });
+  runtime_ = std::make_unique<DeskRuntime>(process_pcsc_card_api(), std::move(cfg), std::move(io));
+  runtime_->start();
 }
 
 ChannelSession::~ChannelSession() { shutdown(); }
 
 void ChannelSession::opened() {
-  if (!engine_) return;
-  {
-    std::lock_guard lock(feed_mu_);
-    frames_ = protocol::FrameDecoder();
-  }
-  engine_->transport_up();
+  if (runtime_) runtime_->transport_up();
 }
 
 void ChannelSession::feed(const uint8_t* data, std::size_t n) {
-  if (!engine_) return;
-  std::lock_guard lock(feed_mu_);
-  if (frames_.failed()) return;  // waiting for the channel to be reopened
-  if (!frames_.feed(std::span<const uint8_t>(data, n))) {
-    logger()->error("server sent a bad frame ({}); ignoring the channel until it reopens",
-                    protocol::to_string(*frames_.error()));
-    engine_->transport_down();
-    return;
-  }
-  while (auto f = frames_.next()) engine_->on_frame(*f);
+  if (runtime_) runtime_->receive(std::span<const uint8_t>(data, n));
 }
 
 void ChannelSession::closed() {
-  if (engine_) engine_->transport_down();
+  if (runtime_) runtime_->transport_down();
 }
 
+// Never waits for a card: the runtime is stopped and destroyed by the Janitor, cut off
+// from this session first (it outlives it).
 void ChannelSession::shutdown() {
-  if (!engine_) return;
-  engine_->stop();
-  engine_.reset();
+  if (!runtime_) return;
+  runtime_->transport_down();
+  runtime_->detach_io();
+  timer_.reset();
+  Janitor::instance().dispose(std::move(runtime_));
 }
 
 }  // namespace cardbridge::client

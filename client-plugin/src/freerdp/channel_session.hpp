@@ -1,7 +1,9 @@
-// ChannelSession: a DeskEngine behind an RDP virtual channel (static or dynamic).
-// The FreeRDP-specific code only moves bytes: incoming chunks go to feed(), outgoing
-// frames leave through the write function given at construction. No PC/SC call ever
-// runs on FreeRDP's threads (the engine has its own), and nothing here throws.
+// ChannelSession: the desk (a DeskRuntime) behind an RDP virtual channel (static or
+// dynamic). The FreeRDP-specific code only moves bytes: incoming chunks go to feed(),
+// outgoing frames leave through the write function given at construction (called from the
+// runtime's threads). No PC/SC call ever runs on FreeRDP's threads (the runtime's lanes
+// make them), nothing here throws, and shutting down never waits for a card on FreeRDP's
+// thread (the Janitor does).
 #pragma once
 
 #include <functional>
@@ -10,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "cardbridge/protocol/framing.hpp"
 #include "core/card_api.hpp"
-#include "core/desk_engine.hpp"
+#include "runtime/desk_runtime.hpp"
+#include "runtime/janitor.hpp"
 
 namespace cardbridge::client {
 
@@ -37,11 +39,9 @@ class ChannelSession {
   void shutdown();                             // the client terminates
 
  private:
-  std::unique_ptr<CardApi> api_;
-  std::unique_ptr<DeskEngine> engine_;
-  protocol::FrameDecoder frames_;
-  std::mutex feed_mu_;
   Writer writer_;
+  std::unique_ptr<DeskRuntime> runtime_;
+  std::unique_ptr<TimerThread> timer_;  // hello retries
 };
 
 // Log set-up for the add-in (once per process).

@@ -47,11 +47,8 @@ AddinOptions options_from(const ADDIN_ARGV* args) {
   return o;
 }
 
-// Tears a session down off FreeRDP's thread (stopping may wait for card calls).
-void dispose(std::unique_ptr<ChannelSession> s) {
-  if (!s) return;
-  std::thread([s = std::move(s)]() mutable { s.reset(); }).detach();
-}
+// Tears a session down; never waits for a card (its runtime goes to the Janitor).
+void dispose(std::unique_ptr<ChannelSession> s) { s.reset(); }
 
 // ---------------------------------------------------------------------------------------
 // Static channel

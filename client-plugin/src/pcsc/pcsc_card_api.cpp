@@ -302,4 +302,9 @@ std::unique_ptr<CardApi> make_pcsc_card_api() {
   return std::make_unique<PcscCardApi>();
 }
 
+CardApi& process_pcsc_card_api() {
+  static CardApi* api = make_pcsc_card_api().release();
+  return *api;
+}
+
 }  // namespace cardbridge::client

@@ -9,5 +9,7 @@ namespace cardbridge::client {
 
 // Sets PCSCLITE_NO_BLOCKING for this process (see the .cpp) and returns the API.
 std::unique_ptr<CardApi> make_pcsc_card_api();
+// The process's API, for runtimes that may outlive their host (never destroyed).
+CardApi& process_pcsc_card_api();
 
 }  // namespace cardbridge::client

@@ -1,0 +1,749 @@
+// DeskCore, sans I/O: the test is its edge. Every PC/SC call the core asks for waits in the
+// test's queue until the test makes it (on FakeCardApi, or with a result of its own); the
+// order in which lanes' calls complete is the test's choice, so blocking, ordering and
+// session ends are played exactly, with no thread and no clock.
+#include "core/desk_core.hpp"
+
+#include <deque>
+#include <map>
+#include <set>
+
+#include <gtest/gtest.h>
+
+#include "cardbridge/protocol/codec.hpp"
+#include "cardbridge/protocol/framing.hpp"
+#include "cardbridge/protocol/version.hpp"
+#include "cardbridge/support/scard.hpp"
+#include "fake_card_api.hpp"
+
+namespace cardbridge::client {
+namespace {
+
+namespace pr = cardbridge::protocol;
+namespace sc = cardbridge::scard;
+using fake::FakeCard;
+using fake::FakeCardApi;
+using namespace std::chrono_literals;
+
+const std::string kReader1 = "Gemalto PC Twin Reader 00 00";
+const std::string kReader2 = "OMNIKEY CardMan 3121 01 00";
+const Bytes kAtr1 = {0x3B, 0x7F, 0x96, 0x00, 0x00, 0x80, 0x31, 0x80, 0x65, 0xB0};
+const Bytes kSelect = {0x00, 0xA4, 0x04, 0x00, 0x07, 0xA0, 0x00, 0x00, 0x00, 0x03, 0x10, 0x10};
+const Bytes kGetChallenge = {0x00, 0x84, 0x00, 0x00, 0x08};
+constexpr uint32_t kFeatureRequest = 0x42000D48;  // SCARD_CTL_CODE(3400)
+
+TimePoint t0() { return TimePoint{} + 1000h; }
+
+FakeCard test_card() {
+  FakeCard c;
+  c.atr = kAtr1;
+  c.protocols = sc::kProtocolT0 | sc::kProtocolT1;
+  c.answers[kSelect] = {0x90, 0x00};
+  c.answers[kGetChallenge] = {1, 2, 3, 4, 5, 6, 7, 8, 0x90, 0x00};
+  return c;
+}
+
+pr::Request req(pr::Op op, uint32_t ctx, uint32_t handle = 0) {
+  pr::Request q;
+  q.op = op;
+  q.context = pr::ContextId{ctx};
+  q.handle = pr::DeskHandle{handle};
+  return q;
+}
+pr::Request connect_req(uint32_t ctx, const std::string& reader, uint32_t share = sc::kShareShared) {
+  auto q = req(pr::Op::kConnect, ctx);
+  q.reader = reader;
+  q.share_mode = share;
+  q.protocols = sc::kProtocolT0 | sc::kProtocolT1;
+  return q;
+}
+pr::Request transmit_req(uint32_t ctx, uint32_t handle, Bytes apdu, uint32_t recv_length = 258) {
+  auto q = req(pr::Op::kTransmit, ctx, handle);
+  q.protocols = sc::kProtocolT1;
+  q.data = std::move(apdu);
+  q.recv_length = recv_length;
+  return q;
+}
+
+pr::Hello server_hello(uint64_t instance, uint64_t caps = pr::caps::kAll) {
+  pr::Hello h = pr::local_hello(pr::Role::kServer, caps);
+  h.software = "cardbridge-shim test";
+  h.peer_name = "session-server-7";
+  h.instance = instance;
+  return h;
+}
+
+// The core's edge, played by the test.
+class Edge : public DeskEffects {
+ public:
+  struct Pending {
+    LaneId lane;
+    PcscCall call;
+  };
+  std::vector<pr::Message> sent;
+  std::vector<std::string> closed;
+  std::deque<Pending> calls;
+  std::vector<LaneId> lanes_closed;
+
+  void send(std::vector<uint8_t> bytes) override {
+    pr::FrameDecoder d;
+    ASSERT_TRUE(d.feed(bytes));
+    auto f = d.next();
+    ASSERT_TRUE(f);
+    auto m = pr::decode(*f);
+    ASSERT_TRUE(m.ok()) << m.error().what;
+    sent.push_back(std::move(*m));
+  }
+  void close_link(const std::string& reason) override { closed.push_back(reason); }
+  void execute(LaneId lane, PcscCall c) override {
+    for (const auto& p : calls) EXPECT_NE(p.lane, lane) << "a lane has at most one call in flight";
+    calls.push_back(Pending{lane, std::move(c)});
+  }
+  void lane_closed(LaneId lane) override { lanes_closed.push_back(lane); }
+
+  std::set<LaneId> busy_lanes() const {
+    std::set<LaneId> out;
+    for (const auto& p : calls) out.insert(p.lane);
+    return out;
+  }
+};
+
+class DeskCoreTest : public ::testing::Test {
+ protected:
+  DeskCoreTest() {
+    api.add_reader(kReader1);
+    api.add_reader(kReader2);
+    api.insert_card(kReader1, test_card());
+    config.desk_name = "desk-042";
+    config.capabilities = pr::caps::kAll;
+    config.random_seed = 3;
+  }
+
+  DeskCore& core() {
+    if (!core_) core_ = std::make_unique<DeskCore>(edge, config);
+    return *core_;
+  }
+  void hear(const pr::Message& m) { core().receive(pr::encode_frame(m), t0()); }
+  void establish(uint64_t instance = 0x5E55100, uint64_t caps = pr::caps::kAll) {
+    core().transport_up(t0());
+    hear(pr::Message{0, server_hello(instance, caps)});
+    ASSERT_TRUE(core().session_established());
+  }
+  uint32_t submit(pr::Request q) {
+    const uint32_t id = next_id_++;
+    hear(pr::Message{id, std::move(q)});
+    return id;
+  }
+
+  // Makes the oldest pending call (of |lane|, or of any lane) on the fake, and reports it.
+  bool run_one(std::optional<LaneId> lane = std::nullopt) {
+    for (auto it = edge.calls.begin(); it != edge.calls.end(); ++it) {
+      if (lane && it->lane != *lane) continue;
+      Edge::Pending p = std::move(*it);
+      edge.calls.erase(it);
+      core().call_done(p.lane, run_call(api, p.call), t0());
+      return true;
+    }
+    return false;
+  }
+  // Completes the oldest pending call of |lane| with |r| instead of making it.
+  void answer(LaneId lane, CallResult r) {
+    for (auto it = edge.calls.begin(); it != edge.calls.end(); ++it) {
+      if (it->lane != lane) continue;
+      edge.calls.erase(it);
+      core().call_done(lane, std::move(r), t0());
+      return;
+    }
+    ADD_FAILURE() << "no call pending on lane " << lane;
+  }
+  void run_all() {
+    while (run_one()) {
+    }
+  }
+  std::optional<pr::Reply> reply_to(uint32_t id) const {
+    for (const auto& m : edge.sent) {
+      if (auto* r = std::get_if<pr::Reply>(&m.body); r && m.id == id) return *r;
+    }
+    return std::nullopt;
+  }
+  pr::Reply call(pr::Request q) {
+    const uint32_t id = submit(std::move(q));
+    run_all();
+    auto r = reply_to(id);
+    EXPECT_TRUE(r) << "no reply to request " << id;
+    return r.value_or(pr::Reply{});
+  }
+  // Context |ctx| with a card handle on kReader1; returns the desk handle.
+  uint32_t connected(uint32_t ctx, uint32_t share = sc::kShareShared) {
+    auto r = call(connect_req(ctx, kReader1, share));
+    EXPECT_EQ(r.rv, sc::kSuccess);
+    return r.handle.value;
+  }
+  template <typename T>
+  std::vector<T> sent_of() const {
+    std::vector<T> out;
+    for (const auto& m : edge.sent) {
+      if (auto* b = std::get_if<T>(&m.body)) out.push_back(*b);
+    }
+    return out;
+  }
+  std::size_t calls_of(const PcscCall& kind) const {
+    std::size_t n = 0;
+    for (const auto& p : edge.calls) n += p.call.index() == kind.index();
+    return n;
+  }
+
+  FakeCardApi api;
+  DeskConfig config;
+  Edge edge;
+  std::unique_ptr<DeskCore> core_;
+  uint32_t next_id_ = 1;
+};
+
+// ---- the session ------------------------------------------------------------------------
+
+TEST_F(DeskCoreTest, TransportUpSaysHelloAsTheDeskWithItsName) {
+  core().transport_up(t0());
+  auto hellos = sent_of<pr::Hello>();
+  ASSERT_EQ(hellos.size(), 1u);
+  EXPECT_EQ(hellos[0].role, pr::Role::kDesk);
+  EXPECT_EQ(hellos[0].peer_name, "desk-042");
+  EXPECT_EQ(hellos[0].software.rfind("cardbridge-desk ", 0), 0u) << hellos[0].software;
+  EXPECT_EQ(core().next_deadline(), t0() + config.hello_retry) << "retried until the server answers";
+}
+
+TEST_F(DeskCoreTest, TheServersHelloIsAnsweredThenTheCurrentReadersAreSent) {
+  core().readers({pr::ReaderInfo{kReader1, sc::kStatePresent, 3, kAtr1}}, t0());
+  EXPECT_TRUE(sent_of<pr::ReaderSnapshot>().empty()) << "nothing is pushed before a session";
+  establish();
+  ASSERT_GE(edge.sent.size(), 3u);
+  auto* reply_hello = std::get_if<pr::Hello>(&edge.sent[1].body);
+  ASSERT_TRUE(reply_hello);
+  EXPECT_TRUE(reply_hello->reply);
+  auto* snap = std::get_if<pr::ReaderSnapshot>(&edge.sent[2].body);
+  ASSERT_TRUE(snap);
+  ASSERT_EQ(snap->readers.size(), 1u);
+  EXPECT_EQ(snap->readers[0].name, kReader1);
+  EXPECT_EQ(snap->readers[0].atr, kAtr1);
+  EXPECT_EQ(core().server_name(), "session-server-7");
+}
+
+TEST_F(DeskCoreTest, ReaderChangesArePushedOnceAndAnIdleDeskSendsNothing) {
+  establish();
+  const auto before = edge.sent.size();
+  std::vector<pr::ReaderInfo> v1{pr::ReaderInfo{kReader1, sc::kStateEmpty, 1, {}}};
+  core().readers(v1, t0());
+  core().readers(v1, t0());
+  auto snaps = sent_of<pr::ReaderSnapshot>();
+  ASSERT_EQ(edge.sent.size(), before + 1);
+  EXPECT_EQ(snaps.back().readers, v1);
+  EXPECT_GT(snaps.back().sequence, snaps.front().sequence);
+  EXPECT_FALSE(core().next_deadline()) << "an established idle desk has no timer";
+}
+
+TEST_F(DeskCoreTest, RequestsBeforeTheHelloAreIgnored) {
+  core().transport_up(t0());
+  submit(req(pr::Op::kEstablishContext, 1));
+  EXPECT_TRUE(edge.calls.empty());
+  EXPECT_TRUE(sent_of<pr::Reply>().empty());
+}
+
+TEST_F(DeskCoreTest, AMalformedFrameClosesTheLink) {
+  establish();
+  const std::vector<uint8_t> junk{0, 0, 0, 2, 0xFF, 0xFF};
+  core().receive(junk, t0());
+  ASSERT_EQ(edge.closed.size(), 1u);
+  EXPECT_FALSE(core().session_established());
+}
+
+// ---- contexts and calls -----------------------------------------------------------------
+
+TEST_F(DeskCoreTest, EachServerContextGetsAPcscContextOfItsOwn) {
+  establish();
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 1)).rv, sc::kSuccess);
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 2)).rv, sc::kSuccess);
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 1)).rv, sc::kSuccess);
+  EXPECT_EQ(api.live_worker_contexts(), 2u);
+  EXPECT_EQ(core().lane_count(), 2u);
+}
+
+TEST_F(DeskCoreTest, ADeadDeskServiceIsReportedOnTheRequest) {
+  establish();
+  api.set_service_available(false);
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 1)).rv, sc::kENoService);
+}
+
+TEST_F(DeskCoreTest, ConnectAnswersADeskHandleTheProtocolAndTheCardState) {
+  establish();
+  auto r = call(connect_req(1, kReader1));
+  ASSERT_EQ(r.rv, sc::kSuccess);
+  EXPECT_NE(r.handle.value, 0u);
+  EXPECT_NE(r.handle.value, static_cast<uint32_t>(api.live_handles().at(0))) << "never the raw handle";
+  EXPECT_EQ(r.protocol, sc::kProtocolT1) << "the card's T=1, as the desk's PC/SC chose it";
+  EXPECT_EQ(r.atr, kAtr1);
+  EXPECT_NE(r.state & sc::kReaderPresent, 0u);
+  EXPECT_EQ(r.state >> 16, api.event_counter(kReader1));
+  EXPECT_NE(r.card_protocol, 0u);
+}
+
+TEST_F(DeskCoreTest, ConnectFailuresArePassedThrough) {
+  establish();
+  EXPECT_EQ(call(connect_req(1, kReader2)).rv, sc::kENoSmartcard);
+  EXPECT_EQ(call(connect_req(1, "No Such Reader")).rv, sc::kEUnknownReader);
+}
+
+TEST_F(DeskCoreTest, AConnectOnAContextOfARestartedServiceStartsOverWithAFreshContext) {
+  establish();
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 1)).rv, sc::kSuccess);
+  api.set_service_available(false);
+  api.set_service_available(true);  // the old context stays dead
+  auto r = call(connect_req(1, kReader1));
+  EXPECT_EQ(r.rv, sc::kSuccess);
+  EXPECT_EQ(api.live_worker_contexts(), 1u);
+}
+
+TEST_F(DeskCoreTest, ConnectToAReaderThePolicyHidesIsAnUnknownReader) {
+  config.policy.reader_filter = {"omnikey"};
+  establish();
+  EXPECT_EQ(call(connect_req(1, kReader1)).rv, sc::kEUnknownReader);
+  EXPECT_EQ(api.calls(fake::Call::kConnect), 0u) << "the reader was never touched";
+}
+
+TEST_F(DeskCoreTest, TransmitReturnsTheCardsAnswerAndTheReceivePci) {
+  establish();
+  const uint32_t h = connected(1);
+  auto r = call(transmit_req(1, h, kGetChallenge));
+  EXPECT_EQ(r.rv, sc::kSuccess);
+  EXPECT_EQ(r.data, (Bytes{1, 2, 3, 4, 5, 6, 7, 8, 0x90, 0x00}));
+  EXPECT_TRUE(r.prefetched.empty());
+}
+
+TEST_F(DeskCoreTest, TransmitIntoTooSmallABufferPassesTheNeededLength) {
+  establish();
+  const uint32_t h = connected(1);
+  auto r = call(transmit_req(1, h, kGetChallenge, 4));
+  EXPECT_EQ(r.rv, sc::kEInsufficientBuffer);
+  EXPECT_EQ(r.length, 10u);
+  EXPECT_TRUE(r.data.empty());
+}
+
+TEST_F(DeskCoreTest, ARemovedCardIsReported) {
+  establish();
+  const uint32_t h = connected(1);
+  api.remove_card(kReader1);
+  EXPECT_EQ(call(transmit_req(1, h, kSelect)).rv, sc::kWRemovedCard);
+}
+
+TEST_F(DeskCoreTest, ControlRunsOnlyWhenThePolicyAllowsTheCode) {
+  config.policy.control_allow = std::set<uint32_t>{kFeatureRequest};
+  api.set_control_answer(kReader1, kFeatureRequest, {0x12, 0x04, 0x42, 0x33, 0x00, 0x12});
+  establish();
+  const uint32_t h = connected(1);
+  auto ok = req(pr::Op::kControl, 1, h);
+  ok.code = kFeatureRequest;
+  ok.recv_length = 64;
+  auto r = call(ok);
+  EXPECT_EQ(r.rv, sc::kSuccess);
+  EXPECT_EQ(r.data.size(), 6u);
+  auto refused = ok;
+  refused.code = 0x42000001;
+  EXPECT_EQ(call(refused).rv, sc::kEUnsupportedFeature);
+  EXPECT_EQ(api.calls(fake::Call::kControl), 1u) << "a refused code never reaches the reader";
+}
+
+TEST_F(DeskCoreTest, AttributesAreReadAndWritten) {
+  api.set_attribute(kReader1, sc::kAttrVendorName, {'A', 'C', 'M', 'E'});
+  establish();
+  const uint32_t h = connected(1);
+  auto get = req(pr::Op::kGetAttrib, 1, h);
+  get.code = sc::kAttrVendorName;
+  get.recv_length = 64;
+  auto r = call(get);
+  EXPECT_EQ(r.rv, sc::kSuccess);
+  EXPECT_EQ(r.data, (Bytes{'A', 'C', 'M', 'E'}));
+  auto set = req(pr::Op::kSetAttrib, 1, h);
+  set.code = sc::kAttrVendorName;
+  set.data = {'Z'};
+  EXPECT_EQ(call(set).rv, sc::kSuccess);
+  EXPECT_EQ(call(get).data, (Bytes{'Z'})) << "the value reached the reader";
+}
+
+TEST_F(DeskCoreTest, ReconnectAnswersTheProtocolAndTheCardState) {
+  establish();
+  const uint32_t h = connected(1);
+  auto q = req(pr::Op::kReconnect, 1, h);
+  q.share_mode = sc::kShareShared;
+  q.protocols = sc::kProtocolT1;
+  q.disposition = sc::kResetCard;
+  auto r = call(q);
+  EXPECT_EQ(r.rv, sc::kSuccess);
+  EXPECT_EQ(r.protocol, sc::kProtocolT1);
+  EXPECT_EQ(r.atr, kAtr1);
+}
+
+TEST_F(DeskCoreTest, DisconnectForgetsTheHandle) {
+  establish();
+  const uint32_t h = connected(1);
+  auto d = req(pr::Op::kDisconnect, 1, h);
+  d.disposition = sc::kLeaveCard;
+  EXPECT_EQ(call(d).rv, sc::kSuccess);
+  EXPECT_EQ(core().handle_count(), 0u);
+  EXPECT_EQ(call(transmit_req(1, h, kSelect)).rv, sc::kEInvalidHandle);
+}
+
+TEST_F(DeskCoreTest, StatusAnswersReaderStateProtocolAndAtr) {
+  establish();
+  const uint32_t h = connected(1);
+  auto r = call(req(pr::Op::kStatus, 1, h));
+  EXPECT_EQ(r.rv, sc::kSuccess);
+  EXPECT_EQ(r.reader, kReader1);
+  EXPECT_EQ(r.atr, kAtr1);
+  EXPECT_NE(r.protocol, 0u);
+}
+
+TEST_F(DeskCoreTest, AHandleOfAnotherContextOrAnUnknownOneIsInvalid) {
+  establish();
+  const uint32_t h = connected(1);
+  EXPECT_EQ(call(transmit_req(2, h, kSelect)).rv, sc::kEInvalidHandle);
+  EXPECT_EQ(call(transmit_req(1, h + 1000, kSelect)).rv, sc::kEInvalidHandle);
+  EXPECT_EQ(api.calls(fake::Call::kTransmit), 0u);
+}
+
+TEST_F(DeskCoreTest, PingsAreAnsweredAtOnceEvenWithEveryLaneBusy) {
+  establish();
+  submit(connect_req(1, kReader1));
+  ASSERT_EQ(edge.calls.size(), 1u);  // the lane's Establish is at the edge, not made
+  const uint32_t ping = submit(req(pr::Op::kPing, 0));
+  EXPECT_TRUE(reply_to(ping)) << "the server's liveness check never waits for a card";
+  EXPECT_EQ(edge.calls.size(), 1u) << "a Ping makes no PC/SC call";
+}
+
+// ---- lanes: parallel contexts, order within one ---------------------------------------------
+
+TEST_F(DeskCoreTest, ABlockedCallHoldsUpOnlyItsOwnContext) {
+  establish();
+  const uint32_t h1 = connected(1);
+  const uint32_t h2 = connected(2);
+  const uint32_t begin = submit(req(pr::Op::kBeginTransaction, 1, h1));  // say pcscd makes it wait
+  const LaneId blocked = edge.calls.back().lane;
+  const uint32_t other = submit(transmit_req(2, h2, kGetChallenge));
+  ASSERT_EQ(edge.busy_lanes().size(), 2u);
+  ASSERT_TRUE(run_one(edge.calls.back().lane));
+  EXPECT_TRUE(reply_to(other));
+  EXPECT_FALSE(reply_to(begin));
+  run_one(blocked);
+  EXPECT_TRUE(reply_to(begin));
+}
+
+TEST_F(DeskCoreTest, RepliesOfOneContextKeepTheirOrderAndOneCallIsInFlightPerContext) {
+  establish();
+  const uint32_t h = connected(1);
+  std::vector<uint32_t> ids;
+  for (int i = 0; i < 4; ++i) ids.push_back(submit(transmit_req(1, h, kSelect)));
+  EXPECT_EQ(edge.calls.size(), 1u);
+  run_all();
+  std::vector<uint32_t> order;
+  for (const auto& m : edge.sent) {
+    if (std::holds_alternative<pr::Reply>(m.body) && m.id >= ids.front()) order.push_back(m.id);
+  }
+  EXPECT_EQ(order, ids);
+}
+
+TEST_F(DeskCoreTest, ARequestWaitsForTheEarlierRequestsOfOtherContextsItNames) {
+  establish();
+  const uint32_t h1 = connected(1);
+  const uint32_t h2 = connected(2);
+  const uint32_t end = submit(req(pr::Op::kEndTransaction, 1, h1));  // pipelined by the shim
+  auto t = transmit_req(2, h2, kSelect);
+  t.after = {end};
+  const uint32_t tx = submit(t);
+  EXPECT_EQ(edge.calls.size(), 1u) << "the transmit waits for the End";
+  run_one();
+  EXPECT_TRUE(reply_to(end));
+  ASSERT_EQ(edge.calls.size(), 1u) << "now it starts";
+  run_all();
+  EXPECT_TRUE(reply_to(tx));
+}
+
+TEST_F(DeskCoreTest, OrderingIdsThatCannotBeWaitedForAreIgnored) {
+  establish();
+  const uint32_t h = connected(1);
+  auto t = transmit_req(1, h, kSelect);
+  t.after = {4242, 0, next_id_ + 5};  // unknown, zero, later than itself
+  EXPECT_EQ(call(t).rv, sc::kSuccess);
+}
+
+TEST_F(DeskCoreTest, WithoutTheOrderingCapabilityAfterIsIgnored) {
+  establish(0x5E55100, pr::caps::kAll & ~pr::caps::kDeskOrdering);
+  const uint32_t h1 = connected(1);
+  const uint32_t h2 = connected(2);
+  submit(req(pr::Op::kEndTransaction, 1, h1));
+  auto t = transmit_req(2, h2, kSelect);
+  t.after = {next_id_ - 1};
+  submit(t);
+  EXPECT_EQ(edge.calls.size(), 2u);
+}
+
+TEST_F(DeskCoreTest, TheSessionEndingReleasesARequestWaitingForOrder) {
+  establish();
+  const uint32_t h1 = connected(1);
+  const uint32_t h2 = connected(2);
+  const uint32_t end = submit(req(pr::Op::kEndTransaction, 1, h1));
+  auto t = transmit_req(2, h2, kSelect);
+  t.after = {end};
+  submit(t);
+  core().transport_down(t0());
+  run_all();
+  EXPECT_TRUE(core().idle());
+  EXPECT_EQ(api.live_worker_contexts(), 0u);
+  EXPECT_EQ(api.calls(fake::Call::kTransmit), 0u);
+}
+
+// ---- releasing contexts, ending sessions --------------------------------------------------
+
+TEST_F(DeskCoreTest, ReleaseContextRunsWhatWasSentBeforeThenReleasesAndAnswers) {
+  establish();
+  const uint32_t h = connected(1);
+  const uint32_t tx = submit(transmit_req(1, h, kSelect));
+  const uint32_t rel = submit(req(pr::Op::kReleaseContext, 1));
+  run_all();
+  ASSERT_TRUE(reply_to(tx));
+  ASSERT_TRUE(reply_to(rel));
+  EXPECT_EQ(api.live_worker_contexts(), 0u);
+  EXPECT_EQ(core().handle_count(), 0u);
+  EXPECT_EQ(edge.lanes_closed.size(), 1u);
+  EXPECT_EQ(call(transmit_req(1, h, kSelect)).rv, sc::kEInvalidHandle) << "a new context 1 knows no handle";
+}
+
+TEST_F(DeskCoreTest, ReleasingAnUnknownContextIsAnsweredWithoutACall) {
+  establish();
+  EXPECT_EQ(call(req(pr::Op::kReleaseContext, 9)).rv, sc::kSuccess);
+  EXPECT_EQ(api.calls(fake::Call::kRelease), 0u);
+}
+
+TEST_F(DeskCoreTest, TheTransportGoingReleasesEverythingAndNothingMoreIsSent) {
+  establish();
+  connected(1);
+  connected(2);
+  submit(transmit_req(1, 1, kSelect));
+  const auto sent = edge.sent.size();
+  core().transport_down(t0());
+  run_all();
+  EXPECT_EQ(edge.sent.size(), sent);
+  EXPECT_EQ(api.live_worker_contexts(), 0u);
+  EXPECT_TRUE(core().idle());
+}
+
+TEST_F(DeskCoreTest, AnAnswerInFlightIsNotDeliveredToTheNextSession) {
+  establish(1);
+  const uint32_t h = connected(1);
+  const uint32_t tx = submit(transmit_req(1, h, kGetChallenge));
+  hear(pr::Message{0, server_hello(2)});  // the server restarted (or the user roamed)
+  ASSERT_TRUE(core().session_established());
+  run_all();
+  EXPECT_FALSE(reply_to(tx));
+  EXPECT_EQ(api.live_worker_contexts(), 0u);
+}
+
+TEST_F(DeskCoreTest, AConnectThatFinishesAfterTheSessionEndedLeavesNoHandle) {
+  establish();
+  submit(req(pr::Op::kEstablishContext, 1));
+  run_all();
+  const uint32_t c = submit(connect_req(1, kReader1, sc::kShareExclusive));
+  core().transport_down(t0());
+  run_all();  // the Connect made at the desk, then the context released
+  EXPECT_FALSE(reply_to(c));
+  EXPECT_TRUE(api.live_handles().empty());
+  EXPECT_EQ(api.live_worker_contexts(), 0u);
+}
+
+TEST_F(DeskCoreTest, MoreContextsThanTheLimitGetNoMemory) {
+  config.max_contexts = 2;
+  establish();
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 1)).rv, sc::kSuccess);
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 2)).rv, sc::kSuccess);
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 3)).rv, sc::kENoMemory);
+  EXPECT_EQ(core().stats().refused_contexts, 1u);
+  call(req(pr::Op::kReleaseContext, 1));
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 3)).rv, sc::kSuccess);
+}
+
+TEST_F(DeskCoreTest, ContextsOfAnEndedSessionStillBusyCountTowardsTheLimit) {
+  config.max_contexts = 1;
+  establish(1);
+  const uint32_t h = connected(1);
+  submit(req(pr::Op::kBeginTransaction, 1, h));  // stays at the edge
+  hear(pr::Message{0, server_hello(2)});
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 1)).rv, sc::kENoMemory) << "the old lane still holds a context";
+  run_all();
+  EXPECT_EQ(call(req(pr::Op::kEstablishContext, 1)).rv, sc::kSuccess);
+}
+
+TEST_F(DeskCoreTest, ShutdownReleasesEveryContextOnceTheCallsInFlightReturn) {
+  establish();
+  const uint32_t h = connected(1);
+  connected(2);
+  submit(transmit_req(1, h, kSelect));
+  core().shutdown(t0());
+  EXPECT_FALSE(core().idle()) << "lane 1's call is still at the edge";
+  run_all();
+  EXPECT_TRUE(core().idle());
+  EXPECT_EQ(api.live_worker_contexts(), 0u);
+  core().receive(pr::encode_frame(pr::Message{99, req(pr::Op::kEstablishContext, 5)}), t0());
+  EXPECT_TRUE(edge.calls.empty()) << "nothing is served after shutdown";
+}
+
+// ---- deferred Begin and speculation --------------------------------------------------------
+
+TEST_F(DeskCoreTest, ADeferredBeginIsTakenBeforeTheOperationThatCarriesIt) {
+  establish();
+  const uint32_t h = connected(1);
+  auto t = transmit_req(1, h, kSelect);
+  t.flags = pr::request_flags::kBeginFirst;
+  auto r = call(t);
+  EXPECT_EQ(r.rv, sc::kSuccess);
+  EXPECT_EQ(r.begin_rv, sc::kSuccess);
+  EXPECT_EQ(api.calls(fake::Call::kBeginTransaction), 1u);
+  EXPECT_TRUE(api.transaction_holder(kReader1).has_value());
+}
+
+TEST_F(DeskCoreTest, AFailedDeferredBeginIsReportedAndTheOperationNotMade) {
+  establish();
+  const uint32_t h = connected(1);
+  api.remove_card(kReader1);
+  auto t = transmit_req(1, h, kSelect);
+  t.flags = pr::request_flags::kBeginFirst;
+  auto r = call(t);
+  EXPECT_EQ(r.rv, sc::kWRemovedCard);
+  EXPECT_EQ(r.begin_rv, sc::kWRemovedCard);
+  EXPECT_EQ(api.calls(fake::Call::kTransmit), 0u);
+}
+
+TEST_F(DeskCoreTest, A61xxAnswerComesWithItsGetResponse) {
+  establish();
+  const uint32_t h = connected(1);
+  auto t = transmit_req(1, h, kSelect);
+  t.flags = pr::request_flags::kPrefetchGetResponse;
+  const LaneId lane = [&] {
+    submit(t);
+    return edge.calls.back().lane;
+  }();
+  CallResult first;
+  first.data = {0x61, 0x1C};
+  answer(lane, first);
+  ASSERT_EQ(edge.calls.size(), 1u);
+  auto* gr = std::get_if<call::Transmit>(&edge.calls.front().call);
+  ASSERT_TRUE(gr);
+  const Bytes get_response{0x00, 0xC0, 0x00, 0x00, 0x1C};
+  EXPECT_EQ(gr->command, get_response);
+  CallResult second;
+  second.data.assign(0x1C, 0xAB);
+  second.data.push_back(0x90);
+  second.data.push_back(0x00);
+  answer(lane, second);
+  auto r = reply_to(next_id_ - 1);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->data, (Bytes{0x61, 0x1C}));
+  ASSERT_EQ(r->prefetched.size(), 1u);
+  EXPECT_EQ(r->prefetched[0].command, get_response);
+  EXPECT_EQ(r->prefetched[0].response, second.data);
+}
+
+TEST_F(DeskCoreTest, NoSpeculationWithoutTheFlagOrTheCapability) {
+  establish(0x5E55100, pr::caps::kAll & ~pr::caps::kPrefetchGetResponse);
+  const uint32_t h = connected(1);
+  auto t = transmit_req(1, h, kSelect);
+  t.flags = pr::request_flags::kPrefetchGetResponse;  // asked, but not negotiated
+  submit(t);
+  CallResult first;
+  first.data = {0x61, 0x1C};
+  answer(edge.calls.back().lane, first);
+  EXPECT_TRUE(edge.calls.empty());
+  ASSERT_TRUE(reply_to(next_id_ - 1));
+  EXPECT_TRUE(reply_to(next_id_ - 1)->prefetched.empty());
+}
+
+// A 500-byte EF: its FCP gives the size, the program's first READ BINARY the chunk (231
+// bytes, the Cryptolib's); the rest of the file is read ahead in that chunk size.
+TEST_F(DeskCoreTest, AFullReadBinaryChunkIsFollowedByTheRestOfTheFile) {
+  establish();
+  const uint32_t h = connected(1);
+  const Bytes select_ef{0x00, 0xA4, 0x00, 0x04, 0x02, 0x50, 0x31};
+  auto s1 = transmit_req(1, h, select_ef);
+  s1.flags = pr::request_flags::kReadAhead;
+  submit(s1);
+  CallResult fcp;
+  fcp.data = {0x62, 0x04, 0x80, 0x02, 0x01, 0xF4, 0x90, 0x00};
+  answer(edge.calls.back().lane, fcp);
+  EXPECT_TRUE(edge.calls.empty()) << "500 bytes in an unknown chunk size are not guessed at";
+
+  const Bytes read0{0x00, 0xB0, 0x00, 0x00, 0xE7};
+  auto r1 = transmit_req(1, h, read0);
+  r1.flags = pr::request_flags::kReadAhead;
+  const uint32_t id = submit(r1);
+  const LaneId lane = edge.calls.back().lane;
+  auto chunk = [](std::size_t n, uint8_t fill) {
+    CallResult c;
+    c.data.assign(n, fill);
+    c.data.push_back(0x90);
+    c.data.push_back(0x00);
+    return c;
+  };
+  answer(lane, chunk(231, 1));
+  std::vector<Bytes> asked;
+  for (uint8_t fill : {uint8_t{2}, uint8_t{3}}) {
+    ASSERT_EQ(edge.calls.size(), 1u);
+    auto* t = std::get_if<call::Transmit>(&edge.calls.front().call);
+    ASSERT_TRUE(t);
+    asked.push_back(t->command);
+    answer(lane, chunk(fill == 2 ? 231 : 38, fill));
+  }
+  EXPECT_EQ(asked, (std::vector<Bytes>{{0x00, 0xB0, 0x00, 0xE7, 0xE7}, {0x00, 0xB0, 0x01, 0xCE, 0x26}}));
+  EXPECT_TRUE(edge.calls.empty()) << "the file ends at 500 bytes";
+  auto r = reply_to(id);
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->prefetched.size(), 2u);
+  EXPECT_EQ(r->prefetched[1].response.size(), 40u);
+}
+
+TEST_F(DeskCoreTest, ReadAheadStopsAtTheFirstErrorAnswer) {
+  establish();
+  const uint32_t h = connected(1);
+  auto s1 = transmit_req(1, h, {0x00, 0xA4, 0x00, 0x04, 0x02, 0x50, 0x31});
+  s1.flags = pr::request_flags::kReadAhead;
+  submit(s1);
+  CallResult fcp;
+  fcp.data = {0x62, 0x04, 0x80, 0x02, 0x00, 0x40, 0x90, 0x00};  // 64 bytes: read at once
+  answer(edge.calls.back().lane, fcp);
+  ASSERT_EQ(edge.calls.size(), 1u);
+  CallResult denied;
+  denied.data = {0x69, 0x82};
+  answer(edge.calls.back().lane, denied);
+  EXPECT_TRUE(edge.calls.empty());
+  auto r = reply_to(next_id_ - 1);
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->prefetched.size(), 1u) << "the error answer itself is served, then nothing more";
+  EXPECT_EQ(r->prefetched[0].response, denied.data);
+}
+
+TEST_F(DeskCoreTest, AFailedSpeculativeCallEndsSpeculationWithoutAnAnswerForIt) {
+  establish();
+  const uint32_t h = connected(1);
+  auto t = transmit_req(1, h, kSelect);
+  t.flags = pr::request_flags::kPrefetchGetResponse;
+  submit(t);
+  const LaneId lane = edge.calls.back().lane;
+  CallResult first;
+  first.data = {0x61, 0x10};
+  answer(lane, first);
+  CallResult failed;
+  failed.rv = sc::kWRemovedCard;
+  answer(lane, failed);
+  auto r = reply_to(next_id_ - 1);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->rv, sc::kSuccess) << "the program's own command succeeded";
+  EXPECT_TRUE(r->prefetched.empty());
+}
+
+}  // namespace
+}  // namespace cardbridge::client
