@@ -457,8 +457,8 @@ def _readers(sock):
 
 DESK_CASES = {
     # name: (frame, log pattern)
-    "frame_length_4G": (struct.pack(">I", 0xFFFFFFFF), r"desk link: frame length above the limit"),
-    "empty_frame": (struct.pack(">I", 0), r"desk link: empty frame"),
+    "frame_length_4G": (struct.pack(">I", 0xFFFFFFFF), r"desk link: bad frame \(frame length above the limit\)"),
+    "empty_frame": (struct.pack(">I", 0), r"desk link: bad frame \(empty frame\)"),
     "garbage_payload": (frame(b"\xff" * 40), r"desk link: malformed message"),
     "reader_name_with_nul": (frame(snapshot(reader_info(b"Bad\0Name"))), r"desk link: malformed message"),
     "reader_name_200_bytes": (frame(snapshot(reader_info(b"R" * 200))), r"desk link: malformed message"),
@@ -469,7 +469,7 @@ DESK_CASES = {
     "state_with_counter_bits": (frame(snapshot(reader_info(b"Counter", state=0x10022))),
                                 r"desk link: malformed message"),
     "reply_data_70000": (frame(reply(5, data=b"\0" * 70000)), r"desk link: malformed message"),
-    "second_hello_as_server": (frame(envelope(2, hello(role=2, instance=9))), r"peer is not a desk"),
+    "second_hello_as_server": (frame(envelope(2, hello(role=2, instance=9))), r"peer is not a CardBridge desk"),
 }
 
 

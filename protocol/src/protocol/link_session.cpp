@@ -59,15 +59,15 @@ void LinkSession::receive(std::span<const uint8_t> bytes, TimePoint now) {
     while (auto f = frames_.next()) {
       if (failed_) return;
       auto m = decode(*f);
-      if (!m) return protocol_error("malformed message: " + m.error().what, now);
+      if (!m) return malformed(m.error().what, now);
       on_message(std::move(*m), now);
     }
-    if (!failed_) protocol_error(to_string(*frames_.error()), now);
+    if (!failed_) protocol_error(fmt::format("bad frame ({})", to_string(*frames_.error())), now);
     return;
   }
   while (auto f = frames_.next()) {
     auto m = decode(*f);
-    if (!m) return protocol_error("malformed message: " + m.error().what, now);
+    if (!m) return malformed(m.error().what, now);
     on_message(std::move(*m), now);
     if (failed_ || !transport_up_) return;  // the handler may have closed the link
   }
@@ -198,13 +198,14 @@ void LinkSession::on_message(Message&& m, TimePoint now) {
 void LinkSession::on_hello(const Hello& h, TimePoint now) {
   const Role expected = peer_role();
   if (h.role != expected) {
-    return protocol_error(fmt::format("peer is not a {} (role {})", role_name(expected), role_name(h.role)), now);
+    return protocol_error(
+        fmt::format("peer is not a CardBridge {} (role {})", role_name(expected), role_name(h.role)), now);
   }
   Hello ours = local_hello(settings_.role, settings_.capabilities);
   auto n = negotiate(ours, h);
   if (!n) {
-    logger->error("peer speaks protocol {}.{}, we speak {}.{}", h.version_major, h.version_minor, kVersionMajor,
-                  kVersionMinor);
+    logger->error("{} speaks protocol {}.{}, we speak {}.{}", role_name(expected), h.version_major, h.version_minor,
+                  kVersionMajor, kVersionMinor);
     send(Message{0, Error{ErrorCode::kVersion, "unsupported protocol version"}});
     return protocol_error("version mismatch", now);
   }
@@ -251,6 +252,10 @@ void LinkSession::end_session(const std::string& reason, TimePoint now) {
     if (done) done(false);
   }
   if (was) handler_.session_ended(reason, now);
+}
+
+void LinkSession::malformed(const std::string& what, TimePoint now) {
+  protocol_error(fmt::format("malformed message from the {} ({})", role_name(peer_role()), what), now);
 }
 
 void LinkSession::protocol_error(const std::string& reason, TimePoint now) {

@@ -195,7 +195,7 @@ TEST(LinkSession, WrongRoleClosesTheLinkWithoutASession) {
   s.hear(Message{0, peer_hello(Role::kServer, 5)});
   EXPECT_FALSE(s.link.established());
   ASSERT_EQ(s.rec.closed.size(), 1u);
-  EXPECT_NE(s.rec.closed[0].find("peer is not a desk (role server)"), std::string::npos) << s.rec.closed[0];
+  EXPECT_NE(s.rec.closed[0].find("peer is not a CardBridge desk (role server)"), std::string::npos) << s.rec.closed[0];
 }
 
 TEST(LinkSession, VersionMismatchSendsAnErrorThenCloses) {
@@ -217,7 +217,7 @@ TEST(LinkSession, MalformedBytesCloseTheLinkOnceAndTheRestIsIgnored) {
   const std::vector<uint8_t> junk{0, 0, 0, 3, 0xFF, 0xFF, 0xFF};
   s.link.receive(junk, t0());
   ASSERT_EQ(s.rec.closed.size(), 1u);
-  EXPECT_NE(s.rec.closed[0].find("malformed message"), std::string::npos);
+  EXPECT_NE(s.rec.closed[0].find("malformed message from the desk"), std::string::npos);
   EXPECT_EQ(s.rec.ended.size(), 1u);
   s.link.receive(junk, t0());
   s.hear(Message{0, peer_hello(Role::kDesk, 8)});

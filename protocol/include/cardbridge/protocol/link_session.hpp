@@ -136,6 +136,7 @@ class LinkSession {
   void on_reply(uint32_t id, Reply&& r, TimePoint now);
   void end_session(const std::string& reason, TimePoint now);
   void protocol_error(const std::string& reason, TimePoint now);
+  void malformed(const std::string& what, TimePoint now);
   uint32_t next_id();
   Role peer_role() const { return settings_.role == Role::kDesk ? Role::kServer : Role::kDesk; }
   uint32_t send_ping(TimePoint now, std::function<void(bool)> done);
