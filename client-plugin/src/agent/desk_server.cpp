@@ -12,46 +12,60 @@ namespace {
 log::Channel logger{"cardbridge.desk.server"};
 }  // namespace
 
-// One server connection: the stream and the desk runtime serving it. The runtime's output
-// arrives on its threads and is posted to the io_context thread that owns the stream.
+// One server connection and the desk runtime serving it.
+//  * Plain socket: the runtime takes the socket over (DeskRuntime::serve_socket): its own
+//    threads read requests, make the PC/SC calls and write the replies, with no hop through
+//    this io_context.
+//  * TLS: the stream belongs to the io_context thread; the runtime is fed from it and its
+//    frames are posted back to it.
 class DeskServer::Connection : public std::enable_shared_from_this<Connection> {
  public:
-  Connection(boost::asio::io_context& io, std::shared_ptr<transport::Stream> stream, CardApi& api, DeskConfig cfg,
+  Connection(boost::asio::io_context& io, CardApi& api, DeskConfig cfg,
              std::function<void(std::shared_ptr<Connection>)> on_gone)
-      : io_(io), stream_(std::move(stream)), timer_(io), on_gone_(std::move(on_gone)) {
+      : io_(io), timer_(io), on_gone_(std::move(on_gone)) {
+    runtime_ = std::make_unique<DeskRuntime>(api, std::move(cfg), DeskRuntime::Io{});
+  }
+
+  void start_socket(int fd) {
+    std::weak_ptr<Connection> weak = shared_from_this();
+    runtime_->start();
+    runtime_->serve_socket(fd, [io_ptr = &io_, weak](const std::string& reason) {
+      boost::asio::post(*io_ptr, [weak, reason] {
+        if (auto c = weak.lock()) c->on_closed(reason);
+      });
+    });
+  }
+
+  void start_stream(std::shared_ptr<transport::Stream> stream) {
+    stream_ = std::move(stream);
+    auto self = shared_from_this();
+    std::weak_ptr<Connection> weak = self;
     std::weak_ptr<transport::Stream> weak_stream = stream_;
     auto* io_ptr = &io_;
-    DeskRuntime::Io rio;
-    rio.send = [io_ptr, weak_stream](std::vector<uint8_t> frame) {
+    runtime_->set_io([io_ptr, weak_stream](std::vector<uint8_t> frame) {
       boost::asio::post(*io_ptr, [weak_stream, f = std::move(frame)]() mutable {
         if (auto s = weak_stream.lock()) s->send(std::move(f));
       });
-    };
-    rio.close_link = [io_ptr, weak_stream](const std::string& reason) {
+    }, [io_ptr, weak_stream](const std::string& reason) {
       boost::asio::post(*io_ptr, [weak_stream, reason] {
         if (auto s = weak_stream.lock()) s->close_after_flush(reason);
       });
-    };
-    runtime_ = std::make_unique<DeskRuntime>(api, std::move(cfg), std::move(rio));
-  }
-
-  void start() {
-    auto self = shared_from_this();
-    // The timer is armed from the runtime's threads: hand the deadline to the io thread.
-    std::weak_ptr<Connection> weak = self;
-    runtime_->set_timer([io_ptr = &io_, weak](std::optional<TimePoint> when) {
+    }, [io_ptr, weak](std::optional<TimePoint> when) {
+      // Armed from the runtime's threads: the timer belongs to the io thread.
       boost::asio::post(*io_ptr, [weak, when] {
         if (auto c = weak.lock()) c->arm(when);
       });
     });
     runtime_->start();
-    stream_->start([self](std::span<const uint8_t> data) { self->runtime_ ? self->runtime_->receive(data) : void(); },
+    stream_->start([self](std::span<const uint8_t> data) {
+                     if (self->runtime_) self->runtime_->receive(data);
+                   },
                    [self](const std::string& reason) { self->on_closed(reason); });
     runtime_->transport_up();
   }
 
   void stop() {
-    stream_->close("desk agent stopping");
+    if (stream_) stream_->close("desk agent stopping");
     finish();
   }
 
@@ -127,21 +141,23 @@ void DeskServer::accept() {
           return;
         }
         logger->info("server connected over TLS ({})", log::printable(subject));
-        add_connection(std::move(s));
+        new_connection()->start_stream(std::move(s));
       });
     } else {
       logger->info("server connected");
-      add_connection(std::make_shared<transport::ByteStream>(std::move(sock)));
+      boost::system::error_code ignored;
+      const int fd = sock.release(ignored);
+      if (fd >= 0) new_connection()->start_socket(fd);
     }
     accept();
   });
 }
 
-void DeskServer::add_connection(std::shared_ptr<transport::Stream> stream) {
-  auto conn = std::make_shared<Connection>(io_, std::move(stream), api_, config_,
+std::shared_ptr<DeskServer::Connection> DeskServer::new_connection() {
+  auto conn = std::make_shared<Connection>(io_, api_, config_,
                                            [this](std::shared_ptr<Connection> c) { connections_.erase(c); });
   connections_.insert(conn);
-  conn->start();
+  return conn;
 }
 
 void DeskServer::stop() {

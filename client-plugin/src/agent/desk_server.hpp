@@ -24,7 +24,7 @@ class DeskServer {
  private:
   class Connection;
   void accept();
-  void add_connection(std::shared_ptr<transport::Stream> stream);
+  std::shared_ptr<Connection> new_connection();
 
   boost::asio::io_context& io_;
   CardApi& api_;

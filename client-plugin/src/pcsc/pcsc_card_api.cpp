@@ -212,16 +212,18 @@ class PcscCardApi final : public CardApi {
                     uint32_t* recv_protocol, uint32_t recv_capacity, Buffer* response) override {
     SCARD_IO_REQUEST send_pci{send_protocol, sizeof(SCARD_IO_REQUEST)};
     SCARD_IO_REQUEST recv_pci{*recv_protocol, sizeof(SCARD_IO_REQUEST)};
-    response->data.resize(std::max<uint32_t>(recv_capacity, 1));
+    // Programs pass buffers of up to 64 KiB for answers of a few bytes: receive into this
+    // thread's scratch buffer (never cleared) and copy out only what came back.
+    uint8_t* buf = scratch(recv_capacity);
     DWORD len = recv_capacity;
     const LONG rv = gate().lookup(card, [&] {
       return rv32(pcsc().Transmit(static_cast<SCARDHANDLE>(card), &send_pci, command.data(),
-                                  static_cast<DWORD>(command.size()), &recv_pci, response->data.data(), &len));
+                                  static_cast<DWORD>(command.size()), &recv_pci, buf, &len));
     });
     *recv_protocol = static_cast<uint32_t>(recv_pci.dwProtocol);
     response->length = static_cast<uint32_t>(len);
     if (rv == SCARD_S_SUCCESS) {
-      response->data.resize(std::min<std::size_t>(len, response->data.size()));
+      response->data.assign(buf, buf + std::min<std::size_t>(len, recv_capacity));
     } else {
       response->data.clear();
     }
@@ -230,15 +232,15 @@ class PcscCardApi final : public CardApi {
 
   uint32_t control(ScardHandle card, uint32_t code, std::span<const uint8_t> in, uint32_t recv_capacity,
                    Buffer* out) override {
-    out->data.resize(std::max<uint32_t>(recv_capacity, 1));
+    uint8_t* buf = scratch(recv_capacity);
     DWORD returned = 0;
     const LONG rv = gate().lookup(card, [&] {
-      return rv32(pcsc().Control(static_cast<SCARDHANDLE>(card), code, in.data(), static_cast<DWORD>(in.size()),
-                                 out->data.data(), recv_capacity, &returned));
+      return rv32(pcsc().Control(static_cast<SCARDHANDLE>(card), code, in.data(), static_cast<DWORD>(in.size()), buf,
+                                 recv_capacity, &returned));
     });
     out->length = static_cast<uint32_t>(returned);
     if (rv == SCARD_S_SUCCESS) {
-      out->data.resize(std::min<std::size_t>(returned, out->data.size()));
+      out->data.assign(buf, buf + std::min<std::size_t>(returned, recv_capacity));
     } else {
       out->data.clear();
     }
@@ -272,6 +274,12 @@ class PcscCardApi final : public CardApi {
   }
 
  private:
+  // This thread's receive buffer, at least |n| bytes (and never empty: libpcsclite wants a pointer).
+  static uint8_t* scratch(uint32_t n) {
+    thread_local std::vector<uint8_t> buf;
+    if (buf.size() < std::max<uint32_t>(n, 1)) buf.resize(std::max<uint32_t>(n, 1));
+    return buf.data();
+  }
   // SCardStatus itself; the caller is inside a gate section.
   static uint32_t status_call(ScardHandle card, std::string* reader, uint32_t* state, uint32_t* protocol,
                               std::vector<uint8_t>* atr) {

@@ -213,15 +213,19 @@ void ShimService::on_desk_bytes(std::span<const uint8_t> bytes) {
   arm_timer();
 }
 
+// Lazy: the timer is moved only to an earlier deadline (or armed when it was not). A timer
+// that fires before the core's current deadline ticks it for nothing and is armed again;
+// this saves re-arming the kernel timer on every request (liveness deadlines move forward
+// with each one).
 void ShimService::arm_timer() {
   auto due = core_.next_deadline();
-  if (!due) {
-    timer_.cancel();
-    return;
-  }
+  if (!due) return;  // a pending timer that fires finds nothing due
+  if (armed_ && *armed_ <= *due) return;
+  armed_ = due;
   timer_.expires_at(*due);
   timer_.async_wait([this, alive = std::weak_ptr<bool>(alive_)](boost::system::error_code ec) {
     if (ec || alive.expired()) return;
+    armed_.reset();
     core_.tick(Clock::now());
     arm_timer();
   });

@@ -61,6 +61,7 @@ class ShimService : private ShimEffects {
   std::deque<AuditEvent> audit_;
   ClientId next_client_ = 1;
   boost::asio::steady_timer timer_;
+  std::optional<TimePoint> armed_;  // when timer_ fires
   bool stopped_ = false;
   ino_t socket_inode_ = 0;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
