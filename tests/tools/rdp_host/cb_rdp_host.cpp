@@ -1,4 +1,4 @@
-// cb-rdp-host: a test RDP host on libfreerdp-server2 + WinPR WTS that relays the CBRIDGE
+// cb-rdp-host: a test RDP host on libfreerdp-server (FreeRDP 2 or 3) + WinPR WTS that relays the CBRIDGE
 // channel to `cardbridge-shim --desk unix:RELAY` through cardbridge::shim::WtsRelay.
 //
 //   cb-rdp-host --port P [--bind 127.0.0.1] (--cert FILE --key FILE | --make-cert DIR)
@@ -13,6 +13,7 @@
 // Threads: the main thread runs the listener; each peer runs on its own thread (FreeRDP's
 // sample-server model; a TLS handshake blocks its thread); the relay has its own thread.
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -268,11 +269,22 @@ void PeerConn::setup() {
   ctx->conn = this;
   vcm_ = ctx->vcm;
 
-  rdpSettings* s = peer_->settings;
+  rdpSettings* s = peer_->context->settings;
   const auto& cfg = host_.config();
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+  // FreeRDP 3 takes parsed objects; the settings own them once set.
+  rdpCertificate* certificate = freerdp_certificate_new_from_file(cfg.cert.c_str());
+  rdpPrivateKey* key = freerdp_key_new_from_file(cfg.key.c_str());
+  const bool cert_ok = certificate && freerdp_settings_set_pointer_len(s, FreeRDP_RdpServerCertificate, certificate, 1);
+  if (!cert_ok && certificate) freerdp_certificate_free(certificate);
+  const bool key_ok = key && freerdp_settings_set_pointer_len(s, FreeRDP_RdpServerRsaKey, key, 1);
+  if (!key_ok && key) freerdp_key_free(key);
+  if (!cert_ok || !key_ok) throw std::runtime_error("cannot set the certificate");
+#else
   if (!freerdp_settings_set_string(s, FreeRDP_CertificateFile, cfg.cert.c_str()) ||
       !freerdp_settings_set_string(s, FreeRDP_PrivateKeyFile, cfg.key.c_str()))
     throw std::runtime_error("cannot set the certificate");
+#endif
   freerdp_settings_set_bool(s, FreeRDP_RdpSecurity, FALSE);
   freerdp_settings_set_bool(s, FreeRDP_TlsSecurity, TRUE);
   freerdp_settings_set_bool(s, FreeRDP_NlaSecurity, FALSE);
@@ -287,9 +299,8 @@ void PeerConn::setup() {
 }
 
 BOOL PeerConn::on_post_connect() {
-  client_name_ = freerdp_settings_get_string(peer_->settings, FreeRDP_ClientHostname)
-                     ? freerdp_settings_get_string(peer_->settings, FreeRDP_ClientHostname)
-                     : "";
+  const char* client_name = freerdp_settings_get_string(peer_->context->settings, FreeRDP_ClientHostname);
+  client_name_ = client_name ? client_name : "";
   logger()->info("{}: connected", describe());
   host_.take_over(this);
   // A joined static channel must have a handle before the client sends on it, or the peer's
@@ -487,19 +498,29 @@ bool make_cert(const std::string& dir, std::string* cert, std::string* key) {
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
-uint16_t listener_port(freerdp_listener* listener) {
-  void* fds[32] = {};
-  int count = 0;
-  if (!listener->GetFileDescriptor(listener, fds, &count)) return 0;
-  for (int i = 0; i < count; ++i) {
-    const int fd = static_cast<int>(reinterpret_cast<intptr_t>(fds[i]));
+// The port the listener bound (--port 0): FreeRDP 3 no longer hands out the listener's sockets,
+// so look at this process's own listening TCP sockets (the listener's are the only ones).
+uint16_t listener_port() {
+  DIR* d = ::opendir("/proc/self/fd");
+  if (!d) return 0;
+  uint16_t port = 0;
+  while (const dirent* e = ::readdir(d)) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end) continue;
+    int listening = 0;
+    socklen_t optlen = sizeof listening;
+    if (::getsockopt(static_cast<int>(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || !listening)
+      continue;
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0) continue;
-    if (ss.ss_family == AF_INET) return ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
-    if (ss.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+    if (::getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&ss), &len) != 0) continue;
+    if (ss.ss_family == AF_INET) port = ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+    if (ss.ss_family == AF_INET6) port = ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+    if (port) break;
   }
-  return 0;
+  ::closedir(d);
+  return port;
 }
 
 }  // namespace
@@ -579,7 +600,7 @@ int main(int argc, char** argv) {
   }
 
   if (rc == 0) {
-    const uint16_t port = listener_port(listener);
+    const uint16_t port = listener_port();
     logger()->info("listening on {}:{} (channel {}, relay {})", cfg.bind, port, mode, cfg.relay_path);
     std::printf("READY port=%u\n", static_cast<unsigned>(port));
     std::fflush(stdout);
