@@ -199,6 +199,18 @@ class Host {
   PeerConn* owner_ = nullptr;
 };
 
+// Flushes the channel manager's queue. FreeRDP 3's plain CheckFileDescriptor also opens drdynvc
+// (sends its capabilities) on the first call, before the client has joined the channel, and the
+// dynamic channels then never get ready: open it ourselves once the peer is activated
+// (FreeRDP 2 waits for that by itself).
+BOOL check_channel_manager(HANDLE vcm) {
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+  return WTSVirtualChannelManagerCheckFileDescriptorEx(vcm, FALSE);
+#else
+  return WTSVirtualChannelManagerCheckFileDescriptor(vcm);
+#endif
+}
+
 PeerConn* conn_of(freerdp_peer* peer) { return reinterpret_cast<PeerContext*>(peer->context)->conn; }
 
 BOOL peer_context_new(freerdp_peer* peer, rdpContext* context) {
@@ -336,6 +348,14 @@ void PeerConn::poll_dynamic_channel() {
   if (!peer_->connected || !host_.owns(this)) return;
   if (!dvc_) {
     if (!WTSVirtualChannelManagerIsChannelJoined(vcm_, "drdynvc")) return;
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+    if (!peer_->activated) return;
+    if (WTSVirtualChannelManagerGetDrdynvcState(vcm_) == DRDYNVC_STATE_NONE && !WTSVirtualChannelManagerOpen(vcm_)) {
+      logger()->error("{}: cannot open drdynvc", describe());
+      dvc_given_up_ = true;
+      return;
+    }
+#endif
     const BYTE state = WTSVirtualChannelManagerGetDrdynvcState(vcm_);
     if (state != drdynvc_state_) {
       logger()->debug("{}: drdynvc state {}", describe(), static_cast<int>(state));
@@ -425,7 +445,7 @@ void PeerConn::run() {
         break;
       }
       if (!peer_->CheckFileDescriptor(peer_)) break;
-      if (!WTSVirtualChannelManagerCheckFileDescriptor(vcm_)) {
+      if (!check_channel_manager(vcm_)) {
         why = "channel manager failed";
         break;
       }
@@ -450,7 +470,7 @@ void PeerConn::teardown(bool closed_by_us) {
   if (closed_by_us && peer_->context && peer_->connected) {
     // Flush what is queued (a dynamic channel's close request), then the orderly disconnect:
     // Deactivate All and the Disconnect Provider Ultimatum, so the client ends without error.
-    if (vcm_) WTSVirtualChannelManagerCheckFileDescriptor(vcm_);
+    if (vcm_) check_channel_manager(vcm_);
     peer_->Close(peer_);
   }
   if (peer_->context) peer_->Disconnect(peer_);
