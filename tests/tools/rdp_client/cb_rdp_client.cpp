@@ -107,12 +107,25 @@ BOOL on_pre_connect(freerdp* instance) {
     logger()->error("cannot add the {} channel", g_dynamic ? "dynamic" : "static");
     return FALSE;
   }
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+  return TRUE;  // FreeRDP 3 recreates the channels after PreConnect and loads them in LoadChannels
+}
+
+BOOL on_load_channels(freerdp* instance) {
+  if (!freerdp_client_load_addins(instance->context->channels, instance->context->settings)) {
+    logger()->error("freerdp_client_load_addins failed");
+    return FALSE;
+  }
+  return TRUE;
+}
+#else
   if (!freerdp_client_load_addins(instance->context->channels, s)) {
     logger()->error("freerdp_client_load_addins failed");
     return FALSE;
   }
   return TRUE;
 }
+#endif
 
 BOOL on_post_connect(freerdp* instance) {
   if (!gdi_init(instance, PIXEL_FORMAT_XRGB32)) {
@@ -234,6 +247,7 @@ int main(int argc, char** argv) {
       instance->PostConnect = on_post_connect;
       instance->PostDisconnect = on_post_disconnect;
 #if CARDBRIDGE_FREERDP_MAJOR >= 3
+      instance->LoadChannels = on_load_channels;
       instance->AuthenticateEx = on_authenticate;
 #else
       instance->Authenticate = on_authenticate;
@@ -257,9 +271,13 @@ int main(int argc, char** argv) {
     freerdp_settings_set_bool(s, FreeRDP_TlsSecurity, TRUE);
     freerdp_settings_set_bool(s, FreeRDP_NlaSecurity, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_ExtSecurity, FALSE);
+#if CARDBRIDGE_FREERDP_MAJOR < 3
+    // FreeRDP 3's server uses the message channel whatever the client asked for, and its client
+    // then fails the connection when it has switched these off: keep FreeRDP 3's defaults.
     freerdp_settings_set_bool(s, FreeRDP_NetworkAutoDetect, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_SupportHeartbeatPdu, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_SupportMultitransport, FALSE);
+#endif
     freerdp_settings_set_bool(s, FreeRDP_RedirectClipboard, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_AudioPlayback, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_AudioCapture, FALSE);
