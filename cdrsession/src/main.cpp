@@ -182,7 +182,7 @@ int main(int argc, char** argv) {
   std::string kind;
   std::string etc_dir = std::getenv("CARDBRIDGE_ETC") ? std::getenv("CARDBRIDGE_ETC") : "/etc/cardbridge";
   std::string xrdp_ini = "/etc/xrdp/xrdp.ini";
-  std::string xrdp_tool = "/usr/lib/cardbridge/cardbridge-xrdp-config";
+  std::string xrdp_tool = "/usr/libexec/cardbridge/cardbridge-xrdp-config";
   auto add_admin_options = [&](CLI::App* s) {
     s->add_option("type", kind, "session type: xrdp or systemd")->required()->check(CLI::IsMember({"xrdp", "systemd"}));
     s->add_option("--xrdp-ini", xrdp_ini, "xrdp's configuration")->capture_default_str();

@@ -6,7 +6,7 @@ files only, purge, and nothing is left behind.
       -> checks of the installed system: FreeRDP's add-in directories, /run/cardbridge (1733 root),
          nothing turned on (no opt-in marker, the user unit not enabled, xrdp.ini untouched)
       -> tests/integration/test_xrdp_e2e.py with CARDBRIDGE_INSTALLED=1: /usr/bin/cdrsession and
-         cardbridge-shim, /etc/profile.d/cardbridge.sh, /usr/lib/cardbridge/cardbridge-xrdp-config,
+         cardbridge-shim, /etc/profile.d/cardbridge.sh, /usr/libexec/cardbridge/cardbridge-xrdp-config,
          the add-in from /usr/lib/x86_64-linux-gnu/freerdp2 (stock xfreerdp) -- the build tree gives
          only the test's own PC/SC client (cb-pcsc). The xrdp server is the test's private one
          (xrdp_fixture.XrdpServer), on which the admin command `cdrsession enable xrdp` runs.
@@ -37,7 +37,7 @@ LIBDIR = "/usr/lib/x86_64-linux-gnu"
 XRDP_INI = Path("/etc/xrdp/xrdp.ini")
 
 # Where the packages, their maintainer scripts and `cdrsession enable` may write.
-WATCHED = ["/etc", "/usr/bin", "/usr/lib/cardbridge", f"{LIBDIR}/freerdp2", f"{LIBDIR}/freerdp3",
+WATCHED = ["/etc", "/usr/bin", "/usr/libexec/cardbridge", f"{LIBDIR}/freerdp2", f"{LIBDIR}/freerdp3",
            "/usr/lib/systemd/user", "/usr/lib/tmpfiles.d", "/usr/share/doc", "/usr/share/man/man1",
            "/usr/share/lintian/overrides", "/run", "/var/lib/systemd"]
 

@@ -34,7 +34,7 @@ Env: CARDBRIDGE_BUILD_DIR (default <repo>/build), CARDBRIDGE_ADDIN (the add-in),
      directory; default 2), CARDBRIDGE_FREERDP_BUILD_DIR (that flavour's build directory: add-in,
      cb-rdp-host, cb-rdp-client; default CARDBRIDGE_BUILD_DIR),
      CARDBRIDGE_INSTALLED=1 (the installed packages' files: /usr/bin, FreeRDP's add-in directory,
-     /etc/profile.d/cardbridge.sh, /usr/lib/cardbridge; nothing from the build tree but test tools).
+     /etc/profile.d/cardbridge.sh, /usr/libexec/cardbridge; nothing from the build tree but test tools).
 
 Cleanup: every process of an XrdpServer runs in its mount namespace; stop() TERMs, then KILLs,
 exactly the processes of that namespace (found through /proc/PID/ns/mnt). A watchdog shell in
@@ -79,7 +79,7 @@ if INSTALLED:
     SHIM = Path("/usr/bin/cardbridge-shim")
     CDRSESSION = Path("/usr/bin/cdrsession")
     PROFILE_HOOK = Path("/etc/profile.d/cardbridge.sh")
-    XRDP_CONFIG_TOOL = Path("/usr/lib/cardbridge/cardbridge-xrdp-config")
+    XRDP_CONFIG_TOOL = Path("/usr/libexec/cardbridge/cardbridge-xrdp-config")
 else:
     ADDIN = Path(os.environ.get("CARDBRIDGE_ADDIN", FREERDP_BUILD / "client-plugin" / "libcardbridge-client.so"))
     SHIM = Path(os.environ.get("CARDBRIDGE_SHIM", BUILD / "server-shim" / "cardbridge-shim"))
