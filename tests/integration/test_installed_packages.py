@@ -116,9 +116,10 @@ def test_installed_layout(system):
         syms = run("nm", "-D", "--defined-only", str(lib)).stdout
         assert "VirtualChannelEntryEx" in syms and "DVCPluginEntry" in syms, syms
         needed = run("readelf", "-d", str(lib)).stdout
-        assert f"libfreerdp{flavour}.so" in needed and f"libwinpr{flavour}.so" in needed, needed
+        assert f"libfreerdp{flavour}.so" in needed, needed
         other = "3" if flavour == "2" else "2"
-        assert f"libfreerdp{other}.so" not in needed, f"the FreeRDP {flavour} add-in links FreeRDP {other}"
+        assert f"libfreerdp{other}.so" not in needed and f"libwinpr{other}.so" not in needed, \
+            f"the FreeRDP {flavour} add-in links FreeRDP {other}: {needed}"
     for prog in ("/usr/bin/cardbridge-shim", "/usr/bin/cdrsession", "/usr/bin/cardbridge-desk"):
         assert os.access(prog, os.X_OK), prog
         assert run(prog, "--version").stdout.strip().endswith("0.1.0")
