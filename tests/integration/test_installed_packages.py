@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -120,6 +121,18 @@ def test_installed_layout(system):
         other = "3" if flavour == "2" else "2"
         assert f"libfreerdp{other}.so" not in needed and f"libwinpr{other}.so" not in needed, \
             f"the FreeRDP {flavour} add-in links FreeRDP {other}: {needed}"
+    # dpkg-buildflags hardening (hardening=+all): PIE, full RELRO with BIND_NOW, stack protector,
+    # _FORTIFY_SOURCE, in every binary and both add-ins.
+    elves = ["/usr/bin/cardbridge-shim", "/usr/bin/cdrsession", "/usr/bin/cardbridge-desk",
+             f"{LIBDIR}/freerdp2/libcardbridge-client.so", f"{LIBDIR}/freerdp3/libcardbridge-client.so"]
+    for elf in elves:
+        dyn = run("readelf", "-dW", elf).stdout
+        assert "BIND_NOW" in dyn or re.search(r"FLAGS_1.*\bNOW\b", dyn), (elf, "no BIND_NOW")
+        assert "GNU_RELRO" in run("readelf", "-lW", elf).stdout, (elf, "no RELRO")
+        assert "Type:                              DYN" in run("readelf", "-hW", elf).stdout, (elf, "not PIE")
+        syms = run("nm", "-D", elf).stdout
+        assert "__stack_chk_fail" in syms, (elf, "no stack protector")
+        assert re.search(r"__\w+_chk\b", syms), (elf, "no _FORTIFY_SOURCE function")
     for prog in ("/usr/bin/cardbridge-shim", "/usr/bin/cdrsession", "/usr/bin/cardbridge-desk"):
         assert os.access(prog, os.X_OK), prog
         assert run(prog, "--version").stdout.strip().endswith("0.1.0")

@@ -12,6 +12,9 @@
               exports no PCSCLITE_CSOCK_NAME but CARDBRIDGE_START_ERROR with the reason; the
               reason is in the session's log; the doctor, run in the session's context, names the
               failed start first (exit 2) with that reason.
+    no entry  (a logind-like private runtime directory) xrdp.ini lacks [Channels] CBRIDGE=true and
+              the client uses the static channel: the session starts, no desk connects, and the
+              doctor names the missing entry and `cdrsession enable xrdp` (exit 5).
 
 Run:  /usr/bin/python3 -m pytest tests/integration/test_xrdp_session_start.py -v      (as root)
 """
@@ -59,11 +62,11 @@ def parts():
 
 
 class Rig:
-    def __init__(self, parts, runtime: str):
+    def __init__(self, parts, runtime: str, channel_entry: bool = True):
         self.desk, self.xvfb, self.addin, base = parts
-        self.base = base / runtime
+        self.base = base / f"{runtime}-{channel_entry}"
         self.base.mkdir()
-        self.server = xf.XrdpServer(runtime=runtime).start()
+        self.server = xf.XrdpServer(runtime=runtime, channel_entry=channel_entry).start()
         self.client = None
         self.session = None
 
@@ -82,6 +85,8 @@ class Rig:
     def doctor(self, **env) -> tuple:
         """`cdrsession doctor --json` as the session's user, in its namespace and environment."""
         base_env = {"PATH": "/usr/bin:/bin", "HOME": "/", "XRDP_SESSION": "1", "DISPLAY": self.session.display}
+        if self.server.runtime == "private":
+            base_env["XDG_RUNTIME_DIR"] = str(self.server.runtime_dir)
         base_env.update(env)
         argv = ["nsenter", "-m", "-t", str(self.session.leader), "setpriv", "--reuid", str(self.server.uid),
                 "--regid", str(self.server.uid), "--clear-groups", "env", "-i",
@@ -152,5 +157,21 @@ def test_failed_start_is_not_marked_and_says_why(parts):
         start = doc["checks"][0]
         assert start["id"] == "start" and start["result"] == "failed", start
         assert f"/run/user/{uid}" in start["detail"], start
+    finally:
+        rig.stop()
+
+
+def test_missing_channel_entry_is_named(parts):
+    rig = Rig(parts, "private", channel_entry=False)
+    try:
+        s = rig.login("no-entry")
+        assert s.started and s.socket, f"{s.start_error}\n{rig.report()}"
+        rig.client.wait_channel_open()   # the client's end opens; xrdp drops the disallowed channel
+        code, doc = rig.doctor(PCSCLITE_CSOCK_NAME=s.socket)
+        print(json.dumps(doc, indent=1)[:3000])
+        assert code == 5 and doc["first_problem"] == "channel", (code, doc)
+        channel = next(c for c in doc["checks"] if c["id"] == "channel")
+        assert "[Channels] CBRIDGE=true is missing" in channel["detail"], channel
+        assert "cdrsession enable xrdp" in channel["advice"], channel
     finally:
         rig.stop()

@@ -590,13 +590,14 @@ class XrdpServer:
     """xrdp + sesman in a private mount namespace, with a test user that exists only there."""
 
     def __init__(self, base: Optional[Path] = None, *, log_level: str = "DEBUG", keep: bool = False,
-                 runtime: str = "private"):
+                 runtime: str = "private", channel_entry: bool = True):
         """runtime: "private" (sessions get XDG_RUNTIME_DIR = a test directory), "fallback" (no
         XDG_RUNTIME_DIR, no /run/user/UID, /run/cardbridge as the server package's tmpfiles.d entry
         makes it), or "none" (neither: the session's start must fail, and say why)."""
         if runtime not in ("private", "fallback", "none"):
             raise ValueError(runtime)
         self.runtime = runtime
+        self.channel_entry = channel_entry   # False: the admin forgot [Channels] CBRIDGE=true
         self.base = Path(base) if base else Path(tempfile.mkdtemp(prefix="cbxrdp-"))
         self.log_level = log_level
         self.keep = keep
@@ -704,6 +705,11 @@ class XrdpServer:
             raise RuntimeError(f"cdrsession enable xrdp failed ({r.returncode}): {r.stdout}{r.stderr}")
         if "CBRIDGE=true" not in (etc / "xrdp.ini").read_text():
             raise RuntimeError(f"cdrsession enable xrdp did not allow the channel: {r.stdout}")
+        if not self.channel_entry:
+            r = subprocess.run(["sh", str(XRDP_CONFIG_TOOL), "disable", str(etc / "xrdp.ini")], capture_output=True,
+                               text=True)
+            if r.returncode != 0 or "CBRIDGE" in (etc / "xrdp.ini").read_text():
+                raise RuntimeError(f"cannot remove the channel entry: {r.stderr}")
         ses = (etc / "sesman.ini").read_text()
         ses = _set_ini(ses, "Globals", "ListenAddress", "127.0.0.1")
         ses = _set_ini(ses, "Globals", "ListenPort", str(self.sesman_port))
