@@ -3,8 +3,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include <fmt/format.h>
 
@@ -16,7 +20,7 @@ namespace cardbridge::session {
 
 int exit_code_for(const std::string& id) {
   if (id.empty()) return 0;
-  if (id == "environment") return 2;
+  if (id == "start" || id == "environment") return 2;
   if (id == "shim") return 3;
   if (id == "user") return 4;
   if (id == "channel") return 5;
@@ -71,6 +75,21 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
     r.checks.push_back(std::move(c));
   };
 
+  // 0. The session's start (the xrdp hook exports CARDBRIDGE_START_ERROR when it failed).
+  if (f.start_error) {
+    Check c = make("start", "session start");
+    const bool shim_anyway = f.socket_exists && f.status.has_value();
+    if (shim_anyway) {
+      c.result = CheckResult::kOk;
+      c.detail = fmt::format("the session's start failed ({}), but a shim answers now", log::printable(*f.start_error));
+    } else {
+      c.result = CheckResult::kFail;
+      c.detail = fmt::format("CardBridge could not start at login: {}", log::printable(*f.start_error));
+      c.advice = "fix what the message says (the system log has it too: journalctl -t cdrsession), then log in "
+                 "again or run `cdrsession start` in the session";
+    }
+    add(std::move(c));
+  }
   // 1. The environment of this process.
   {
     Check c = make("environment", "PCSCLITE_CSOCK_NAME");
@@ -146,6 +165,12 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
       c.advice = "the RDP client must load the CardBridge add-in (xfreerdp /vc:cardbridge, installed in "
                  "FreeRDP's add-in directory); on xrdp, xrdp.ini needs CBRIDGE=true under [Channels]; "
                  "without RDP, start cardbridge-desk at the desk";
+      if (f.xrdp_channel_allowed && !*f.xrdp_channel_allowed) {
+        c.detail += fmt::format("; {} does not allow the CBRIDGE channel ([Channels] CBRIDGE=true is missing)",
+                                f.xrdp_ini);
+        c.advice = "as root: `cdrsession enable xrdp` (adds CBRIDGE=true under [Channels] in xrdp.ini), then restart "
+                   "xrdp; clients that use the dynamic channel (/dvc:cardbridge) do not need it";
+      }
     } else {
       c.result = CheckResult::kOk;
       c.detail = fmt::format("desk '{}' connected over {} ({})", log::printable(desk.value("name", "")),
@@ -287,10 +312,46 @@ nlohmann::json render_json(const DoctorReport& r, const DoctorFacts& f) {
           {"latency", r.details["latency"]}};
 }
 
+bool xrdp_ini_allows_channel(const std::string& text) {
+  bool in_channels = false;
+  bool allowed = false;
+  std::istringstream in(text);
+  std::string line;
+  auto trim = [](std::string v) {
+    const auto b = v.find_first_not_of(" \t\r");
+    const auto e = v.find_last_not_of(" \t\r");
+    return b == std::string::npos ? std::string() : v.substr(b, e - b + 1);
+  };
+  while (std::getline(in, line)) {
+    line = trim(line);
+    if (line.empty() || line[0] == ';' || line[0] == '#') continue;
+    if (line[0] == '[') {
+      in_channels = line == "[Channels]";
+      continue;
+    }
+    const auto eq = line.find('=');
+    if (!in_channels || eq == std::string::npos) continue;
+    if (trim(line.substr(0, eq)) != "CBRIDGE") continue;
+    auto v = trim(line.substr(eq + 1));
+    std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    allowed = v == "true" || v == "yes" || v == "1";  // xrdp's own boolean spellings
+  }
+  return allowed;
+}
+
 DoctorFacts gather(const std::optional<std::string>& socket_override, int pings) {
   DoctorFacts f;
   f.uid = ::geteuid();
   f.session = detect(process_env(), file_exists(), f.uid);
+  if (const char* e = std::getenv("CARDBRIDGE_START_ERROR"); e && *e) f.start_error = e;
+  if (f.session.type == SessionType::kXrdp) {
+    std::ifstream ini(f.xrdp_ini);
+    if (ini) {
+      std::stringstream text;
+      text << ini.rdbuf();
+      f.xrdp_channel_allowed = xrdp_ini_allows_channel(text.str());
+    }
+  }
   if (const char* v = std::getenv("PCSCLITE_CSOCK_NAME")) f.csock_env = v;
   f.socket = socket_override ? *socket_override : (f.csock_env && !f.csock_env->empty() ? *f.csock_env : f.session.socket);
   struct stat st {};

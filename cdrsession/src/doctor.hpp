@@ -25,7 +25,16 @@ struct DoctorFacts {
   std::optional<nlohmann::json> status;  // the shim's status document
   std::optional<ControlError> status_error;
   std::optional<nlohmann::json> ping;    // {"median_us","p99_us","count"} or {"error"}
+  // CARDBRIDGE_START_ERROR: why the session hook's `cdrsession start` failed (it exports this).
+  std::optional<std::string> start_error;
+  // xrdp sessions: whether xrdp.ini allows the static channel ([Channels] CBRIDGE=true);
+  // nullopt when not an xrdp session or the file cannot be read.
+  std::optional<bool> xrdp_channel_allowed;
+  std::string xrdp_ini = "/etc/xrdp/xrdp.ini";
 };
+
+// [Channels] CBRIDGE=true in an xrdp.ini text (what `cdrsession enable xrdp` sets).
+bool xrdp_ini_allows_channel(const std::string& ini_text);
 
 struct DoctorThresholds {
   double slow_median_ms = 50.0;
@@ -50,7 +59,7 @@ struct DoctorReport {
   nlohmann::json details;       // desk, readers, cards, latency
 };
 
-// Exit codes (documented in docs/admin-guide.md): 0 healthy, 2 environment, 3 no shim,
+// Exit codes (documented in docs/admin-guide.md): 0 healthy, 2 session start or environment, 3 no shim,
 // 4 wrong user, 5 no channel, 6 no reader, 7 no card, 8 unknown card, 9 slow link.
 int exit_code_for(const std::string& check_id);
 

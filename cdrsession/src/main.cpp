@@ -6,17 +6,21 @@
 //   cdrsession env                                     print the export line
 //   cdrsession status [--json]                         desk, readers, counters, audit trail
 //   cdrsession doctor [--json]                         check the whole chain, name the broken link
+//   cdrsession enable|disable xrdp|systemd             (admin) opt a session type in or out
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <syslog.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <thread>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -51,13 +55,95 @@ bool shim_answers(const cs::SessionPaths& p) {
   return static_cast<bool>(cs::control_request(p.control, {{"cmd", "status"}}, std::chrono::milliseconds(500)));
 }
 
-bool ensure_dir(const std::string& dir) {
+std::string start_error_line(const std::string& why) {
+  return fmt::format("CARDBRIDGE_START_ERROR={}; export CARDBRIDGE_START_ERROR", shell_quote(why));
+}
+
+// Runs argv (no shell); its exit status, or -1 when it cannot be run.
+int run_program(const std::vector<std::string>& argv) {
+  pid_t pid = ::fork();
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execv(args[0], args.data());
+    ::_exit(127);
+  }
+  int st = 0;
+  while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// `cdrsession enable|disable xrdp|systemd`: the admin's explicit opt-in per session type.
+//   xrdp:    the marker <etc>/enabled/xrdp that the xrdp session hook (profile.d) requires, and
+//            [Channels] CBRIDGE=true in xrdp.ini (through cardbridge-xrdp-config, idempotent):
+//            the package itself never edits xrdp's configuration.
+//   systemd: the marker <etc>/enabled/systemd (the user unit's ConditionPathExists) and the unit
+//            enabled for graphical sessions (systemctl --global).
+int set_session_type(bool on, const std::string& kind, const std::string& etc, const std::string& xrdp_ini,
+                     const std::string& xrdp_tool) {
+  namespace fs = std::filesystem;
+  const fs::path marker = fs::path(etc) / "enabled" / kind;
   std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(dir).parent_path(), ec);
-  ::mkdir(std::filesystem::path(dir).parent_path().c_str(), 0700);
-  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) return false;
-  struct stat st {};
-  return ::stat(dir.c_str(), &st) == 0 && st.st_uid == ::geteuid();
+  if (on) {
+    fs::create_directories(marker.parent_path(), ec);
+    if (ec) {
+      std::cerr << "cdrsession: cannot create " << marker.parent_path() << ": " << ec.message() << "\n";
+      return 1;
+    }
+    if (!fs::exists(marker)) {
+      std::ofstream m(marker);
+      m << "# Created by `cdrsession enable " << kind << "`; `cdrsession disable " << kind << "` removes it.\n";
+      if (!m) {
+        std::cerr << "cdrsession: cannot write " << marker << "\n";
+        return 1;
+      }
+      ::chmod(marker.c_str(), 0644);
+    }
+  } else {
+    fs::remove(marker, ec);
+    fs::remove(marker.parent_path(), ec);  // only when empty
+    fs::remove(marker.parent_path().parent_path(), ec);
+  }
+  std::cout << fmt::format("CardBridge {} for {} sessions ({})\n", on ? "enabled" : "disabled", kind, marker.string());
+  if (kind == "xrdp") {
+    if (!fs::exists(xrdp_ini)) {
+      std::cout << fmt::format("{} not found (xrdp not installed?): run this command again once xrdp is installed\n",
+                               xrdp_ini);
+      return 0;
+    }
+    const bool was = run_program({xrdp_tool, "check", xrdp_ini}) == 0;
+    const int rc = run_program({xrdp_tool, on ? "enable" : "disable", xrdp_ini});
+    if (rc != 0) {
+      std::cerr << fmt::format("cdrsession: {} {} {} failed ({})\n", xrdp_tool, on ? "enable" : "disable", xrdp_ini, rc);
+      return 1;
+    }
+    if (was != on) {
+      std::cout << fmt::format("{}: CBRIDGE channel {}; restart xrdp for it to take effect (systemctl restart xrdp)\n",
+                               xrdp_ini, on ? "allowed under [Channels]" : "entry removed");
+    } else {
+      std::cout << fmt::format("{}: CBRIDGE channel already {}\n", xrdp_ini, on ? "allowed" : "absent");
+    }
+  } else if (::access("/bin/systemctl", X_OK) == 0) {
+    const int rc = run_program({"/bin/systemctl", "--global", on ? "enable" : "disable", "cardbridge-session.service"});
+    if (rc != 0) {
+      std::cerr << "cdrsession: systemctl --global " << (on ? "enable" : "disable") << " failed\n";
+      return 1;
+    }
+  }
+  return 0;
+}
+
+// A session start that fails must be seen where the admin looks, not only on a stderr that
+// the session's start script may send nowhere: the system log (journald picks it up), with
+// the user and session.
+void log_start_failure(const cs::SessionPaths& p, const std::string& why) {
+  ::openlog("cdrsession", LOG_PID, LOG_USER);
+  ::syslog(LOG_ERR, "CardBridge session start failed (uid %u, session %s): %s", ::geteuid(), p.key.c_str(),
+           cardbridge::log::printable(why).c_str());
+  ::closelog();
 }
 
 }  // namespace
@@ -93,6 +179,20 @@ int main(int argc, char** argv) {
   auto* status = app.add_subcommand("status", "show the desk, readers, counters and audit trail");
   status->add_flag("--json", json, "machine-readable output");
   status->add_option("--socket", socket, "shim socket to ask (default: PCSCLITE_CSOCK_NAME, else this session's)");
+  std::string kind;
+  std::string etc_dir = std::getenv("CARDBRIDGE_ETC") ? std::getenv("CARDBRIDGE_ETC") : "/etc/cardbridge";
+  std::string xrdp_ini = "/etc/xrdp/xrdp.ini";
+  std::string xrdp_tool = "/usr/libexec/cardbridge/cardbridge-xrdp-config";
+  auto add_admin_options = [&](CLI::App* s) {
+    s->add_option("type", kind, "session type: xrdp or systemd")->required()->check(CLI::IsMember({"xrdp", "systemd"}));
+    s->add_option("--xrdp-ini", xrdp_ini, "xrdp's configuration")->capture_default_str();
+    s->add_option("--xrdp-config-tool", xrdp_tool, "the helper that edits xrdp.ini")->group("");
+  };
+  auto* enable = app.add_subcommand("enable", "(admin) start CardBridge in every session of this type; for xrdp, "
+                                               "also allow the CBRIDGE channel in xrdp.ini");
+  add_admin_options(enable);
+  auto* disable = app.add_subcommand("disable", "(admin) undo `enable`");
+  add_admin_options(disable);
   auto* doctor = app.add_subcommand("doctor", "check the whole chain and name the first broken link");
   doctor->add_flag("--json", json, "machine-readable output");
   doctor->add_option("--socket", socket, "shim socket to check (default: PCSCLITE_CSOCK_NAME, else this session's)");
@@ -112,10 +212,13 @@ int main(int argc, char** argv) {
     std::cout << export_line(paths) << "\n";
     return 0;
   }
+  if (*enable || *disable) return set_session_type(static_cast<bool>(*enable), kind, etc_dir, xrdp_ini, xrdp_tool);
 
   if (*start || *run) {
-    if (!ensure_dir(paths.dir)) {
-      log->error("cannot create a private directory {}", paths.dir);
+    if (auto why = cs::prepare_session_dirs(paths, ::geteuid()); !why.empty()) {
+      log->error("cannot prepare the session's private directory: {}", why);
+      log_start_failure(paths, why);
+      if (*start) std::cout << start_error_line(why) << "\n";
       return 1;
     }
     if (shim_answers(paths)) {
@@ -133,6 +236,8 @@ int main(int argc, char** argv) {
     pid_t pid = ::fork();
     if (pid < 0) {
       log->error("fork failed");
+      log_start_failure(paths, "fork failed");
+      std::cout << start_error_line("fork failed") << "\n";
       return 1;
     }
     if (pid == 0) {
@@ -158,7 +263,10 @@ int main(int argc, char** argv) {
       if (::waitpid(pid, &st, WNOHANG) == pid) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
-    log->error("the shim did not come up; see {}/shim.log and {}/cdrsession.log", paths.dir, paths.dir);
+    const auto why = fmt::format("the shim did not come up; see {}/shim.log and {}/cdrsession.log", paths.dir, paths.dir);
+    log->error("{}", why);
+    log_start_failure(paths, why);
+    std::cout << start_error_line(why) << "\n";
     return 1;
   }
 

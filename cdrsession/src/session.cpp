@@ -2,7 +2,9 @@
 
 #include <sys/stat.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <string_view>
 
 #include <fmt/format.h>
@@ -49,7 +51,15 @@ bool safe_key(std::string_view k) {
 SessionPaths detect(const Env& env, const Exists& exists, unsigned uid) {
   SessionPaths p;
   auto rt = env("XDG_RUNTIME_DIR");
-  p.runtime_dir = rt && !rt->empty() ? *rt : fmt::format("/run/user/{}", uid);
+  const std::string logind_dir = fmt::format("/run/user/{}", uid);
+  if (rt && !rt->empty()) {
+    p.runtime_dir = *rt;
+  } else if (!exists(logind_dir) && exists(kFallbackRuntimeBase)) {
+    p.runtime_dir = fmt::format("{}/{}", kFallbackRuntimeBase, uid);
+    p.runtime_fallback = true;
+  } else {
+    p.runtime_dir = logind_dir;
+  }
   p.relay_socket = p.runtime_dir + "/cardbridge/desk.sock";
   p.display = env("DISPLAY").value_or("");
 
@@ -90,6 +100,54 @@ SessionPaths detect(const Env& env, const Exists& exists, unsigned uid) {
   p.control = p.socket + ".ctl";
   p.pid_file = p.dir + "/cdrsession.pid";
   return p;
+}
+
+namespace {
+
+std::string check_private_dir(const std::string& path, unsigned uid) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return fmt::format("{}: {}", path, std::strerror(errno));
+  if (S_ISLNK(st.st_mode)) return fmt::format("{} is a symbolic link: refusing it", path);
+  if (!S_ISDIR(st.st_mode)) return fmt::format("{} is not a directory", path);
+  if (st.st_uid != uid)
+    return fmt::format("{} belongs to uid {}, not to this user (uid {}): remove it", path, st.st_uid, uid);
+  if ((st.st_mode & 077) != 0 && ::chmod(path.c_str(), 0700) != 0)
+    return fmt::format("{} is open to other users and cannot be made private: {}", path, std::strerror(errno));
+  return {};
+}
+
+std::string make_private_dir(const std::string& path, unsigned uid) {
+  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST)
+    return fmt::format("cannot create {}: {}", path, std::strerror(errno));
+  return check_private_dir(path, uid);
+}
+
+}  // namespace
+
+std::string prepare_session_dirs(const SessionPaths& p, unsigned uid) {
+  if (p.runtime_fallback) {
+    struct stat st {};
+    if (::lstat(kFallbackRuntimeBase, &st) != 0 || !S_ISDIR(st.st_mode))
+      return fmt::format("{} is missing (cardbridge-server's tmpfiles.d entry creates it: "
+                         "systemd-tmpfiles --create cardbridge-server.conf)", kFallbackRuntimeBase);
+    if (st.st_uid != 0 || ((st.st_mode & S_IWOTH) && !(st.st_mode & S_ISVTX)))
+      return fmt::format("{} must belong to root and be sticky (mode 1733)", kFallbackRuntimeBase);
+    if (auto e = make_private_dir(p.runtime_dir, uid); !e.empty()) return e;
+  } else {
+    struct stat st {};
+    if (::lstat(p.runtime_dir.c_str(), &st) != 0) {
+      if (errno != ENOENT) return fmt::format("{}: {}", p.runtime_dir, std::strerror(errno));
+      // XDG_RUNTIME_DIR names a directory that is not there: create it (not its parents).
+      if (auto e = make_private_dir(p.runtime_dir, uid); !e.empty())
+        return fmt::format("no runtime directory: {} (no logind session? xrdp's PAM stack may lack "
+                           "pam_systemd; CardBridge falls back to {} when that exists)",
+                           e, kFallbackRuntimeBase);
+    } else if (auto e = check_private_dir(p.runtime_dir, uid); !e.empty()) {
+      return e;
+    }
+  }
+  if (auto e = make_private_dir(p.runtime_dir + "/cardbridge", uid); !e.empty()) return e;
+  return make_private_dir(p.dir, uid);
 }
 
 Env process_env() {

@@ -47,7 +47,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--desk", desk_spec,
                  "where the desk is: unix:PATH or tcp:HOST:PORT (desk agent or RDP host relay), "
-                 "xrdp[:static|:dynamic] (the CBRIDGE channel of this xrdp session), or rdp "
+                 "xrdp (the CBRIDGE channel of this xrdp session: static or dynamic, whichever the "
+                 "client opened; xrdp:static or xrdp:dynamic to insist on one), or rdp "
                  "(xrdp when this is an xrdp session, else the relay socket "
                  "$XDG_RUNTIME_DIR/cardbridge/desk.sock)")
       ->required();
@@ -88,8 +89,11 @@ int main(int argc, char** argv) {
   }
   if (desk_spec == "xrdp" || desk_spec == "xrdp:static" || desk_spec == "xrdp:dynamic") {
     cb::shim::XrdpOptions xo;
-    xo.dynamic = desk_spec == "xrdp:dynamic";
-    link_text = xo.dynamic ? "xrdp:dynamic" : "xrdp:static";
+    // Plain "xrdp" (and "rdp" in an xrdp session): whichever channel the client opened.
+    xo.kind = desk_spec == "xrdp:static"    ? cb::shim::XrdpChannelKind::kStatic
+              : desk_spec == "xrdp:dynamic" ? cb::shim::XrdpChannelKind::kDynamic
+                                            : cb::shim::XrdpChannelKind::kEither;
+    link_text = cb::shim::describe(xo);
     link = std::make_shared<cb::shim::StreamDeskLink>(io, link_text, cb::shim::xrdp_connector(io, xo),
                                                       cb::shim::xrdp_client_gone);
   } else {

@@ -1,4 +1,4 @@
-"""End to end over a real RDP channel (FreeRDP 2, loopback, TLS):
+"""End to end over a real RDP channel (FreeRDP 2 or 3, loopback, TLS):
 
     emulated desk (private pcscd + vpcd + vicc, tests/harness)
       -> cb-rdp-client with the CardBridge add-in (static /vc or dynamic /dvc CBRIDGE channel)
@@ -8,7 +8,10 @@
 
 Run:  /usr/bin/python3 -m pytest tests/integration/test_rdp_e2e.py -v
 Env:  CARDBRIDGE_BUILD_DIR  build directory (default <repo>/build)
-      CARDBRIDGE_ADDIN      add-in to load (default $CARDBRIDGE_BUILD_DIR/client-plugin/libcardbridge-client.so)
+      CARDBRIDGE_FREERDP_BUILD_DIR  build directory of the FreeRDP flavour under test: add-in, cb-rdp-host,
+                            cb-rdp-client (default: CARDBRIDGE_BUILD_DIR; scripts/test-all runs the FreeRDP 3
+                            flavour from build-frdp3)
+      CARDBRIDGE_ADDIN      add-in to load (default $CARDBRIDGE_FREERDP_BUILD_DIR/client-plugin/libcardbridge-client.so)
       CBHARNESS_KEEP=1      keep the desk's directory (logs)
 Logs of every process of a test are in its pytest tmp_path and are printed when it fails.
 """
@@ -34,9 +37,10 @@ from xrdp_fixture import PcscSession  # noqa: E402  (pyscard session tool shared
 from core_support import cb_pcsc  # noqa: E402  (conftest's cb-pcsc runner)
 
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
-ADDIN = Path(os.environ.get("CARDBRIDGE_ADDIN", BUILD / "client-plugin" / "libcardbridge-client.so"))
-HOST = BUILD / "tests" / "tools" / "rdp_host" / "cb-rdp-host"
-CLIENT = BUILD / "tests" / "tools" / "rdp_client" / "cb-rdp-client"
+FREERDP_BUILD = Path(os.environ.get("CARDBRIDGE_FREERDP_BUILD_DIR", BUILD))
+ADDIN = Path(os.environ.get("CARDBRIDGE_ADDIN", FREERDP_BUILD / "client-plugin" / "libcardbridge-client.so"))
+HOST = FREERDP_BUILD / "tests" / "tools" / "rdp_host" / "cb-rdp-host"
+CLIENT = FREERDP_BUILD / "tests" / "tools" / "rdp_client" / "cb-rdp-client"
 SHIM = BUILD / "server-shim" / "cardbridge-shim"
 CB_PCSC = BUILD / "tests" / "tools" / "cb-pcsc"
 

@@ -28,8 +28,6 @@ from test_session_support import (CDRSESSION, GET_CHALLENGE, OK, ROOT, DeskAgent
 
 HOOK = ROOT / "installers" / "profile.d" / "cardbridge.sh"
 UNIT = ROOT / "installers" / "systemd" / "cardbridge-session.service"
-ENV_D = ROOT / "installers" / "systemd" / "60-cardbridge.conf"
-ENV_GENERATOR = Path("/usr/lib/systemd/user-environment-generators/30-systemd-environment-d-generator")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +165,8 @@ def test_until_pid_stops_the_shim_with_the_session_leader(desk, sessions, rt, tm
     gone.wait()
     r, sd = sessions.start(session_env(rt, XDG_SESSION_ID="9"), "--desk", desk.spec, "--until-pid",
                            str(gone.pid), key="s9", expect_ok=False)
-    assert r.returncode != 0 and r.stdout == "", r
+    # A failed start says why, as a line the session hook evaluates (and nothing else).
+    assert r.returncode != 0 and r.stdout.startswith("CARDBRIDGE_START_ERROR=") and r.stdout.count("\n") == 1, r
     assert not shim_pids(sd.socket) and not os.path.exists(sd.socket)
 
 
@@ -204,6 +203,10 @@ def hook_shell(rt: str, display: int, tmp_path: Path, xrdp: bool = True) -> subp
     env = session_env(rt, DISPLAY=f":{display}", PATH=f"{CDRSESSION.parent}:{session_env(None)['PATH']}")
     if xrdp:
         env["XRDP_SESSION"] = "1"
+    # The hook is opt-in: what `cdrsession enable xrdp` leaves behind, in a private /etc/cardbridge.
+    (tmp_path / "etc-cardbridge" / "enabled").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "etc-cardbridge" / "enabled" / "xrdp").write_text("")
+    env["CARDBRIDGE_ETC"] = str(tmp_path / "etc-cardbridge")
     script = (f'. "{HOOK}"; . "{HOOK}"\n'  # sourced twice (/etc/profile and ~/.profile, say): started once
               'echo "CSOCK=${PCSCLITE_CSOCK_NAME:-}"\n'
               'echo "EXPORTED=$(env | grep -c ^PCSCLITE_CSOCK_NAME=)"\n'
@@ -271,18 +274,16 @@ def test_profile_hook_outside_xrdp_does_nothing(sessions, rt, tmp_path):
 
 
 def test_systemd_user_unit_and_environment_d(desk, sessions, rt, tmp_path):
-    """What systemd would do, without systemd: environment.d gives the session's programs
-    PCSCLITE_CSOCK_NAME; the unit's ExecStart (with its Environment=) serves exactly that socket."""
-    if not ENV_GENERATOR.exists():
-        pytest.skip("systemd's environment.d generator is not installed")
-    conf = tmp_path / "config"
-    (conf / "environment.d").mkdir(parents=True)
-    shutil.copy(ENV_D, conf / "environment.d" / ENV_D.name)
-    gen = subprocess.run([str(ENV_GENERATOR)], env=session_env(rt, XDG_CONFIG_HOME=str(conf)),
-                         capture_output=True, text=True, timeout=10)
-    exported = dict(l.split("=", 1) for l in gen.stdout.splitlines() if "=" in l)
+    """What systemd would do, without systemd: the unit's ExecStartPost gives the session's programs
+    PCSCLITE_CSOCK_NAME (systemctl --user set-environment, %t = XDG_RUNTIME_DIR); the unit's ExecStart
+    (with its Environment=) serves exactly that socket. The unit is opt-in (ConditionPathExists)."""
+    unit = UNIT.read_text()
+    assert "ConditionPathExists=/etc/cardbridge/enabled/systemd" in unit
+    post = re.search(r"^ExecStartPost=/bin/systemctl --user set-environment PCSCLITE_CSOCK_NAME=(\S+)$", unit, re.M)
+    assert post, unit
+    exported = {"PCSCLITE_CSOCK_NAME": post.group(1).replace("%t", str(rt))}
     sd = SessionDir(rt, "default")
-    assert exported.get("PCSCLITE_CSOCK_NAME") == sd.socket, gen.stdout
+    assert exported.get("PCSCLITE_CSOCK_NAME") == sd.socket, exported
 
     unit = UNIT.read_text()
     exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).split()

@@ -1,12 +1,15 @@
-"""The two Debian packages (CPack) and the xrdp configuration helper.
+"""Packaging sources and the admin commands around them (the packages themselves are built,
+linted, installed, used and purged by tests/integration/test_installed_packages.py after
+scripts/package):
 
-    cpack (from the build tree's CPackConfig.cmake) into a temporary directory
-      cardbridge-desk:   the FreeRDP add-in in FreeRDP 2's add-in directory, the desk agent
-      cardbridge-server: shim, cdrsession, systemd user unit, environment.d, the xrdp profile
-                         hook (a conffile), cardbridge-xrdp-config; postinst/prerm
-    installers/xrdp/cardbridge-xrdp-config enable|check|disable on copies of xrdp.ini:
-      idempotent, and exact (only the CBRIDGE line and its comment change; disable restores
-      the original byte for byte).
+    installers/debian: four binary packages, maintainer scripts that never touch another
+      package's configuration nor call systemctl, the user unit opt-in (ConditionPathExists).
+    the xrdp session hook (installers/profile.d/cardbridge.sh): does nothing until the admin opted
+      xrdp sessions in.
+    `cdrsession enable|disable xrdp`: the opt-in marker and CBRIDGE=true under [Channels] in a copy
+      of xrdp.ini, idempotent, and disable restores the file byte for byte.
+    installers/xrdp/cardbridge-xrdp-config enable|check|disable on copies of xrdp.ini: idempotent,
+      and exact (only the CBRIDGE line and its comment change).
 
 Run:  /usr/bin/python3 -m pytest tests/integration/test_session_packaging.py -v
 """
@@ -17,8 +20,6 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -26,122 +27,101 @@ import pytest
 from test_session_support import BUILD, ROOT
 
 XRDP_CONFIG = ROOT / "installers" / "xrdp" / "cardbridge-xrdp-config"
+HOOK = ROOT / "installers" / "profile.d" / "cardbridge.sh"
+DEBIAN = ROOT / "installers" / "debian"
+CDRSESSION = BUILD / "cdrsession" / "cdrsession"
 SYSTEM_INI = Path("/etc/xrdp/xrdp.ini")
-ADDIN_DIR = "usr/lib/x86_64-linux-gnu/freerdp2"
 COMMENT = "; CardBridge smart-card redirection (cardbridge-server)"
 
 
-@pytest.fixture(scope="module")
-def debs():
-    cfg = BUILD / "CPackConfig.cmake"
-    if not cfg.exists():
-        pytest.fail(f"{cfg} missing: configure the build first", pytrace=False)
-    out = Path(tempfile.mkdtemp(prefix="cbpkg-"))
-    try:
-        t0 = time.monotonic()
-        r = subprocess.run(["cpack", "--config", str(cfg), "-B", str(out)], capture_output=True, text=True,
-                           timeout=240)
-        assert r.returncode == 0, f"cpack failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        print(f"cpack: {time.monotonic() - t0:.1f} s")
-        found = {p.name.split("_")[0]: p for p in out.glob("*.deb")}
-        assert set(found) == {"cardbridge-desk", "cardbridge-server"}, list(out.iterdir())
-        yield found, out
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+def test_debian_sources():
+    control = (DEBIAN / "control").read_text()
+    assert re.findall(r"^Package: (\S+)", control, re.M) == [
+        "cardbridge-desk", "cardbridge-freerdp2", "cardbridge-freerdp3", "cardbridge-server"]
+    assert "Recommends: libccid" in control
+    assert "@localhost" not in control and "${shlibs:Depends}" in control
+    assert (DEBIAN / "copyright").read_text().startswith("Format: https://www.debian.org/doc/packaging-manuals/")
+    rules = (DEBIAN / "rules").read_text()
+    assert "hardening=+all" in rules and "-DBUILD_TESTING=OFF" in rules and "--no-enable" in rules
+    for script in sorted(DEBIAN.glob("*.post*")) + sorted(DEBIAN.glob("*.pre*")):
+        text = script.read_text()
+        assert os.access(script, os.X_OK), script
+        assert subprocess.run(["sh", "-n", str(script)]).returncode == 0, script
+        assert "#DEBHELPER#" in text, script
+        code = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+        assert "xrdp.ini" not in code and "/etc/xrdp" not in code, f"{script} touches xrdp's configuration"
+        assert "systemctl" not in code, f"{script} calls systemctl"
+    unit = (ROOT / "installers" / "systemd" / "cardbridge-session.service").read_text()
+    assert "ConditionPathExists=/etc/cardbridge/enabled/systemd" in unit
+    for page in ("cardbridge-desk", "cardbridge-shim", "cdrsession"):
+        r = subprocess.run(["man", "--warnings", "-l", "-Tutf8", str(ROOT / "installers" / "man" / f"{page}.1")],
+                           capture_output=True, text=True, env={**os.environ, "MANWIDTH": "80"})
+        assert r.returncode == 0 and not r.stderr.strip(), (page, r.stderr)
+        text = re.sub(".\x08", "", r.stdout)   # overstrike (bold, underline)
+        assert "SYNOPSIS" in text and page in text, text[:500]
 
 
-def contents(deb: Path) -> dict:
-    """path -> (mode string, size) from dpkg-deb -c."""
-    r = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True)
-    out = {}
-    for line in r.stdout.splitlines():
-        parts = line.split(None, 5)
-        out[parts[5].split(" -> ")[0].lstrip(".")] = (parts[0], int(parts[2]))
-    return out
+def _hook(tmp_path: Path, etc: Path) -> dict:
+    rt = tmp_path / "rt"
+    rt.mkdir(mode=0o700, exist_ok=True)
+    env = {"PATH": f"{CDRSESSION.parent}:/usr/bin:/bin", "HOME": "/nonexistent", "XRDP_SESSION": "1",
+           "DISPLAY": ":4242", "XDG_RUNTIME_DIR": str(rt), "CARDBRIDGE_ETC": str(etc)}
+    script = (f'. "{HOOK}"\n'
+              'echo "CSOCK=${PCSCLITE_CSOCK_NAME:-}"\n'
+              'echo "STARTED=${CARDBRIDGE_SESSION_STARTED:-}"\n'
+              'echo "ERROR=${CARDBRIDGE_START_ERROR:-}"\n')
+    r = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    return dict(l.split("=", 1) for l in r.stdout.splitlines() if "=" in l)
 
 
-def field(deb: Path, name: str) -> str:
-    return subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True, text=True, check=True).stdout.strip()
+def test_hook_is_opt_in(tmp_path):
+    if not CDRSESSION.exists():
+        pytest.fail(f"{CDRSESSION} not built", pytrace=False)
+    v = _hook(tmp_path, tmp_path / "etc-empty")
+    assert v == {"CSOCK": "", "STARTED": "", "ERROR": ""}, v
+    assert not (tmp_path / "rt" / "cardbridge").exists(), "the hook started something without the opt-in"
 
 
-def test_desk_package(debs):
-    found, _ = debs
-    deb = found["cardbridge-desk"]
-    c = contents(deb)
-    print("\n".join(sorted(c)))
-    addin = f"/{ADDIN_DIR}/libcardbridge-client.so"
-    assert addin in c and c[addin][1] > 0, "the add-in must be where FreeRDP 2 looks for add-ins"
-    assert c["/usr/bin/cardbridge-desk"][0] == "-rwxr-xr-x"
-    assert field(deb, "Package") == "cardbridge-desk"
-    assert "pcscd" in field(deb, "Depends")
-    # The packaged add-in is a FreeRDP add-in: it exports the static and the dynamic channel entries.
-    x = Path(tempfile.mkdtemp(prefix="cbpkgx-"))
-    try:
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(x)], check=True)
-        syms = subprocess.run(["nm", "-D", "--defined-only", str(x / addin.lstrip("/"))], capture_output=True,
-                              text=True).stdout
-        assert "VirtualChannelEntryEx" in syms or "VirtualChannelEntry" in syms, syms
-        assert "DVCPluginEntry" in syms, syms
-    finally:
-        shutil.rmtree(x, ignore_errors=True)
-    # FreeRDP's own add-in directory on this machine is the one the package uses.
-    if Path("/usr/lib/x86_64-linux-gnu/freerdp2").is_dir():
-        assert any(p.name.endswith("-client.so") for p in Path("/usr/lib/x86_64-linux-gnu/freerdp2").iterdir())
+def test_hook_failed_start_is_not_marked_and_says_why(tmp_path):
+    """Opted in, but the session's directory cannot be made (a file squats on it): the start
+    fails, the session is not marked as started and gets the reason."""
+    etc = tmp_path / "etc"
+    (etc / "enabled").mkdir(parents=True)
+    (etc / "enabled" / "xrdp").write_text("")
+    (tmp_path / "rt").mkdir(mode=0o700)
+    (tmp_path / "rt" / "cardbridge").write_text("not a directory")
+    v = _hook(tmp_path, etc)
+    assert v["CSOCK"] == "" and v["STARTED"] == "", v
+    assert "cardbridge" in v["ERROR"] and "not a directory" in v["ERROR"], v
 
 
-def test_server_package(debs):
-    found, _ = debs
-    deb = found["cardbridge-server"]
-    c = contents(deb)
-    print("\n".join(sorted(c)))
-    want = {
-        "/usr/bin/cardbridge-shim": "-rwxr-xr-x",
-        "/usr/bin/cdrsession": "-rwxr-xr-x",
-        "/usr/lib/systemd/user/cardbridge-session.service": "-rw-r--r--",
-        "/usr/lib/environment.d/60-cardbridge.conf": "-rw-r--r--",
-        "/etc/profile.d/cardbridge.sh": "-rw-r--r--",
-        "/usr/lib/cardbridge/cardbridge-xrdp-config": "-rwxr-xr-x",
-    }
-    for path, mode in want.items():
-        assert path in c, f"{path} not in {deb.name}"
-        assert c[path][0] == mode, (path, c[path])
-    assert not any(p.startswith("/home") or "freerdp2" in p for p in c), "the add-in belongs to the desk package"
-    assert field(deb, "Package") == "cardbridge-server"
+def _enable(action: str, etc: Path, ini: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CDRSESSION), action, "xrdp", "--xrdp-ini", str(ini), "--xrdp-config-tool",
+                           str(XRDP_CONFIG)], capture_output=True, text=True, timeout=20,
+                          env={**os.environ, "CARDBRIDGE_ETC": str(etc)})
 
-    x = Path(tempfile.mkdtemp(prefix="cbpkgx-"))
-    try:
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(x)], check=True)
-        subprocess.run(["dpkg-deb", "-e", str(deb), str(x / "DEBIAN")], check=True)
-        # The packaged files are the repository's.
-        for src, dst in (("installers/profile.d/cardbridge.sh", "etc/profile.d/cardbridge.sh"),
-                         ("installers/systemd/cardbridge-session.service",
-                          "usr/lib/systemd/user/cardbridge-session.service"),
-                         ("installers/systemd/60-cardbridge.conf", "usr/lib/environment.d/60-cardbridge.conf"),
-                         ("installers/xrdp/cardbridge-xrdp-config", "usr/lib/cardbridge/cardbridge-xrdp-config")):
-            assert (ROOT / src).read_bytes() == (x / dst).read_bytes(), dst
-        # The unit starts the packaged cdrsession; the hook finds it on the default PATH.
-        unit = (x / "usr/lib/systemd/user/cardbridge-session.service").read_text()
-        exec_start = re.search(r"^ExecStart=(\S+)", unit, re.M).group(1)
-        assert (x / exec_start.lstrip("/")).is_file(), exec_start
-        # The shim is found next to cdrsession (find_shim: same directory first).
-        assert (x / Path(exec_start).parent.relative_to("/") / "cardbridge-shim").is_file()
-        # The hook is a conffile (an admin's edits survive upgrades); the scripts wire xrdp and systemd.
-        assert (x / "DEBIAN/conffiles").read_text().split() == ["/etc/profile.d/cardbridge.sh"]
-        postinst = (x / "DEBIAN/postinst").read_text()
-        prerm = (x / "DEBIAN/prerm").read_text()
-        assert "/usr/lib/cardbridge/cardbridge-xrdp-config enable /etc/xrdp/xrdp.ini" in postinst
-        assert "systemctl --global enable cardbridge-session.service" in postinst
-        assert "/usr/lib/cardbridge/cardbridge-xrdp-config disable /etc/xrdp/xrdp.ini" in prerm
-        for s in ("postinst", "prerm"):
-            assert os.stat(x / "DEBIAN" / s).st_mode & stat.S_IXUSR
-            assert subprocess.run(["sh", "-n", str(x / "DEBIAN" / s)]).returncode == 0
-        assert subprocess.run(["sh", "-n", str(x / "etc/profile.d/cardbridge.sh")]).returncode == 0
-        # Installed binaries run (shared libraries resolved on this Debian 12).
-        for b in ("usr/bin/cdrsession", "usr/bin/cardbridge-shim"):
-            r = subprocess.run([str(x / b), "--version"], capture_output=True, text=True, timeout=10)
-            assert r.returncode == 0 and "0." in r.stdout, (b, r)
-    finally:
-        shutil.rmtree(x, ignore_errors=True)
+
+def test_cdrsession_enable_disable_xrdp(tmp_path):
+    if not CDRSESSION.exists():
+        pytest.fail(f"{CDRSESSION} not built", pytrace=False)
+    ini = tmp_path / "xrdp.ini"
+    ini.write_text(SYNTHETIC_INI)
+    original = ini.read_bytes()
+    etc = tmp_path / "etc-cardbridge"
+    r = _enable("enable", etc, ini)
+    assert r.returncode == 0, r
+    assert (etc / "enabled" / "xrdp").is_file()
+    assert "restart xrdp" in r.stdout, r.stdout
+    enabled = ini.read_bytes()
+    assert [l for l in channels_section(enabled.decode()) if l.startswith("CBRIDGE")] == ["CBRIDGE=true"]
+    r = _enable("enable", etc, ini)  # idempotent
+    assert r.returncode == 0 and ini.read_bytes() == enabled and "already allowed" in r.stdout, r
+    r = _enable("disable", etc, ini)
+    assert r.returncode == 0, r
+    assert ini.read_bytes() == original and not etc.exists()
+    # No xrdp: the marker is set, and the admin is told to come back once xrdp is there.
+    r = _enable("enable", etc, tmp_path / "absent.ini")
+    assert r.returncode == 0 and "not found" in r.stdout and (etc / "enabled" / "xrdp").is_file(), r
 
 
 # ---- cardbridge-xrdp-config -------------------------------------------------------------------------

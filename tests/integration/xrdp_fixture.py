@@ -5,7 +5,7 @@ tests/bench/rdp_bench.py. Everything needs root (mount namespaces) and cleans up
 
   Xvfb          a private X display for xfreerdp (`Xvfb -displayfd`: no display-number races)
   AddinMount    makes libcardbridge-client.so visible at FreeRDP's only add-in directory,
-                /usr/lib/x86_64-linux-gnu/freerdp2, for ONE command: the command runs in a private
+                /usr/lib/x86_64-linux-gnu/freerdp2 (freerdp3 for FreeRDP 3), for ONE command: the command runs in a private
                 mount namespace where a tmpfs-backed overlayfs is mounted over
                 /usr/lib/x86_64-linux-gnu with freerdp2/libcardbridge-client.so in its upper
                 layer (Debian does not ship that directory, so there is nothing to bind-mount
@@ -29,7 +29,12 @@ tests/bench/rdp_bench.py. Everything needs root (mount namespaces) and cleans up
   cb_pcsc, PcscSession, shim_status, tcp_bytes   PC/SC and counters, optionally as another uid
 
 Env: CARDBRIDGE_BUILD_DIR (default <repo>/build), CARDBRIDGE_ADDIN (the add-in),
-     CARDBRIDGE_SHIM (the cardbridge-shim to test, e.g. a patched one).
+     CARDBRIDGE_SHIM (the cardbridge-shim to test, e.g. a patched one),
+     CARDBRIDGE_FREERDP (2 or 3: the FreeRDP flavour: stock xfreerdp or xfreerdp3 and its add-in
+     directory; default 2), CARDBRIDGE_FREERDP_BUILD_DIR (that flavour's build directory: add-in,
+     cb-rdp-host, cb-rdp-client; default CARDBRIDGE_BUILD_DIR),
+     CARDBRIDGE_INSTALLED=1 (the installed packages' files: /usr/bin, FreeRDP's add-in directory,
+     /etc/profile.d/cardbridge.sh, /usr/libexec/cardbridge; nothing from the build tree but test tools).
 
 Cleanup: every process of an XrdpServer runs in its mount namespace; stop() TERMs, then KILLs,
 exactly the processes of that namespace (found through /proc/PID/ns/mnt). A watchdog shell in
@@ -57,21 +62,37 @@ from typing import Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
 from cbharness import Proc, last_json_line, shim_control, wait_until  # noqa: E402
+from cbharness.ports import reserve_ports  # noqa: E402
 
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
-ADDIN = Path(os.environ.get("CARDBRIDGE_ADDIN", BUILD / "client-plugin" / "libcardbridge-client.so"))
-SHIM = Path(os.environ.get("CARDBRIDGE_SHIM", BUILD / "server-shim" / "cardbridge-shim"))
-CDRSESSION = BUILD / "cdrsession" / "cdrsession"
-CB_PCSC = BUILD / "tests" / "tools" / "cb-pcsc"
-RDP_HOST = BUILD / "tests" / "tools" / "rdp_host" / "cb-rdp-host"
-RDP_CLIENT = BUILD / "tests" / "tools" / "rdp_client" / "cb-rdp-client"
-PROFILE_HOOK = ROOT / "installers" / "profile.d" / "cardbridge.sh"
-XRDP_CONFIG_TOOL = ROOT / "installers" / "xrdp" / "cardbridge-xrdp-config"
-SYSTEM_PYTHON = "/usr/bin/python3"
-
+FLAVOUR = os.environ.get("CARDBRIDGE_FREERDP", "2")
+if FLAVOUR not in ("2", "3"):
+    raise RuntimeError(f"CARDBRIDGE_FREERDP must be 2 or 3, not {FLAVOUR!r}")
+FREERDP_BUILD = Path(os.environ.get("CARDBRIDGE_FREERDP_BUILD_DIR", BUILD))
+INSTALLED = os.environ.get("CARDBRIDGE_INSTALLED") in ("1", "true", "yes")
 LIBDIR = "/usr/lib/x86_64-linux-gnu"
-ADDIN_DIR = LIBDIR + "/freerdp2"
+ADDIN_DIR = LIBDIR + f"/freerdp{FLAVOUR}"
+XFREERDP = "xfreerdp" if FLAVOUR == "2" else "xfreerdp3"
+if INSTALLED:
+    # What the packages installed, and nothing of the build tree but the test's own tools.
+    ADDIN = Path(ADDIN_DIR) / "libcardbridge-client.so"
+    SHIM = Path("/usr/bin/cardbridge-shim")
+    CDRSESSION = Path("/usr/bin/cdrsession")
+    PROFILE_HOOK = Path("/etc/profile.d/cardbridge.sh")
+    XRDP_CONFIG_TOOL = Path("/usr/libexec/cardbridge/cardbridge-xrdp-config")
+else:
+    ADDIN = Path(os.environ.get("CARDBRIDGE_ADDIN", FREERDP_BUILD / "client-plugin" / "libcardbridge-client.so"))
+    SHIM = Path(os.environ.get("CARDBRIDGE_SHIM", BUILD / "server-shim" / "cardbridge-shim"))
+    CDRSESSION = BUILD / "cdrsession" / "cdrsession"
+    PROFILE_HOOK = ROOT / "installers" / "profile.d" / "cardbridge.sh"
+    XRDP_CONFIG_TOOL = ROOT / "installers" / "xrdp" / "cardbridge-xrdp-config"
+CB_PCSC = BUILD / "tests" / "tools" / "cb-pcsc"
+RDP_HOST = FREERDP_BUILD / "tests" / "tools" / "rdp_host" / "cb-rdp-host"
+RDP_CLIENT = FREERDP_BUILD / "tests" / "tools" / "rdp_client" / "cb-rdp-client"
+SYSTEM_PYTHON = "/usr/bin/python3"
 OK = "0x00000000"
+E_INVALID_VALUE = "0x80100011"       # SCARD_E_INVALID_VALUE
+E_READER_UNAVAILABLE = "0x80100017"  # SCARD_E_READER_UNAVAILABLE
 GET_CHALLENGE = "0084000008"
 
 
@@ -87,12 +108,6 @@ def missing(*names: str) -> List[str]:
         elif shutil.which(n) is None:
             out.append(n)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> bool:
@@ -156,9 +171,19 @@ def cb_pcsc(sock: str, *args: str, uid: Optional[int] = None, timeout: float = 6
     return last_json_line(r, f"cb-pcsc {args} on {sock}")
 
 
+NO_READERS = "0x8010002E"   # SCARD_E_NO_READERS_AVAILABLE: what pcscd answers with no reader
+
+
 def reader_names(sock: str, uid: Optional[int] = None) -> List[str]:
+    """The readers a PC/SC program sees on `sock`. [] only for pcscd's own "no reader" answer:
+    any other failure (a dead shim: SCARD_E_NO_SERVICE) raises, so that "the readers vanished"
+    cannot be mistaken for "the shim crashed"."""
     r = cb_pcsc(sock, "list", uid=uid, timeout=15)
-    return [x["name"] for x in r.get("readers", [])] if r.get("list") == OK else []
+    if r.get("list") == OK:
+        return [x["name"] for x in r.get("readers", [])]
+    if r.get("list") == NO_READERS:
+        return []
+    raise AssertionError(f"SCardListReaders on {sock} failed: {r}")
 
 
 def shim_status(sock: str) -> dict:
@@ -348,10 +373,10 @@ class AddinMount:
 set -e
 m=$1; src=$2; shift 2
 mount -t tmpfs -o mode=0755,size=256m cbaddin "$m"
-mkdir -p "$m/up/freerdp2" "$m/work"
-cp "$src" "$m/up/freerdp2/libcardbridge-client.so"
+mkdir -p "$m/up/{addin_name}" "$m/work"
+cp "$src" "$m/up/{addin_name}/libcardbridge-client.so"
 if [ -d "{addin_dir}" ]; then
-  mount --bind "$m/up/freerdp2" "{addin_dir}"
+  mount --bind "$m/up/{addin_name}" "{addin_dir}"
 else
   mount -t overlay overlay -o "lowerdir={libdir},upperdir=$m/up,workdir=$m/work" "{libdir}"
 fi
@@ -362,12 +387,17 @@ exec "$@"
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lib = self.dir / "libcardbridge-client.so"
-        shutil.copy2(addin, self.lib)
         self.mnt = self.dir / "mnt"
+        if INSTALLED:
+            return   # the package put it where FreeRDP looks: nothing to expose
+        shutil.copy2(addin, self.lib)
         self.mnt.mkdir(exist_ok=True)
 
     def wrap(self, argv: Sequence[str]) -> List[str]:
-        script = self.SCRIPT.replace("{addin_dir}", ADDIN_DIR).replace("{libdir}", LIBDIR)
+        if INSTALLED:
+            return [str(a) for a in argv]
+        script = (self.SCRIPT.replace("{addin_dir}", ADDIN_DIR).replace("{libdir}", LIBDIR)
+                  .replace("{addin_name}", os.path.basename(ADDIN_DIR)))
         return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, "cbaddin",
                 str(self.mnt), str(self.lib), *[str(a) for a in argv]]
 
@@ -382,7 +412,7 @@ exec "$@"
 def xfreerdp_argv(port: int, *, user: str = "u", password: str = "p", channel: str = "static",
                   addin_options: str = "", host: str = "127.0.0.1", extra: Sequence[str] = ()) -> List[str]:
     opt = ("/vc:" if channel == "static" else "/dvc:") + "cardbridge" + (f",{addin_options}" if addin_options else "")
-    return ["xfreerdp", f"/v:{host}:{port}", f"/u:{user}", f"/p:{password}", "/cert:ignore", "/sec:tls",
+    return [XFREERDP, f"/v:{host}:{port}", f"/u:{user}", f"/p:{password}", "/cert:ignore", "/sec:tls",
             "/size:800x600", opt, *extra]
 
 
@@ -440,8 +470,9 @@ class StockClient:
 # ------------------------------------------------------------------------------------ xrdp
 
 NAMESPACE_SCRIPT = r'''
-# xrdp + xrdp-sesman in this (private) mount namespace. $1: test dir, $2: pid to watch.
-T=$1; WATCH=$2
+# xrdp + xrdp-sesman in this (private) mount namespace. $1: test dir, $2: pid to watch,
+# $3: "fallback" to create /run/cardbridge as cardbridge-server's tmpfiles.d entry does.
+T=$1; WATCH=$2; RUNTIME=${3:-private}
 me=$(readlink /proc/$$/ns/mnt)
 others() {
   for d in /proc/[0-9]*; do
@@ -472,6 +503,9 @@ set -e
 mount --bind "$T/etc-xrdp" /etc/xrdp
 mount -t overlay overlay -o "lowerdir=/run,upperdir=$T/ns/run-up,workdir=$T/ns/run-work" /run
 for f in passwd group shadow; do mount --bind "$T/etc/$f" "/etc/$f"; done
+# Sessions of this namespace have no logind directory (/run/user/UID).
+rm -rf /run/user
+[ "$RUNTIME" = fallback ] && mkdir -m 1733 /run/cardbridge && chown root:root /run/cardbridge
 set +e
 xrdp-sesman --nodaemon >"$T/log/sesman.out" 2>&1 &
 xrdp --nodaemon >"$T/log/xrdp.out" 2>&1 &
@@ -485,14 +519,17 @@ STARTWM = r'''#!/bin/sh
 # CardBridge test session (written by tests/integration/xrdp_fixture.py).
 exec >>"{logdir}/session-$$.log" 2>&1
 echo "session leader $$ uid $(id -u) DISPLAY=$DISPLAY XRDP_SESSION=${XRDP_SESSION:-}"
-export XDG_RUNTIME_DIR="{runtime}"
+report="{runtime}"
+{runtime_export}
 export PATH="{bindir}:$PATH"
-# What the cardbridge-server package installs as /etc/profile.d/cardbridge.sh (startwm.sh sources
-# /etc/profile, which sources it): cdrsession start --desk xrdp --until-pid $$, then the export.
-. "{bindir}/cardbridge-profile.sh"
-echo "PCSCLITE_CSOCK_NAME=${PCSCLITE_CSOCK_NAME:-}"
-f="$XDG_RUNTIME_DIR/session-${DISPLAY#:}.env"
-printf 'DISPLAY=%s\nLEADER=%s\nPCSCLITE_CSOCK_NAME=%s\n' "$DISPLAY" "$$" "${PCSCLITE_CSOCK_NAME:-}" >"$f.tmp" && mv "$f.tmp" "$f"
+{etc_export}
+# The cardbridge-server package's /etc/profile.d/cardbridge.sh (startwm.sh sources /etc/profile,
+# which sources it): cdrsession start --until-pid $$, then the export (or the start error).
+. "{hook}"
+echo "PCSCLITE_CSOCK_NAME=${PCSCLITE_CSOCK_NAME:-} CARDBRIDGE_START_ERROR=${CARDBRIDGE_START_ERROR:-}"
+f="$report/session-${DISPLAY#:}.env"
+printf 'DISPLAY=%s\nLEADER=%s\nPCSCLITE_CSOCK_NAME=%s\nSTARTED=%s\nCARDBRIDGE_START_ERROR=%s\n' "$DISPLAY" "$$" \
+  "${PCSCLITE_CSOCK_NAME:-}" "${CARDBRIDGE_SESSION_STARTED:-}" "${CARDBRIDGE_START_ERROR:-}" >"$f.tmp" && mv "$f.tmp" "$f"
 # The "window manager": the session lives as long as this process (same pid as the hook saw).
 exec sleep 2147483647
 '''
@@ -542,6 +579,8 @@ class XrdpSession:
         self.display_number = int(re.match(r":(\d+)", self.display).group(1))
         self.leader = int(env["LEADER"])
         self.socket = env["PCSCLITE_CSOCK_NAME"]
+        self.started = env.get("STARTED", "") == "1"
+        self.start_error = env.get("CARDBRIDGE_START_ERROR", "")
 
     def __repr__(self) -> str:
         return f"<xrdp session {self.display} leader {self.leader} shim {self.socket}>"
@@ -550,7 +589,15 @@ class XrdpSession:
 class XrdpServer:
     """xrdp + sesman in a private mount namespace, with a test user that exists only there."""
 
-    def __init__(self, base: Optional[Path] = None, *, log_level: str = "DEBUG", keep: bool = False):
+    def __init__(self, base: Optional[Path] = None, *, log_level: str = "DEBUG", keep: bool = False,
+                 runtime: str = "private", channel_entry: bool = True):
+        """runtime: "private" (sessions get XDG_RUNTIME_DIR = a test directory), "fallback" (no
+        XDG_RUNTIME_DIR, no /run/user/UID, /run/cardbridge as the server package's tmpfiles.d entry
+        makes it), or "none" (neither: the session's start must fail, and say why)."""
+        if runtime not in ("private", "fallback", "none"):
+            raise ValueError(runtime)
+        self.runtime = runtime
+        self.channel_entry = channel_entry   # False: the admin forgot [Channels] CBRIDGE=true
         self.base = Path(base) if base else Path(tempfile.mkdtemp(prefix="cbxrdp-"))
         self.log_level = log_level
         self.keep = keep
@@ -564,6 +611,7 @@ class XrdpServer:
         self.ns = ""
         self.seen_displays: Dict[int, int] = {}   # display -> pid of our Xorg
         self._ns_fd = -1
+        self._ports = None
 
     # -- paths -----------------------------------------------------------------------------
     @property
@@ -581,6 +629,16 @@ class XrdpServer:
     @property
     def bindir(self) -> Path:
         return self.base / "bin"
+
+    @property
+    def cdrsession(self) -> Path:
+        """The cdrsession the session uses (the installed one, or a copy of the build's)."""
+        return CDRSESSION if INSTALLED else self.bindir / "cdrsession"
+
+    @property
+    def cardbridge_etc(self) -> Path:
+        """Where `cdrsession enable xrdp` put its marker (the real /etc/cardbridge when installed)."""
+        return Path("/etc/cardbridge") if INSTALLED else self.base / "etc-cardbridge"
 
     # -- set-up ----------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -610,11 +668,13 @@ class XrdpServer:
         extended("/etc/passwd", f"{self.user}:x:{self.uid}:{self.uid}:CardBridge xrdp test:{home}:/bin/sh", 0o644)
         extended("/etc/group", f"{self.user}:x:{self.uid}:", 0o644)
         extended("/etc/shadow", f"{self.user}:{pw}:19000:0:99999:7:::", 0o640)
-        # The product's session pieces, where the user can run them (and safe from rebuilds).
-        for src in (CDRSESSION, SHIM, CB_PCSC):
+        # The product's session pieces, where the user can run them (and safe from rebuilds); the
+        # installed packages' own files when testing those.
+        for src in ((CB_PCSC,) if INSTALLED else (CDRSESSION, SHIM, CB_PCSC)):
             shutil.copy2(src, self.bindir / src.name)
-        shutil.copy2(PROFILE_HOOK, self.bindir / "cardbridge-profile.sh")
-        os.chmod(self.bindir / "cardbridge-profile.sh", 0o644)
+        if not INSTALLED:
+            shutil.copy2(PROFILE_HOOK, self.bindir / "cardbridge-profile.sh")
+            os.chmod(self.bindir / "cardbridge-profile.sh", 0o644)
         # Private /etc/xrdp.
         etc = b / "etc-xrdp"
         shutil.copytree("/etc/xrdp", etc, symlinks=True)
@@ -623,19 +683,33 @@ class XrdpServer:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-batch", "-subj", "/CN=cbxrdp-test",
                         "-days", "7", "-keyout", str(etc / "key.pem"), "-out", str(etc / "cert.pem")],
                        check=True, capture_output=True)
-        self.port, self.sesman_port = free_port(), free_port()
-        while self.sesman_port == self.port:
-            self.sesman_port = free_port()
+        # Held (flock) until stop(), below the ephemeral range: no other test takes them and no
+        # outgoing connection lands on them before xrdp and sesman bind them.
+        self._ports = reserve_ports(2)
+        self.port, self.sesman_port = self._ports.ports
         ini = (etc / "xrdp.ini").read_text()
         ini = _set_ini(ini, "Globals", "port", f"tcp://127.0.0.1:{self.port}")
         ini = _set_ini(ini, "Logging", "LogFile", str(self.logdir / "xrdp.log"))
         ini = _set_ini(ini, "Logging", "LogLevel", self.log_level)
         ini = _set_ini(ini, "Logging", "EnableSyslog", "false")
         (etc / "xrdp.ini").write_text(ini)
-        # CBRIDGE=true under [Channels]: the product's own tool, on our copy.
-        r = subprocess.run(["sh", str(XRDP_CONFIG_TOOL), "enable", str(etc / "xrdp.ini")], capture_output=True, text=True)
+        # What the admin does: `cdrsession enable xrdp` (the hook's opt-in marker, and CBRIDGE=true
+        # under [Channels] in xrdp.ini: our copy).
+        cmd = [str(self.cdrsession), "enable", "xrdp", "--xrdp-ini", str(etc / "xrdp.ini")]
+        env = dict(os.environ)
+        if not INSTALLED:
+            cmd += ["--xrdp-config-tool", str(XRDP_CONFIG_TOOL)]
+            env["CARDBRIDGE_ETC"] = str(self.cardbridge_etc)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
-            raise RuntimeError(f"cardbridge-xrdp-config enable failed: {r.stderr}")
+            raise RuntimeError(f"cdrsession enable xrdp failed ({r.returncode}): {r.stdout}{r.stderr}")
+        if "CBRIDGE=true" not in (etc / "xrdp.ini").read_text():
+            raise RuntimeError(f"cdrsession enable xrdp did not allow the channel: {r.stdout}")
+        if not self.channel_entry:
+            r = subprocess.run(["sh", str(XRDP_CONFIG_TOOL), "disable", str(etc / "xrdp.ini")], capture_output=True,
+                               text=True)
+            if r.returncode != 0 or "CBRIDGE" in (etc / "xrdp.ini").read_text():
+                raise RuntimeError(f"cannot remove the channel entry: {r.stderr}")
         ses = (etc / "sesman.ini").read_text()
         ses = _set_ini(ses, "Globals", "ListenAddress", "127.0.0.1")
         ses = _set_ini(ses, "Globals", "ListenPort", str(self.sesman_port))
@@ -650,8 +724,13 @@ class XrdpServer:
         ses = _set_ini(ses, "ChansrvLogging", "EnableSyslog", "false")
         ses = _set_ini(ses, "ChansrvLogging", "EnableConsole", "false")
         (etc / "sesman.ini").write_text(ses)
-        (etc / "startwm.sh").write_text(STARTWM.replace("{logdir}", str(self.session_logdir))
-                                        .replace("{runtime}", str(self.runtime_dir)).replace("{bindir}", str(self.bindir)))
+        startwm = (STARTWM.replace("{logdir}", str(self.session_logdir)).replace("{runtime}", str(self.runtime_dir))
+                   .replace("{bindir}", str(self.bindir))
+                   .replace("{hook}", str(PROFILE_HOOK) if INSTALLED else str(self.bindir / "cardbridge-profile.sh"))
+                   .replace("{runtime_export}", f'export XDG_RUNTIME_DIR="{self.runtime_dir}"' if self.runtime == "private"
+                            else "unset XDG_RUNTIME_DIR")
+                   .replace("{etc_export}", "" if INSTALLED else f'export CARDBRIDGE_ETC="{self.cardbridge_etc}"'))
+        (etc / "startwm.sh").write_text(startwm)
         os.chmod(etc / "startwm.sh", 0o755)
         (etc / "reconnectwm.sh").write_text("#!/bin/sh\necho \"reconnect $(date +%T.%N)\" >>" +
                                             f"\"{self.session_logdir}/reconnect.log\"\n")
@@ -665,7 +744,7 @@ class XrdpServer:
         script.write_text(NAMESPACE_SCRIPT)
         # No pdeathsig: if this process dies, the watchdog loop in the script cleans up the namespace.
         self.proc = Proc(["unshare", "-m", "--propagation", "private", "--", "sh", str(script), str(self.base),
-                          str(os.getpid())], name="xrdp-namespace", log_path=self.logdir / "namespace.log",
+                          str(os.getpid()), self.runtime], name="xrdp-namespace", log_path=self.logdir / "namespace.log",
                          pdeathsig=False, grace=8).start()
         wait_until(lambda: listening(self.port) and listening(self.sesman_port), timeout=timeout,
                    desc=f"xrdp on port {self.port} and sesman on port {self.sesman_port}",
@@ -754,6 +833,11 @@ class XrdpServer:
         files = [self.logdir / n for n in ("namespace.log", "xrdp.log", "sesman.log", "xrdp.out", "sesman.out")]
         files += sorted(self.session_logdir.glob("*.log"))
         files += sorted(self.runtime_dir.glob("cardbridge/*/*.log"))
+        if self.proc and self.proc.alive():   # the /run/cardbridge fallback lives in the namespace's /run
+            try:
+                files += sorted(self.in_namespace("/run/cardbridge").glob("*/cardbridge/*/*.log"))
+            except OSError:
+                pass
         files += sorted(self.runtime_dir.glob("*.log"))
         for f in files:
             try:
@@ -794,6 +878,9 @@ class XrdpServer:
         if self._uid_lock >= 0:
             os.close(self._uid_lock)
             self._uid_lock = -1
+        if self._ports is not None:
+            self._ports.release()
+            self._ports = None
         if not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
 

@@ -1,4 +1,6 @@
-// libcardbridge-client.so: the FreeRDP 2 client add-in.
+// libcardbridge-client.so: the FreeRDP client add-in, for FreeRDP 2 or 3 (one build each:
+// CARDBRIDGE_FREERDP_MAJOR; the entry points and channel events are the same in both, settings
+// are read through freerdp_settings_get_*, which both provide and FreeRDP 3 requires).
 //   /vc:cardbridge[,opt...]   static virtual channel "CBRIDGE" (VirtualChannelEntryEx)
 //   /dvc:cardbridge[,opt...]  dynamic virtual channel "CBRIDGE" (DVCPluginEntry)
 // Options: log-level:LEVEL, readers:A;B (substring filter), allow-control:all|none|LIST,
@@ -37,6 +39,13 @@ std::string local_host_name() {
   char buf[256] = {};
   if (::gethostname(buf, sizeof buf - 1) != 0) return "desk";
   return buf;
+}
+
+// The client host name FreeRDP sends to the server (/client-hostname:), if any.
+std::string client_hostname(const rdpSettings* settings) {
+  if (!settings) return {};
+  const char* name = freerdp_settings_get_string(settings, FreeRDP_ClientHostname);
+  return name ? std::string(name) : std::string();
 }
 
 AddinOptions options_from(const ADDIN_ARGV* args) {
@@ -187,7 +196,9 @@ DvcPlugin* plugin_of_listener(IWTSListenerCallback* cb) {
 UINT dvc_on_data(IWTSVirtualChannelCallback* cb, wStream* s) {
   try {
     auto* c = reinterpret_cast<DvcChannel*>(cb);
-    if (c->session) c->session->feed(Stream_Pointer(s), Stream_GetRemainingLength(s));
+    // Stream_Pointer is BYTE* in FreeRDP 2 and void* in FreeRDP 3.
+    const auto* data = static_cast<const uint8_t*>(static_cast<const void*>(Stream_Pointer(s)));
+    if (c->session) c->session->feed(data, Stream_GetRemainingLength(s));
     return CHANNEL_RC_OK;
   } catch (...) {
     return ERROR_INTERNAL_ERROR;
@@ -285,9 +296,8 @@ __attribute__((visibility("default"))) BOOL VCAPITYPE VirtualChannelEntryEx(PCHA
     p->init_handle = init_handle;
     p->options = options_from(static_cast<ADDIN_ARGV*>(ep->pExtendedData));
     p->default_name = local_host_name();
-    if (ep->context && ep->context->settings && ep->context->settings->ClientHostname &&
-        ep->context->settings->ClientHostname[0]) {
-      p->default_name = ep->context->settings->ClientHostname;
+    if (auto name = client_hostname(ep->context ? ep->context->settings : nullptr); !name.empty()) {
+      p->default_name = name;
     }
     static_assert(sizeof kChannelName <= sizeof p->def.name);
     std::memcpy(p->def.name, kChannelName, sizeof kChannelName);
@@ -315,9 +325,9 @@ __attribute__((visibility("default"))) UINT DVCPluginEntry(IDRDYNVC_ENTRY_POINTS
     p->iface.Terminated = dvc_terminated;
     p->options = options_from(entry_points->GetPluginData(entry_points));
     p->default_name = local_host_name();
-    if (auto* settings = static_cast<rdpSettings*>(entry_points->GetRdpSettings(entry_points));
-        settings && settings->ClientHostname && settings->ClientHostname[0]) {
-      p->default_name = settings->ClientHostname;
+    if (auto name = client_hostname(static_cast<const rdpSettings*>(entry_points->GetRdpSettings(entry_points)));
+        !name.empty()) {
+      p->default_name = name;
     }
     UINT rc = entry_points->RegisterPlugin(entry_points, "cardbridge", &p->iface);
     if (rc != CHANNEL_RC_OK) {

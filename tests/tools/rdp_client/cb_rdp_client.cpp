@@ -1,4 +1,4 @@
-// cb-rdp-client: a headless FreeRDP 2 client (software GDI, no X) that loads the CardBridge
+// cb-rdp-client: a headless FreeRDP 2 or 3 client (software GDI, no X) that loads the CardBridge
 // add-in from a build directory, for end-to-end tests over a real RDP channel.
 //
 //   cb-rdp-client --host 127.0.0.1 --port P --addin PATH/libcardbridge-client.so
@@ -97,7 +97,7 @@ bool load_addin(const std::string& path, std::string* error) {
 }
 
 BOOL on_pre_connect(freerdp* instance) {
-  rdpSettings* s = instance->settings;
+  rdpSettings* s = instance->context->settings;
   std::vector<char*> argv;
   argv.push_back(const_cast<char*>(kAddinName));
   for (auto& a : g_addin_args) argv.push_back(a.data());
@@ -107,12 +107,25 @@ BOOL on_pre_connect(freerdp* instance) {
     logger()->error("cannot add the {} channel", g_dynamic ? "dynamic" : "static");
     return FALSE;
   }
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+  return TRUE;  // FreeRDP 3 recreates the channels after PreConnect and loads them in LoadChannels
+}
+
+BOOL on_load_channels(freerdp* instance) {
+  if (!freerdp_client_load_addins(instance->context->channels, instance->context->settings)) {
+    logger()->error("freerdp_client_load_addins failed");
+    return FALSE;
+  }
+  return TRUE;
+}
+#else
   if (!freerdp_client_load_addins(instance->context->channels, s)) {
     logger()->error("freerdp_client_load_addins failed");
     return FALSE;
   }
   return TRUE;
 }
+#endif
 
 BOOL on_post_connect(freerdp* instance) {
   if (!gdi_init(instance, PIXEL_FORMAT_XRGB32)) {
@@ -124,7 +137,11 @@ BOOL on_post_connect(freerdp* instance) {
 
 void on_post_disconnect(freerdp* instance) { gdi_free(instance); }
 
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+BOOL on_authenticate(freerdp*, char**, char**, char**, rdp_auth_reason) { return TRUE; }
+#else
 BOOL on_authenticate(freerdp*, char**, char**, char**) { return TRUE; }
+#endif
 
 DWORD on_verify_certificate(freerdp*, const char*, UINT16, const char*, const char*, const char*, const char*,
                             DWORD) {
@@ -144,6 +161,14 @@ std::vector<std::string> split(const std::string& text, char sep) {
   }
   if (!cur.empty()) out.push_back(cur);
   return out;
+}
+
+bool shall_disconnect(freerdp* instance) {
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+  return freerdp_shall_disconnect_context(instance->context);
+#else
+  return freerdp_shall_disconnect(instance);
+#endif
 }
 
 bool orderly_end(UINT32 error_info) {
@@ -221,7 +246,12 @@ int main(int argc, char** argv) {
       instance->PreConnect = on_pre_connect;
       instance->PostConnect = on_post_connect;
       instance->PostDisconnect = on_post_disconnect;
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+      instance->LoadChannels = on_load_channels;
+      instance->AuthenticateEx = on_authenticate;
+#else
       instance->Authenticate = on_authenticate;
+#endif
       instance->VerifyCertificateEx = on_verify_certificate;
       if (!freerdp_context_new(instance)) {
         logger()->critical("freerdp_context_new failed");
@@ -233,7 +263,7 @@ int main(int argc, char** argv) {
   }
 
   if (rc == 0) {
-    rdpSettings* s = instance->settings;
+    rdpSettings* s = instance->context->settings;
     freerdp_settings_set_string(s, FreeRDP_ServerHostname, host.c_str());
     freerdp_settings_set_uint32(s, FreeRDP_ServerPort, static_cast<UINT32>(port));
     freerdp_settings_set_bool(s, FreeRDP_IgnoreCertificate, TRUE);
@@ -241,9 +271,13 @@ int main(int argc, char** argv) {
     freerdp_settings_set_bool(s, FreeRDP_TlsSecurity, TRUE);
     freerdp_settings_set_bool(s, FreeRDP_NlaSecurity, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_ExtSecurity, FALSE);
+#if CARDBRIDGE_FREERDP_MAJOR < 3
+    // FreeRDP 3's server uses the message channel whatever the client asked for, and its client
+    // then fails the connection when it has switched these off: keep FreeRDP 3's defaults.
     freerdp_settings_set_bool(s, FreeRDP_NetworkAutoDetect, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_SupportHeartbeatPdu, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_SupportMultitransport, FALSE);
+#endif
     freerdp_settings_set_bool(s, FreeRDP_RedirectClipboard, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_AudioPlayback, FALSE);
     freerdp_settings_set_bool(s, FreeRDP_AudioCapture, FALSE);
@@ -269,7 +303,7 @@ int main(int argc, char** argv) {
       // Check before the first wait: freerdp_connect() may leave data in the TLS layer's
       // buffer (the drdynvc capabilities request, typically), which no handle signals; the
       // short timeout covers the same case later on, as in FreeRDP's own clients.
-      while (!freerdp_shall_disconnect(instance) && freerdp_check_event_handles(instance->context)) {
+      while (!shall_disconnect(instance) && freerdp_check_event_handles(instance->context)) {
         HANDLE handles[65];
         DWORD count = freerdp_get_event_handles(instance->context, handles, 64);
         if (count == 0) {

@@ -1,4 +1,4 @@
-// cb-rdp-host: a test RDP host on libfreerdp-server2 + WinPR WTS that relays the CBRIDGE
+// cb-rdp-host: a test RDP host on libfreerdp-server (FreeRDP 2 or 3) + WinPR WTS that relays the CBRIDGE
 // channel to `cardbridge-shim --desk unix:RELAY` through cardbridge::shim::WtsRelay.
 //
 //   cb-rdp-host --port P [--bind 127.0.0.1] (--cert FILE --key FILE | --make-cert DIR)
@@ -13,6 +13,7 @@
 // Threads: the main thread runs the listener; each peer runs on its own thread (FreeRDP's
 // sample-server model; a TLS handshake blocks its thread); the relay has its own thread.
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -198,6 +199,18 @@ class Host {
   PeerConn* owner_ = nullptr;
 };
 
+// Flushes the channel manager's queue. FreeRDP 3's plain CheckFileDescriptor also opens drdynvc
+// (sends its capabilities) on the first call, before the client has joined the channel, and the
+// dynamic channels then never get ready: open it ourselves once the peer is activated
+// (FreeRDP 2 waits for that by itself).
+BOOL check_channel_manager(HANDLE vcm) {
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+  return WTSVirtualChannelManagerCheckFileDescriptorEx(vcm, FALSE);
+#else
+  return WTSVirtualChannelManagerCheckFileDescriptor(vcm);
+#endif
+}
+
 PeerConn* conn_of(freerdp_peer* peer) { return reinterpret_cast<PeerContext*>(peer->context)->conn; }
 
 BOOL peer_context_new(freerdp_peer* peer, rdpContext* context) {
@@ -268,11 +281,22 @@ void PeerConn::setup() {
   ctx->conn = this;
   vcm_ = ctx->vcm;
 
-  rdpSettings* s = peer_->settings;
+  rdpSettings* s = peer_->context->settings;
   const auto& cfg = host_.config();
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+  // FreeRDP 3 takes parsed objects; the settings own them once set.
+  rdpCertificate* certificate = freerdp_certificate_new_from_file(cfg.cert.c_str());
+  rdpPrivateKey* key = freerdp_key_new_from_file(cfg.key.c_str());
+  const bool cert_ok = certificate && freerdp_settings_set_pointer_len(s, FreeRDP_RdpServerCertificate, certificate, 1);
+  if (!cert_ok && certificate) freerdp_certificate_free(certificate);
+  const bool key_ok = key && freerdp_settings_set_pointer_len(s, FreeRDP_RdpServerRsaKey, key, 1);
+  if (!key_ok && key) freerdp_key_free(key);
+  if (!cert_ok || !key_ok) throw std::runtime_error("cannot set the certificate");
+#else
   if (!freerdp_settings_set_string(s, FreeRDP_CertificateFile, cfg.cert.c_str()) ||
       !freerdp_settings_set_string(s, FreeRDP_PrivateKeyFile, cfg.key.c_str()))
     throw std::runtime_error("cannot set the certificate");
+#endif
   freerdp_settings_set_bool(s, FreeRDP_RdpSecurity, FALSE);
   freerdp_settings_set_bool(s, FreeRDP_TlsSecurity, TRUE);
   freerdp_settings_set_bool(s, FreeRDP_NlaSecurity, FALSE);
@@ -287,9 +311,8 @@ void PeerConn::setup() {
 }
 
 BOOL PeerConn::on_post_connect() {
-  client_name_ = freerdp_settings_get_string(peer_->settings, FreeRDP_ClientHostname)
-                     ? freerdp_settings_get_string(peer_->settings, FreeRDP_ClientHostname)
-                     : "";
+  const char* client_name = freerdp_settings_get_string(peer_->context->settings, FreeRDP_ClientHostname);
+  client_name_ = client_name ? client_name : "";
   logger()->info("{}: connected", describe());
   host_.take_over(this);
   // A joined static channel must have a handle before the client sends on it, or the peer's
@@ -325,6 +348,14 @@ void PeerConn::poll_dynamic_channel() {
   if (!peer_->connected || !host_.owns(this)) return;
   if (!dvc_) {
     if (!WTSVirtualChannelManagerIsChannelJoined(vcm_, "drdynvc")) return;
+#if CARDBRIDGE_FREERDP_MAJOR >= 3
+    if (!peer_->activated) return;
+    if (WTSVirtualChannelManagerGetDrdynvcState(vcm_) == DRDYNVC_STATE_NONE && !WTSVirtualChannelManagerOpen(vcm_)) {
+      logger()->error("{}: cannot open drdynvc", describe());
+      dvc_given_up_ = true;
+      return;
+    }
+#endif
     const BYTE state = WTSVirtualChannelManagerGetDrdynvcState(vcm_);
     if (state != drdynvc_state_) {
       logger()->debug("{}: drdynvc state {}", describe(), static_cast<int>(state));
@@ -414,7 +445,7 @@ void PeerConn::run() {
         break;
       }
       if (!peer_->CheckFileDescriptor(peer_)) break;
-      if (!WTSVirtualChannelManagerCheckFileDescriptor(vcm_)) {
+      if (!check_channel_manager(vcm_)) {
         why = "channel manager failed";
         break;
       }
@@ -439,7 +470,7 @@ void PeerConn::teardown(bool closed_by_us) {
   if (closed_by_us && peer_->context && peer_->connected) {
     // Flush what is queued (a dynamic channel's close request), then the orderly disconnect:
     // Deactivate All and the Disconnect Provider Ultimatum, so the client ends without error.
-    if (vcm_) WTSVirtualChannelManagerCheckFileDescriptor(vcm_);
+    if (vcm_) check_channel_manager(vcm_);
     peer_->Close(peer_);
   }
   if (peer_->context) peer_->Disconnect(peer_);
@@ -487,19 +518,29 @@ bool make_cert(const std::string& dir, std::string* cert, std::string* key) {
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
-uint16_t listener_port(freerdp_listener* listener) {
-  void* fds[32] = {};
-  int count = 0;
-  if (!listener->GetFileDescriptor(listener, fds, &count)) return 0;
-  for (int i = 0; i < count; ++i) {
-    const int fd = static_cast<int>(reinterpret_cast<intptr_t>(fds[i]));
+// The port the listener bound (--port 0): FreeRDP 3 no longer hands out the listener's sockets,
+// so look at this process's own listening TCP sockets (the listener's are the only ones).
+uint16_t listener_port() {
+  DIR* d = ::opendir("/proc/self/fd");
+  if (!d) return 0;
+  uint16_t port = 0;
+  while (const dirent* e = ::readdir(d)) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end) continue;
+    int listening = 0;
+    socklen_t optlen = sizeof listening;
+    if (::getsockopt(static_cast<int>(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || !listening)
+      continue;
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0) continue;
-    if (ss.ss_family == AF_INET) return ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
-    if (ss.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+    if (::getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&ss), &len) != 0) continue;
+    if (ss.ss_family == AF_INET) port = ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+    if (ss.ss_family == AF_INET6) port = ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+    if (port) break;
   }
-  return 0;
+  ::closedir(d);
+  return port;
 }
 
 }  // namespace
@@ -579,7 +620,7 @@ int main(int argc, char** argv) {
   }
 
   if (rc == 0) {
-    const uint16_t port = listener_port(listener);
+    const uint16_t port = listener_port();
     logger()->info("listening on {}:{} (channel {}, relay {})", cfg.bind, port, mode, cfg.relay_path);
     std::printf("READY port=%u\n", static_cast<unsigned>(port));
     std::fflush(stdout);
