@@ -337,9 +337,9 @@ TEST_F(DeskRuntimeTest, AnExceptionFromTheCardApiBecomesAnInternalError) {
 TEST_F(DeskRuntimeTest, ATransportThatThrowsLosesItsFrameButNotTheRuntime) {
   start_session();
   const uint32_t h = call(connect_req(1, kReader1)).handle.value;
-  std::atomic<int> throws{1};
-  host.set_send_hook([&] {
-    if (throws.fetch_sub(1) > 0) throw std::runtime_error("socket gone");
+  auto throws = std::make_shared<std::atomic<int>>(1);  // outlives the test body: the runtime may send later
+  host.set_send_hook([throws] {
+    if (throws->fetch_sub(1) > 0) throw std::runtime_error("socket gone");
   });
   submit(transmit_req(1, h));  // its reply is lost in the throwing transport
   EXPECT_EQ(call(transmit_req(1, h)).rv, sc::kSuccess);
