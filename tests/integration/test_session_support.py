@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
 from cbharness import HANG_GUARD_S, EmulatedDesk, Proc, last_json_line, shim_control, wait_until  # noqa: E402,F401
-from cbharness.ports import reserve_ports  # noqa: E402
+from cbharness import netinfo  # noqa: E402
 from cbharness.waiting import HarnessError  # noqa: E402
 
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
@@ -261,18 +261,18 @@ class DeskAgent:
         self.own_desk = desk is None
         self.desk = desk
         self.agent: Optional[Proc] = None
-        self.ports = None
         try:
             if self.own_desk:
                 self.desk = start_desk(slots=slots, friendly_name=friendly_name, name=name)
                 for c in cards:
                     c = dict(c)
                     self.desk.insert_card(c.pop("slot"), **c)
-            if port:
+            if port:  # (a fixed port: only in a private network namespace, where nothing else runs)
                 self.spec = f"tcp:127.0.0.1:{port}"
             elif tcp:
-                self.ports = reserve_ports(1)
-                self.spec = f"tcp:127.0.0.1:{self.ports.base}"
+                # port 0: the agent binds a port the kernel picks and holds it; the test reads it
+                # from /proc (never a port checked free, released, and bound again)
+                self.spec = "tcp:127.0.0.1:0"
             else:
                 self.spec = f"unix:{self.rt}/agent.sock"
             prefix = ["ip", "netns", "exec", netns] if netns else []
@@ -283,6 +283,10 @@ class DeskAgent:
             wait_until(lambda: "listening on" in agent.log_text(), timeout=HANG_GUARD_S, desc=f"desk agent {name}",
                        abort=lambda: None if agent.alive() else agent.exit_description(),
                        details=lambda: agent.failure_report())
+            if self.spec == "tcp:127.0.0.1:0":
+                [bound] = wait_until(lambda: netinfo.listening_tcp_ports(agent.pid), timeout=HANG_GUARD_S,
+                                     desc=f"desk agent {name}'s TCP port")
+                self.spec = f"tcp:127.0.0.1:{bound}"
         except BaseException:
             self.stop()
             raise
@@ -306,8 +310,6 @@ class DeskAgent:
             if self.own_desk and self.desk is not None:
                 self.desk.stop()
         finally:
-            if self.ports is not None:
-                self.ports.release()
             shutil.rmtree(self.rt, ignore_errors=True)
 
 

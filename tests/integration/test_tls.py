@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
 from cbharness import HANG_GUARD_S, EmulatedDesk, Proc, wait_until  # noqa: E402
-from cbharness.ports import reserve_ports  # noqa: E402
+from cbharness import netinfo  # noqa: E402
 from core_support import cb_pcsc  # noqa: E402  (conftest's cb-pcsc runner)
 
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
@@ -47,16 +47,16 @@ def pki(tmp_path_factory):
 @pytest.fixture
 def tls_desk(pki, tmp_path):
     with EmulatedDesk(slots=2, cards=[0]) as desk:
-        block = reserve_ports(1)
-        port = block.base
         log = tmp_path / "desk.log"
-        agent = Proc([DESK, "--listen", f"tls:127.0.0.1:{port}", "--tls-cert", pki / "desk.pem", "--tls-key",
+        # port 0: the agent holds the port the kernel gives it (read back from /proc)
+        agent = Proc([DESK, "--listen", "tls:127.0.0.1:0", "--tls-cert", pki / "desk.pem", "--tls-key",
                       pki / "desk.key", "--tls-ca", pki / "ca.pem", "--log-level", "debug"],
                      env=desk.full_env(), name="cardbridge-desk", log_path=log).start()
         wait_until(lambda: "listening on" in log.read_text(), timeout=HANG_GUARD_S, desc="desk agent listening")
+        [port] = wait_until(lambda: netinfo.listening_tcp_ports(agent.pid), timeout=HANG_GUARD_S,
+                            desc="the desk agent's port")
         yield desk, port, log
         agent.stop()
-        block.release()
 
 
 def start_shim(tmp_path, port, cert, key, ca, peer_name=None, name="s"):

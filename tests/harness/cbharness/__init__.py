@@ -11,7 +11,7 @@ See tests/harness/README.md.  Main entry points:
 """
 from .control import last_json_line, shim_control
 from .desk import GATED_APDU, CardGate, EmulatedDesk, HotplugUnsupported
-from . import threadstate
+from . import netinfo, threadstate
 from .pcsc import PcscWatch, pcsc_call, transmit
 from .pcscwire import ReaderState, reader_names, reader_states
 from .procs import Proc, live_procs, stop_all
@@ -21,5 +21,5 @@ from .waiting import HANG_GUARD_S, Deadline, HarnessError, HarnessTimeout, wait_
 __all__ = [
     "EmulatedDesk", "HotplugUnsupported", "CardGate", "GATED_APDU", "HANG_GUARD_S", "PcscWatch", "pcsc_call", "transmit", "ReaderState",
     "reader_names", "reader_states", "Proc", "live_procs", "stop_all", "nodelay_preload",
-    "Deadline", "HarnessError", "HarnessTimeout", "wait_until", "shim_control", "last_json_line", "threadstate",
+    "Deadline", "HarnessError", "HarnessTimeout", "wait_until", "shim_control", "last_json_line", "threadstate", "netinfo",
 ]
