@@ -635,7 +635,7 @@ class Rig:
     def kill_agent(self, sig: int = signal.SIGKILL) -> None:
         agent = self.agent
         os.kill(agent.pid, sig)
-        agent.wait(5)
+        agent.wait(HANG_GUARD_S)
         agent.stop()
         # A SIGKILLed agent leaves its socket file behind; a restarted one replaces it.
 
@@ -700,10 +700,20 @@ class Rig:
     def cb_pcsc(self, target: str, *args: str, timeout: float = HANG_GUARD_S) -> dict:
         return cb_pcsc(self.sock(target), *args, timeout=timeout)
 
+    def wait_desk_idle(self) -> None:
+        """Until no handle is open at the desk's pcscd (every reader's sharing count is 0): the
+        shim answers a program's Disconnect or End before its desk side is done (pipelining), and
+        a program that closes leaves its clean-up to the shim; the next run must not race that."""
+        wait_until(lambda: all(r.sharing == 0 for r in self.desk.states()), timeout=HANG_GUARD_S,
+                   desc="the desk's pcscd to have no handle open",
+                   details=lambda: f"{self.desk.states()}\nshim: {self._safe(self.status)}")
+
     def warm(self, slot: int = 0) -> None:
-        """Powers the card up and negotiates its protocol (a shared connect at the desk), so that
-        a desk run and a shim run start from the same pcscd card state (pcscd powers an idle card
-        down after 5 s and forgets its protocol)."""
+        """Waits until the desk has no handle open (wait_desk_idle), then powers the card up and
+        negotiates its protocol (a shared connect at the desk), so that a desk run and a shim run
+        start from the same pcscd card state (pcscd powers an idle card down after its last
+        handle goes and forgets its protocol)."""
+        self.wait_desk_idle()
         r = self.cb_pcsc("desk", "status", "--reader", self.desk.readers[slot])
         assert r.get("status") == "0x00000000", r
 
@@ -784,6 +794,16 @@ SHARED_CARDS = ({"slot": 0, "fix_tlv": True}, {"slot": 2, "test_ins": True, "ext
 @pytest.fixture(scope="module")
 def rig(module_rig_factory) -> Rig:
     return module_rig_factory(slots=4, cards=SHARED_CARDS)
+
+
+@pytest.fixture(autouse=True)
+def _shared_rig_idle(request):
+    """A test on the shared rig starts with nothing open at the desk: the previous test's last
+    Disconnect or End through the shim may still be on its way to the desk (pipelining)."""
+    if "rig" in request.fixturenames:
+        r = request.getfixturevalue("rig")
+        if isinstance(r, Rig):  # (the RDP tests have a rig of their own)
+            r.wait_desk_idle()
 
 
 @pytest.fixture

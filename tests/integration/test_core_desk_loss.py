@@ -133,6 +133,10 @@ def test_waiting_begin_and_held_transaction_when_agent_killed(lrig):
     r = _after(pb, t_kill, "the waiting BeginTransaction")
     # its next try finds a handle whose reader is gone (RFReaderInfoById: SCARD_E_INVALID_VALUE)
     assert r["rv"] == RV["E_INVALID_VALUE"], r
+    # the desk's pcscd cleans up the dead agent (A's lock released, the card reset, the handles
+    # dropped: the array's sharing count goes to 0 last) before a new agent connects
+    wait_until(lambda: lrig.desk.state(0).sharing == 0, timeout=HANG_GUARD_S,
+               desc="pcscd to clean up the dead agent's handles", details=lambda: f"{lrig.desk.state(0)}")
     lrig.start_agent()
     lrig.wait_synced()
     c = lrig.session("shim", name="C")

@@ -103,7 +103,7 @@ def test_exclusive_reconnected_at_once_by_another_context(rig):
                   {"op": "disconnect", "h": "a"},
                   {"op": "connect", "ctx": "b", "reader": r0, "share": "exclusive", "h": "b"},
                   {"op": "disconnect", "h": "b"}]
-    compare(batch_rv_counts(rig, steps, timeout=30),
+    compare(batch_rv_counts(rig, steps, timeout=2 * HANG_GUARD_S),
             "exclusive connect by B right after A's exclusive handle was disconnected (200 rounds; counts of op/rv)")
 
 
@@ -119,7 +119,7 @@ def test_disconnect_with_reset_then_another_context_connects(rig):
                   {"op": "connect", "ctx": "b", "reader": r0, "h": "b"},
                   {"op": "transmit", "h": "b", "apdu": GET_CHALLENGE},
                   {"op": "disconnect", "h": "b"}]
-    compare(batch_rv_counts(rig, steps, timeout=60),
+    compare(batch_rv_counts(rig, steps, timeout=2 * HANG_GUARD_S),
             "B connects and transmits right after A's Disconnect(RESET) (100 rounds; counts of op/rv)")
 
 
@@ -427,4 +427,17 @@ def test_transaction_holder_goes_away(rig, how):
                       "b_transmit2": b.call("transmit", apdu=GET_CHALLENGE)["rv"]}
         finally:
             _close(a, b)
-    compare(res, f"transaction holder {how} while another context waits in BeginTransaction")
+    # pcscd's clean-up of the holder (winscard_svc.c@1.9.9 MSGRemoveContext) releases the lock
+    # and then resets the card with SCardDisconnect(RESET), which marks every other handle
+    # RESET first: the waiting Begin's next try gets SCARD_W_RESET_CARD, as do the calls after
+    # it until the handle reconnects. (pcscd has a race of its own there: a Begin that comes in
+    # the microseconds between the release and the marking takes the lock and sees no reset; a
+    # desk run that hit it is not a reference, and is reported. The shim must give the
+    # documented outcome every time.)
+    reset = RV["W_RESET_CARD"]
+    documented = {"b_begin": reset, "b_transmit": reset, "b_end": reset, "b_reconnect": OK, "b_transmit2": OK}
+    assert res["shim"] == documented, f"the shim after the holder {how}: {res['shim']} (desk: {res['desk']})"
+    if res["desk"] == documented:
+        compare(res, f"transaction holder {how} while another context waits in BeginTransaction")
+    else:
+        print(f"the desk's pcscd took its clean-up race this run: {res['desk']}")

@@ -289,9 +289,12 @@ def test_disconnect_then_reconnect_from_another_desk(rig, desk):
 
 def test_takeover_by_second_client(rig, desk):
     """A second client connecting takes the session over: the first one is disconnected in
-    an orderly way (exit status 0) and the shim serves the new desk."""
+    an orderly way (exit status 0) and the shim serves the new desk. A program's handle from the
+    first desk is a handle of an unplugged reader (pcscd's codes, module docstring)."""
     first = rig.start_client("desk-a")
     rig.wait_readers()
+    old = rig.session("old-program")
+    assert old.call("connect", reader=desk.readers[0])["rv"] == OK
     second = rig.start_client("desk-b")
     rc = first.wait(HANG_GUARD_S)
     assert rc == 0, f"the client that lost the session exited with {rc}\n{first.log_tail(20)}"
@@ -301,6 +304,10 @@ def test_takeover_by_second_client(rig, desk):
     sess = rig.session()
     assert sess.call("connect", reader=desk.readers[0])["rv"] == OK
     transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE through the second client")
+    assert old.call("transmit", apdu=GET_CHALLENGE)["rv"] == ORPHAN_RV
+    # (a reader of the same name is back: libpcsclite finds it in the array and asks the daemon,
+    # which finds the handle in no reader: SCARD_E_INVALID_VALUE, as pcscd)
+    assert old.call("status")["rv"] == ORPHAN_RV
     assert second.alive()
 
 

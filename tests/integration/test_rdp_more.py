@@ -97,12 +97,17 @@ def test_client_dies_mid_transaction_then_another_desk_takes_over(rig, desk):
     # At the desk the dead client's context is still inside that transfer (pcscd holds the
     # reader while the card works): the lock is still held...
     assert probe.call("transmit", apdu=GET_CHALLENGE)["rv"] == RV["E_SHARING_VIOLATION"]
-    # ...until the card answers; then pcscd cleans the dead client up (lock freed, card reset).
+    # ...until the card answers; then pcscd cleans the dead client up: it releases the lock,
+    # resets the card (marking the other handles RESET first) and drops the handle, which the
+    # reader array's sharing count shows last (winscard.c@1.9.9 SCardDisconnect): the event
+    # the test waits for (probe + the dead client's handle -> probe alone).
     gate.release(n)
-    late = rig.desk_session("desk-late")
-    assert late.call("connect", reader=r0)["rv"] == OK  # (waits in pcscd while the lock is held)
-    assert late.rv("begin") == OK and late.rv("end") == OK
+    wait_until(lambda: desk.state(0).sharing == 1, timeout=HANG_GUARD_S,
+               desc="pcscd to clean up the dead RDP client's handle", details=lambda: f"{desk.state(0)}")
     assert probe.call("transmit", apdu=GET_CHALLENGE)["rv"] == RV["W_RESET_CARD"]
+    late = rig.desk_session("desk-late")
+    assert late.call("connect", reader=r0)["rv"] == OK
+    assert late.rv("begin") == OK and late.rv("end") == OK
 
     rig.start_client("desk-b")
     rig.wait_readers()
