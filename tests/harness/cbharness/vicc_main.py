@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
         vicc.os.ins2handler[0xEE] = test_ins
     if args.gate_dir:
-        from virtualsmartcard.SWutils import SW
+        from virtualsmartcard.SWutils import SW as SW_  # noqa: N811
 
         held = [0]
 
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             while not any(os.path.exists(r) for r in release):
                 time.sleep(0.01)
             print(f"vicc_main: gated APDU {n} released", file=sys.stderr, flush=True)
-            return SW["NORMAL"], b""
+            return SW_["NORMAL"], b""
 
         vicc.os.ins2handler[0xEF] = gated_ins
     if atr is not None:
