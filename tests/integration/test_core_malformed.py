@@ -451,7 +451,9 @@ def test_desk_agent_requests_with_bogus_handles(rig):
             if 6 in env:
                 answers[env[1][0]] = pb_parse(env[6][0]).get(1, [0])[0]
         assert len(answers) == 12, answers
-        assert all(rv != 0 for rv in answers.values()), {k: hex(v) for k, v in answers.items()}
+        # every one: SCARD_E_INVALID_HANDLE (the desk engine knows no such handle on this
+        # connection; client-plugin/src/core/desk_engine.cpp), and nothing reached a card
+        assert set(answers.values()) == {int(RV["E_INVALID_HANDLE"], 16)}, {k: hex(v) for k, v in answers.items()}
     finally:
         c.close()
     assert s.call("transmit", apdu=GET_CHALLENGE)["rv"] == OK

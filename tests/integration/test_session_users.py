@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import test_session_support as support
-from test_session_support import (CPS3_ATR, HANG_GUARD_S, E_NO_SERVICE, W_SECURITY_VIOLATION, EXIT, GET_CHALLENGE, OK, SYSTEM_PYTHON, DeskAgent,
+from test_session_support import (CPS3_ATR, HANG_GUARD_S, E_NO_SERVICE, E_UNKNOWN_READER, W_SECURITY_VIOLATION, EXIT, GET_CHALLENGE, OK, SYSTEM_PYTHON, DeskAgent,
                                   SessionDir, Sessions, ThrowawayUser, cb_pcsc, cdr, check_of, doctor,
                                   export_socket, require_built, run, session_env, shim_pids, shim_reader_names,
                                   short_tmp, wait_until)
@@ -150,7 +150,7 @@ def test_each_user_sees_only_their_own_desk(both):
     assert t["connect"] == OK and t["rvs"] == [OK], t
     # Alice's reader name does not exist for bob, not even by name.
     t = cb_pcsc(b.socket, "transmit", "--reader", desk_a.readers[0], "--apdu", GET_CHALLENGE, user=bob.name)
-    assert t["connect"] != OK, t
+    assert t["connect"] == E_UNKNOWN_READER, t
 
     # `cdrsession status` as each user: their desk, their readers.
     for user, desk_name, desk in ((alice, "DESK-ALICE", desk_a), (bob, "DESK-BOB", desk_b)):
