@@ -21,6 +21,14 @@ subprocess of its own:
                  never sends (malformed or foreign requests, small receive buffers).
 Every process is cleaned up even when a test fails; the logs of the desk agent, the shim
 and pcscd are attached to the report of a failing test.
+
+Determinism (docs: the brief's "Deterministic tests"): a test waits for events, never for time.
+  * a call that must block is seen blocked (Pending.wait_blocked: the client thread's state in
+    the kernel) and must return only after the call that releases it started (t0/t1 are
+    CLOCK_MONOTONIC, comparable across processes);
+  * a transfer "in flight" is one the card holds (the gated card: desk.gate(slot));
+  * the desk is idle (no pcscd handle open) before a test on the shared rig starts;
+  * every time bound is HANG_GUARD_S, a hang guard; durations are printed, never asserted.
 """
 from __future__ import annotations
 
