@@ -716,14 +716,18 @@ class Rig:
                    desc="the desk's pcscd to have no handle open",
                    details=lambda: f"{self.desk.states()}\nshim: {self._safe(self.status)}")
 
-    def warm(self, slot: int = 0) -> None:
-        """Waits until the desk has no handle open (wait_desk_idle), then powers the card up and
-        negotiates its protocol (a shared connect at the desk), so that a desk run and a shim run
-        start from the same pcscd card state (pcscd powers an idle card down after its last
-        handle goes and forgets its protocol)."""
+    def cold(self, slot: int = 0) -> None:
+        """Brings the desk to a state that does not change by itself, so that a desk run and a
+        shim run start from the same pcscd card state: no handle open (wait_desk_idle) and the
+        card powered down. pcscd 1.9.9 powers a card down about half a second after its last
+        handle goes and forgets the negotiated protocol (eventhandler.c: cardProtocol is set to
+        SCARD_PROTOCOL_UNDEFINED with the power-off), which a DIRECT connect reports and a RAW or
+        T=0 connect is checked against: a "warm" card would be a race with that timer. The
+        event: the reader array's cardProtocol is 0 (and the card is present)."""
         self.wait_desk_idle()
-        r = self.cb_pcsc("desk", "status", "--reader", self.desk.readers[slot])
-        assert r.get("status") == "0x00000000", r
+        wait_until(lambda: (lambda st: st.card_present and st.protocol == 0)(self.desk.state(slot)),
+                   timeout=HANG_GUARD_S, desc="pcscd to power the idle card down",
+                   details=lambda: f"{self.desk.state(slot)}")
 
     def readers(self, slots=None) -> List[str]:
         return self.desk.readers if slots is None else [self.desk.readers[i] for i in slots]

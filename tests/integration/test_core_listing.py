@@ -120,6 +120,7 @@ def test_connect_variants_same_as_desk(rig, both, case):
     }[case]
     res = {}
     for t, s in both().items():
+        rig.cold()  # (a T=0-only or DIRECT connect depends on the protocol a powered card runs)
         s.call("establish")
         conn = s.call("connect", **args)
         out = {"connect": conn}
@@ -136,6 +137,7 @@ def test_connect_raw_protocol_sticks_until_reset(rig, both):
     r0 = rig.desk.readers[0]
     res = {}
     for t, s in both().items():
+        rig.cold()  # (a RAW connect is checked against the protocol a powered card runs)
         s.call("establish", ctx="a")
         s.call("establish", ctx="b")
         raw = s.call("connect", ctx="a", reader=r0, protocols=4, h="raw")

@@ -39,7 +39,7 @@ def test_share_mode_matrix(rig, first, second):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             ca = a.call("connect", reader=r0, share=first, protocols=0 if first == "direct" else 3)
@@ -129,7 +129,7 @@ def test_begin_transaction_waits_for_end_transaction(rig):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             assert a.rv("connect", reader=r0) == OK and b.rv("connect", reader=r0) == OK
@@ -159,7 +159,7 @@ def test_calls_wait_while_another_context_holds_the_transaction(rig, op):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             assert a.rv("connect", reader=r0) == OK
@@ -189,7 +189,7 @@ def test_sharing_violation_without_blocking(rig, op):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t, env=NO_BLOCKING)
         try:
             assert a.rv("connect", reader=r0) == OK and b.rv("connect", reader=r0) == OK
@@ -313,7 +313,7 @@ def test_nested_and_extra_end_transaction(rig, share):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         s = rig.session(t)
         try:
             s.call("establish")
@@ -335,7 +335,7 @@ def test_reset_by_one_handle_seen_by_the_others(rig, how):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             assert a.rv("connect", reader=r0) == OK and b.rv("connect", reader=r0) == OK
@@ -372,7 +372,7 @@ def test_reconnect_share_mode_changes(rig, share):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t, env=NO_BLOCKING)
         try:
             out = {"a_connect": a.rv("connect", reader=r0), "b_connect": b.rv("connect", reader=r0)}
@@ -406,7 +406,7 @@ def test_transaction_holder_goes_away(rig, how):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             assert a.rv("connect", reader=r0) == OK and b.rv("connect", reader=r0) == OK
