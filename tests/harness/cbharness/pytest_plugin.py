@@ -15,6 +15,7 @@ import os
 import pytest
 
 SKIP_EXIT = 77
+_converted = []  # skips that CI mode turned into failures (their node ids)
 
 
 def ci_mode() -> bool:
@@ -36,6 +37,7 @@ def pytest_runtest_makereport(item, call):
         reason = _skip_reason(rep)
         rep.outcome = "failed"
         rep.longrepr = f"skipped in CI (CARDBRIDGE_CI=1: a skip means this test did not run): {reason}"
+        _converted.append(rep.nodeid)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -46,6 +48,7 @@ def pytest_make_collect_report(collector):
         reason = _skip_reason(rep)
         rep.outcome = "failed"
         rep.longrepr = f"skipped in CI (CARDBRIDGE_CI=1: a skip means these tests did not run): {reason}"
+        _converted.append(rep.nodeid)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -61,8 +64,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if ci_mode():
-        terminalreporter.write_line("CARDBRIDGE_CI=1: skipped tests count as failures")
+    if _converted:
+        terminalreporter.write_line(f"CARDBRIDGE_CI=1: {len(_converted)} skipped test(s) counted as failures: "
+                                    + ", ".join(_converted))
     elif terminalreporter.stats.get("skipped") and not (terminalreporter.stats.get("passed")
                                                         or terminalreporter.stats.get("xfailed")):
         terminalreporter.write_line(f"every selected test was skipped: exit status {SKIP_EXIT} (CTest: skipped)")
