@@ -15,12 +15,57 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 typedef int (*accept_fn)(int, struct sockaddr *, socklen_t *);
 typedef int (*accept4_fn)(int, struct sockaddr *, socklen_t *, int);
 typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
+typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
+
+static int nodelay_enabled(void)
+{
+    const char *v = getenv("CBHARNESS_NODELAY");
+    return !(v && strcmp(v, "0") == 0);
+}
+
+/* The held listening socket for an IPv4 port, or -1. */
+static int held_fd(unsigned port)
+{
+    const char *p = getenv("CBHARNESS_HELD_PORTS");
+    while (p && *p) {
+        char *end;
+        unsigned long hp = strtoul(p, &end, 10);
+        if (*end != ':')
+            return -1;
+        long fd = strtol(end + 1, &end, 10);
+        if (hp == port)
+            return (int)fd;
+        if (*end != ',')
+            return -1;
+        p = end + 1;
+    }
+    return -1;
+}
+
+int bind(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    static bind_fn real;
+    if (!real)
+        real = (bind_fn)dlsym(RTLD_NEXT, "bind");
+    if (addr && addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        int held = held_fd(ntohs(((const struct sockaddr_in *)addr)->sin_port));
+        if (held >= 0) {
+            if (dup2(held, fd) < 0)
+                return -1;
+            return 0;
+        }
+    }
+    return real(fd, addr, len);
+}
 
 static void set_nodelay_if_tcp(int fd)
 {
@@ -30,7 +75,7 @@ static void set_nodelay_if_tcp(int fd)
     struct sockaddr_storage ss;
     socklen_t slen = sizeof ss;
 
-    if (fd < 0)
+    if (fd < 0 || !nodelay_enabled())
         goto out;
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) != 0 || type != SOCK_STREAM)
         goto out;

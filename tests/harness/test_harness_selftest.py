@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from cbharness import (
+    GATED_APDU,
+    HANG_GUARD_S,
     EmulatedDesk,
     HarnessError,
     HarnessTimeout,
@@ -26,7 +28,7 @@ from cbharness import (
     transmit,
     wait_until,
 )
-from cbharness.support import HARNESS_DIR, SYSTEM_PYTHON
+from cbharness.support import HARNESS_DIR, SYSTEM_PYTHON, nodelay_preload
 
 DEFAULT_ATR = "3b951381018073ff01000b"
 
@@ -155,7 +157,7 @@ def test_stock_vicc_crashes_on_select_with_fci_and_fix_tlv_helps(fresh_desk):
     # vicc dies with a TypeError; pcscd returns success with an EMPTY response
     assert first["rv"] == "0x00000000" and first["resp"] == ""
     assert second["rv"] == "0x80100016"  # SCARD_E_NOT_TRANSACTED
-    wait_until(lambda: not d.vicc(0).alive(), 5, desc="vicc to die")
+    wait_until(lambda: not d.vicc(0).alive(), HANG_GUARD_S, desc="vicc to die")
     assert "TypeError" in d.vicc_log_text(0)
     # insert_card() notices the dead emulator, waits for the removal, restarts it
     d.insert_card(0, fix_tlv=True)
@@ -186,13 +188,35 @@ def test_custom_atr_and_test_ins(fresh_desk):
     assert f["sw"] == "9000" and len(f["data"]) == 2 * 4096
 
 
+_NODELAY_PROBE = r'''
+import os, socket, sys
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+cli = socket.create_connection(srv.getsockname())
+acc, _ = srv.accept()
+opt = lambda s: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+print(opt(acc), opt(cli))
+'''
+
+
+@pytest.mark.parametrize("nodelay", ["1", "0"])
+def test_preload_sets_tcp_nodelay(nodelay):
+    """What the preload does, read back from the socket (not from a latency): TCP_NODELAY on
+    accepted and connecting TCP sockets; CBHARNESS_NODELAY=0 (preload=False desks) turns it off."""
+    env = {**os.environ, "LD_PRELOAD": str(nodelay_preload()), "CBHARNESS_NODELAY": nodelay}
+    r = subprocess.run([SYSTEM_PYTHON, "-c", _NODELAY_PROBE], env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)
+    want = "1 1" if nodelay == "1" else "0 0"
+    assert r.stdout.split() == want.split(), r
+
+
 def test_apdu_latency_with_and_without_preload(desk):
+    """Without TCP_NODELAY every APDU waits for a delayed ACK (Nagle: vpcd writes a frame in two
+    send() calls): at least the kernel's 40 ms delayed-ACK timer, whatever the load, so that
+    lower bound is asserted. The figure with the preload is reported, not asserted."""
     r = pcsc_call(desk.socket_path, "bench", "--reader", desk.readers[0], "--apdu", "0084000008", "-n", "100")
-    assert r["median_ms"] < 5.0, r
     with EmulatedDesk(cards=[0], preload=False) as slow:
         s = pcsc_call(slow.socket_path, "bench", "--reader", slow.readers[0], "--apdu", "0084000008",
                       "-n", "8", "--warmup", "1")
-    # Nagle + delayed ACK: ~40 ms per APDU without TCP_NODELAY
     assert s["median_ms"] > 20.0, s
     print(f"\nGET CHALLENGE median: {r['median_ms']} ms with preload, {s['median_ms']} ms without")
 
@@ -200,17 +224,16 @@ def test_apdu_latency_with_and_without_preload(desk):
 # ---------------------------------------------------------------- card events
 def test_card_removal_and_reinsertion_seen_by_getstatuschange(fresh_desk):
     d = fresh_desk
-    with PcscWatch(d.socket_path, d.readers[0], count=2, timeout=20) as w:
+    with PcscWatch(d.socket_path, d.readers[0], count=2, timeout=HANG_GUARD_S) as w:
         assert "PRESENT" in w.ready["flags"]
         t0 = time.monotonic()
         d.remove_card(0, wait=False)
-        ev = w.next_event(timeout=3)
+        ev = w.next_event(timeout=HANG_GUARD_S)
         assert "EMPTY" in ev["flags"]
         removal_latency = ev["t"] - t0
-        assert removal_latency < 1.0, f"removal seen after {removal_latency:.3f}s"
         t1 = time.monotonic()
         d.insert_card(0, wait=False)
-        ev = w.next_event(timeout=5)
+        ev = w.next_event(timeout=HANG_GUARD_S)
         assert "PRESENT" in ev["flags"] and ev["atr"] == DEFAULT_ATR
         insert_latency = ev["t"] - t1
     print(f"\nremoval seen after {removal_latency * 1000:.0f} ms, insertion after {insert_latency * 1000:.0f} ms")
@@ -237,8 +260,12 @@ def test_sigusr1_does_not_hotplug_readers(fresh_desk):
         "LIBPATH /usr/lib/pcsc/drivers/serial/libifdvpcd.so\n")
     (d.conf_dir / "vpcd").unlink()
     d.signal_pcscd(signal.SIGUSR1)
-    wait_until(lambda: "Received signal: 10" in d.log_text(), 5, desc="pcscd to log SIGUSR1")
-    time.sleep(0.5)  # a rescan would have happened synchronously in the signal thread
+    wait_until(lambda: "Received signal: 10" in d.log_text(), HANG_GUARD_S, desc="pcscd to log SIGUSR1")
+    # A rescan would run in pcscd's signal thread right after that line: a second signal is
+    # logged by the same thread only once the first one has been handled completely.
+    d.signal_pcscd(signal.SIGUSR1)
+    wait_until(lambda: d.log_text().count("Received signal: 10") >= 2, HANG_GUARD_S,
+               desc="pcscd to log the second SIGUSR1")
     assert d.reader_names() == d.readers
     assert "Extra PCD" not in d.log_text()
     with pytest.raises(HotplugUnsupported):
@@ -325,7 +352,7 @@ def test_no_orphans_when_test_process_is_killed(tmp_path):
     finally:
         p.kill()
         p.wait()
-    wait_until(lambda: all(pid_gone(x) for x in pids), 5, desc="desk processes to die with their parent")
+    wait_until(lambda: all(pid_gone(x) for x in pids), HANG_GUARD_S, desc="desk processes to die with their parent")
 
 
 class _BrokenDriverDesk(EmulatedDesk):
@@ -336,7 +363,7 @@ class _BrokenDriverDesk(EmulatedDesk):
 
 
 def test_startup_failure_reports_pcscd_log():
-    d = _BrokenDriverDesk(start_timeout=5)
+    d = _BrokenDriverDesk()
     with pytest.raises(HarnessError) as ei:
         d.start()
     msg = str(ei.value)
@@ -346,7 +373,9 @@ def test_startup_failure_reports_pcscd_log():
     assert d.dir is not None and not d.dir.exists()
 
 
-def test_port_conflict_is_retried_quickly():
+def test_port_conflict_is_retried():
+    """A block that was not held (the only way to get one now) and whose port is taken: pcscd
+    starts without those readers; the desk sees it in pcscd's log and takes a new, held block."""
     import socket
     from cbharness.ports import PortBlock, reserve_ports
 
@@ -357,26 +386,66 @@ def test_port_conflict_is_retried_quickly():
         s.listen()
         d = EmulatedDesk(cards=[0])
         d.ports = PortBlock(taken, 2, [])  # force the conflicting block
-        t = time.monotonic()
         try:
             d.start()
             assert d.ports.base != taken and d.card_present(0)
-            assert time.monotonic() - t < 8
+            assert len(d.ports.sockets) == 2
         finally:
             d.stop()
             blk.release()
 
 
+def _socket_inodes(pid: int) -> set:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(int(link[8:-1]))
+    return out
+
+
+def test_vpcd_ports_are_held_not_rebound(desk):
+    """The desk binds its vpcd ports and keeps them: pcscd listens on the very sockets the harness
+    holds (the preload's bind() hands them over), so no other process can take a port between a
+    check and pcscd's bind()."""
+    held = {os.fstat(sock.fileno()).st_ino for sock in desk.ports.sockets}
+    assert len(held) == desk.slots
+    # (pcscd is started as unshare -> sh -> exec pcscd: the Proc's pid is pcscd itself)
+    inodes = _socket_inodes(desk.pcscd.pid)
+    assert held <= inodes, f"pcscd does not listen on the held sockets: {held - inodes}"
+
+
+def test_gated_card_holds_the_apdu_until_released(fresh_desk):
+    """insert_card(gate=True): INS EF is at the card (gate.held) and unanswered until release()."""
+    import threading
+    d = fresh_desk
+    d.remove_card(0)
+    d.insert_card(0, gate=True)
+    gate = d.gate(0)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(transmit(d.socket_path, d.readers[0], GATED_APDU,
+                                                             "0084000008")))
+    t.start()
+    gate.wait_held(1)
+    assert t.is_alive() and gate.held() == 1  # held at the card, unanswered
+    gate.release(1)
+    t.join(HANG_GUARD_S)
+    assert [(x["rv"], x["sw"]) for x in out["responses"]] == [("0x00000000", "9000"), ("0x00000000", "9000")], out
+
+
 # ---------------------------------------------------------------- tools
 def test_pcsc_tools_and_opensc_against_desk(desk):
     env = desk.full_env()
-    r = subprocess.run(["pcsc_scan", "-r"], env=env, capture_output=True, text=True, timeout=15)
+    r = subprocess.run(["pcsc_scan", "-r"], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0 and r.stdout.splitlines() == ["0: Virtual PCD 00 00", "1: Virtual PCD 00 01"]
-    r = subprocess.run(["opensc-tool", "-l"], env=env, capture_output=True, text=True, timeout=15)
+    r = subprocess.run(["opensc-tool", "-l"], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0
     assert "0    Yes             Virtual PCD 00 00" in r.stdout and "1    No              Virtual PCD 00 01" in r.stdout
     r = subprocess.run(["opensc-tool", "-r", desk.readers[0], "-a"], env=env, capture_output=True, text=True,
-                       timeout=15)
+                       timeout=HANG_GUARD_S)
     assert r.returncode == 0 and r.stdout.strip() == "3b:95:13:81:01:80:73:ff:01:00:0b"
     assert desk.vicc(0).alive()
 

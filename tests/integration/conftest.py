@@ -21,6 +21,14 @@ subprocess of its own:
                  never sends (malformed or foreign requests, small receive buffers).
 Every process is cleaned up even when a test fails; the logs of the desk agent, the shim
 and pcscd are attached to the report of a failing test.
+
+Determinism (docs: the brief's "Deterministic tests"): a test waits for events, never for time.
+  * a call that must block is seen blocked (Pending.wait_blocked: the client thread's state in
+    the kernel) and must return only after the call that releases it started (t0/t1 are
+    CLOCK_MONOTONIC, comparable across processes);
+  * a transfer "in flight" is one the card holds (the gated card: desk.gate(slot));
+  * the desk is idle (no pcscd handle open) before a test on the shared rig starts;
+  * every time bound is HANG_GUARD_S, a hang guard; durations are printed, never asserted.
 """
 from __future__ import annotations
 
@@ -43,7 +51,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
-from cbharness import EmulatedDesk, Proc, last_json_line, reader_states, shim_control, wait_until  # noqa: E402
+from cbharness import (GATED_APDU, HANG_GUARD_S, EmulatedDesk, Proc, last_json_line, reader_states,  # noqa: E402
+                       shim_control, threadstate, wait_until)
 from cbharness.waiting import HarnessError  # noqa: E402
 
 # Test files import the helpers below as `core_support` (tests/harness has a conftest.py of its
@@ -235,6 +244,9 @@ def op_crash(c):
 OPS = {k[3:]: v for k, v in globals().items() if k.startswith("op_")}
 
 def run(c):
+    if c.get("async"):
+        # the thread's kernel id: the test reads what this call is blocked in (cbharness.threadstate)
+        out({"id": c["id"], "started": True, "tid": threading.get_native_id()})
     t0 = time.monotonic()
     try:
         res = OPS[c["op"]](c)
@@ -260,6 +272,8 @@ class SessionError(AssertionError):
 
 
 class Pending:
+    """A call running on its own thread of the session process."""
+
     def __init__(self, session: "PcscSession", cid: int, desc: str):
         self.session, self.id, self.desc = session, cid, desc
         self._res: Optional[dict] = None
@@ -267,10 +281,30 @@ class Pending:
     def done(self) -> bool:
         return self._res is not None or self.session._peek(self.id) is not None
 
-    def result(self, timeout: float = 10.0) -> dict:
+    def result(self, timeout: float = HANG_GUARD_S) -> dict:
         if self._res is None:
             self._res = self.session._wait(self.id, timeout, self.desc)
         return self._res
+
+    def tid(self) -> int:
+        return wait_until(lambda: self.session._started.get(self.id), timeout=HANG_GUARD_S,
+                          desc=f"{self.desc} to start")
+
+    def wait_blocked(self, how: str, timeout: float = HANG_GUARD_S) -> None:
+        """Until the call is blocked in libpcsclite as |how| says (cbharness.threadstate):
+        "wait"  SCardGetStatusChange waiting for an event, cancellable;
+        "reply" the request is with the daemon, which has not answered;
+        "retry" the daemon answered SCARD_E_SHARING_VIOLATION, the client sleeps and asks again.
+        Fails at once if the call returns instead."""
+        tid = self.tid()
+        pid = self.session.pid
+
+        def returned():
+            return f"it returned instead: {self.result(0)}" if self.done() else None
+
+        wait_until(lambda: threadstate.state(pid, tid) == how, timeout=timeout,
+                   desc=f"{self.desc} to be blocked ({how})", abort=returned,
+                   details=lambda: f"thread {tid} of {pid}: {threadstate.state(pid, tid)!r}")
 
 
 class PcscSession:
@@ -287,12 +321,14 @@ class PcscSession:
                                   text=True, start_new_session=True)
         self._next = 1
         self._results: Dict[int, dict] = {}
+        self._started: Dict[int, int] = {}  # call id -> kernel thread id
+        self.killed_at: Optional[float] = None
         self._cv = threading.Condition()
         self._eof = False
         self._stderr: List[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
         threading.Thread(target=self._pump_err, daemon=True).start()
-        hello = self._wait(0, 15.0, "session start")
+        hello = self._wait(0, HANG_GUARD_S, "session start")
         self.pid = hello["pid"]
 
     def _pump(self) -> None:
@@ -302,7 +338,10 @@ class PcscSession:
             except json.JSONDecodeError:
                 continue
             with self._cv:
-                self._results[obj.get("id", 0)] = obj
+                if obj.get("started"):
+                    self._started[obj["id"]] = obj["tid"]
+                else:
+                    self._results[obj.get("id", 0)] = obj
                 self._cv.notify_all()
         with self._cv:
             self._eof = True
@@ -344,17 +383,19 @@ class PcscSession:
             raise SessionError(f"{self.name}: process gone ({exc}); stderr={''.join(self._stderr)[-2000:]}")
         return Pending(self, cid, f"{op} {kw}")
 
-    def call(self, op: str, timeout: float = 10.0, **kw) -> dict:
+    def call(self, op: str, timeout: float = HANG_GUARD_S, **kw) -> dict:
         return self.start(op, **kw).result(timeout)
 
-    def rv(self, op: str, timeout: float = 10.0, **kw) -> str:
+    def rv(self, op: str, timeout: float = HANG_GUARD_S, **kw) -> str:
         return self.call(op, timeout=timeout, **kw)["rv"]
 
     def alive(self) -> bool:
         return self.p.poll() is None
 
     def kill(self) -> None:
+        """SIGKILL (a crash); killed_at = CLOCK_MONOTONIC just before the signal."""
         if self.p.poll() is None:
+            self.killed_at = time.monotonic()
             try:
                 os.killpg(self.p.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -396,7 +437,7 @@ class WireClosed(Exception):
 class WireClient:
     """Speaks the pcsc-lite daemon protocol on a raw socket (what libpcsclite sends)."""
 
-    def __init__(self, sock_path: str, timeout: float = 5.0):
+    def __init__(self, sock_path: str, timeout: float = HANG_GUARD_S):
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # A blocking connect waits for room in the listen backlog (a socket with a timeout is
         # non-blocking in Python and would fail with EAGAIN when pcscd is slow to accept).
@@ -544,7 +585,7 @@ class Rig:
 
     def __init__(self, *, slots: int = 2, cards=({"slot": 0},), log_level: str = "debug", name: str = "core",
                  start_agent: bool = True, start_shim: bool = True, shim_desk: Optional[str] = None,
-                 shim_args=(), agent_args=()):
+                 shim_args=(), agent_args=(), desk_debug: bool = False):
         require_built()
         self.log_level = log_level
         self.rt = _short_tmp(f"cb{name}-")
@@ -560,9 +601,9 @@ class Rig:
         self.agent: Optional[Proc] = None
         self.shim: Optional[Proc] = None
         self.retired: List[Proc] = []
-        self.desk = EmulatedDesk(slots=slots, name=name)
+        self.desk = EmulatedDesk(slots=slots, name=name, debug=desk_debug or None)
         try:
-            self._start_desk(slots, name)
+            self.desk.start()
             for c in cards:
                 c = dict(c)
                 self.desk.insert_card(c.pop("slot"), **c)
@@ -575,20 +616,6 @@ class Rig:
         except BaseException:
             self.stop()
             raise
-
-    def _start_desk(self, slots: int, name: str, attempts: int = 3) -> None:
-        # Harness race (tests/harness/cbharness/desk.py): pcscd logs "daemon ready" a moment
-        # before its socket file exists, and the start-up check then gives up at once
-        # ("pcscd is ready but does not serve the expected readers"). Try again.
-        for attempt in range(attempts):
-            try:
-                self.desk.start()
-                return
-            except HarnessError as exc:
-                if "ready but does not serve" not in str(exc) or attempt == attempts - 1:
-                    raise
-                self.desk.stop()
-                self.desk = EmulatedDesk(slots=slots, name=name)
 
     # ---- processes ----
     def sock(self, target: str) -> str:
@@ -606,7 +633,8 @@ class Rig:
         self.agent = self._proc([DESK_BIN, "--listen", f"unix:{self.agent_sock}", "--log-level",
                                  level or self.log_level, "--name", "coredesk", *self.agent_args], "agent", env)
         agent = self.agent
-        wait_until(lambda: os.path.exists(self.agent_sock) and "listening on" in agent.log_text(), timeout=10,
+        wait_until(lambda: os.path.exists(self.agent_sock) and "listening on" in agent.log_text(),
+                   timeout=HANG_GUARD_S,
                    desc="the desk agent's socket",
                    abort=lambda: None if agent.alive() else agent.exit_description(),
                    details=lambda: agent.failure_report())
@@ -615,7 +643,7 @@ class Rig:
     def kill_agent(self, sig: int = signal.SIGKILL) -> None:
         agent = self.agent
         os.kill(agent.pid, sig)
-        agent.wait(5)
+        agent.wait(HANG_GUARD_S)
         agent.stop()
         # A SIGKILLed agent leaves its socket file behind; a restarted one replaces it.
 
@@ -625,7 +653,8 @@ class Rig:
         self.shim = self._proc([SHIM_BIN, "--socket", self.shim_sock, "--desk", self.shim_desk, "--log-level",
                                 level or self.log_level, *self.shim_args], "shim", client_env("/nonexistent"))
         shim = self.shim
-        wait_until(lambda: os.path.exists(self.shim_sock) and os.path.exists(self.shim_sock + ".ctl"), timeout=10,
+        wait_until(lambda: os.path.exists(self.shim_sock) and os.path.exists(self.shim_sock + ".ctl"),
+                   timeout=HANG_GUARD_S,
                    desc="the shim's sockets", abort=lambda: None if shim.alive() else shim.exit_description(),
                    details=lambda: shim.failure_report())
         return shim
@@ -636,9 +665,9 @@ class Rig:
         p = self._proc([SHIM_BIN, "--socket", sock, "--desk", self.shim_desk, "--log-level", self.log_level,
                         *args], name, client_env("/nonexistent"))
         self.retired.append(p)
-        wait_until(lambda: os.path.exists(sock), timeout=10, desc=f"{name}'s socket",
+        wait_until(lambda: os.path.exists(sock), timeout=HANG_GUARD_S, desc=f"{name}'s socket",
                    abort=lambda: None if p.alive() else p.exit_description())
-        wait_until(lambda: [r.name for r in reader_states(sock)] == self.desk.readers, timeout=10,
+        wait_until(lambda: [r.name for r in reader_states(sock)] == self.desk.readers, timeout=HANG_GUARD_S,
                    desc=f"{name} to show the desk's readers", details=lambda: p.failure_report())
         return p, sock
 
@@ -648,7 +677,7 @@ class Rig:
     def desk_view(self) -> List[tuple]:
         return [(r.name, r.card_present, r.atr.hex()) for r in reader_states(self.desk.socket_path)]
 
-    def wait_synced(self, timeout: float = 10.0) -> None:
+    def wait_synced(self, timeout: float = HANG_GUARD_S) -> None:
         """Until the shim's reader array shows what the desk's pcscd shows."""
         wait_until(lambda: self.shim_view() == self.desk_view(), timeout=timeout,
                    desc="the shim to show the desk's readers",
@@ -662,7 +691,7 @@ class Rig:
         except Exception as exc:  # noqa: BLE001
             return f"({exc})"
 
-    def ctl(self, cmd: dict, timeout: float = 5.0) -> dict:
+    def ctl(self, cmd: dict, timeout: float = HANG_GUARD_S) -> dict:
         return shim_control(self.shim_sock + ".ctl", cmd, timeout)
 
     def status(self) -> dict:
@@ -676,15 +705,29 @@ class Rig:
         self.sessions.append(s)
         return s
 
-    def cb_pcsc(self, target: str, *args: str, timeout: float = 30.0) -> dict:
+    def cb_pcsc(self, target: str, *args: str, timeout: float = HANG_GUARD_S) -> dict:
         return cb_pcsc(self.sock(target), *args, timeout=timeout)
 
-    def warm(self, slot: int = 0) -> None:
-        """Powers the card up and negotiates its protocol (a shared connect at the desk), so that
-        a desk run and a shim run start from the same pcscd card state (pcscd powers an idle card
-        down after 5 s and forgets its protocol)."""
-        r = self.cb_pcsc("desk", "status", "--reader", self.desk.readers[slot])
-        assert r.get("status") == "0x00000000", r
+    def wait_desk_idle(self) -> None:
+        """Until no handle is open at the desk's pcscd (every reader's sharing count is 0): the
+        shim answers a program's Disconnect or End before its desk side is done (pipelining), and
+        a program that closes leaves its clean-up to the shim; the next run must not race that."""
+        wait_until(lambda: all(r.sharing == 0 for r in self.desk.states()), timeout=HANG_GUARD_S,
+                   desc="the desk's pcscd to have no handle open",
+                   details=lambda: f"{self.desk.states()}\nshim: {self._safe(self.status)}")
+
+    def cold(self, slot: int = 0) -> None:
+        """Brings the desk to a state that does not change by itself, so that a desk run and a
+        shim run start from the same pcscd card state: no handle open (wait_desk_idle) and the
+        card powered down. pcscd 1.9.9 powers a card down about half a second after its last
+        handle goes and forgets the negotiated protocol (eventhandler.c: cardProtocol is set to
+        SCARD_PROTOCOL_UNDEFINED with the power-off), which a DIRECT connect reports and a RAW or
+        T=0 connect is checked against: a "warm" card would be a race with that timer. The
+        event: the reader array's cardProtocol is 0 (and the card is present)."""
+        self.wait_desk_idle()
+        wait_until(lambda: (lambda st: st.card_present and st.protocol == 0)(self.desk.state(slot)),
+                   timeout=HANG_GUARD_S, desc="pcscd to power the idle card down",
+                   details=lambda: f"{self.desk.state(slot)}")
 
     def readers(self, slots=None) -> List[str]:
         return self.desk.readers if slots is None else [self.desk.readers[i] for i in slots]
@@ -755,13 +798,24 @@ def module_rig_factory():
 
 # Card set-up of the shared (module) rig: slot 0 a vicc (ISO 7816 card, with the harness fix
 # for the SELECT-with-FCI crash), slot 1 empty, slot 2 a vicc with the harness test INS EE
-# (echo / pattern responses) and extended length, slot 3 empty.
-SHARED_CARDS = ({"slot": 0, "fix_tlv": True}, {"slot": 2, "test_ins": True, "extended": True})
+# (echo / pattern responses), extended length and the gated INS EF (held at the card until the
+# test releases it: desk.gate(2)), slot 3 empty.
+SHARED_CARDS = ({"slot": 0, "fix_tlv": True}, {"slot": 2, "test_ins": True, "extended": True, "gate": True})
 
 
 @pytest.fixture(scope="module")
 def rig(module_rig_factory) -> Rig:
     return module_rig_factory(slots=4, cards=SHARED_CARDS)
+
+
+@pytest.fixture(autouse=True)
+def _shared_rig_idle(request):
+    """A test on the shared rig starts with nothing open at the desk: the previous test's last
+    Disconnect or End through the shim may still be on its way to the desk (pipelining)."""
+    if "rig" in request.fixturenames:
+        r = request.getfixturevalue("rig")
+        if isinstance(r, Rig):  # (the RDP tests have a rig of their own)
+            r.wait_desk_idle()
 
 
 @pytest.fixture
@@ -793,7 +847,7 @@ def pytest_runtest_makereport(item, call):
 # ------------------------------------------------------------------------------------------
 # helpers for tests
 
-def cb_pcsc(sock: str, *args: str, timeout: float = 30.0) -> dict:
+def cb_pcsc(sock: str, *args: str, timeout: float = HANG_GUARD_S) -> dict:
     r = subprocess.run([str(CB_PCSC), *args], env=client_env(sock), capture_output=True, text=True, timeout=timeout)
     return last_json_line(r, f"cb-pcsc {args} on {sock}")
 
@@ -814,7 +868,7 @@ def pyscard_popen(sock: str, code: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def pyscard_result(p: subprocess.Popen, timeout: float = 30.0) -> dict:
+def pyscard_result(p: subprocess.Popen, timeout: float = HANG_GUARD_S) -> dict:
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -827,12 +881,12 @@ def pyscard_result(p: subprocess.Popen, timeout: float = 30.0) -> dict:
     return json.loads(lines[-1])
 
 
-def run_pyscard(sock: str, code: str, *args: str, timeout: float = 30.0) -> dict:
+def run_pyscard(sock: str, code: str, *args: str, timeout: float = HANG_GUARD_S) -> dict:
     """Runs a pyscard snippet in a subprocess on one socket; returns its last JSON line."""
     return pyscard_result(pyscard_popen(sock, code, *args), timeout)
 
 
-def run_tool(argv, sock: str, timeout: float = 20.0, input: Optional[str] = None) -> subprocess.CompletedProcess:
+def run_tool(argv, sock: str, timeout: float = HANG_GUARD_S, input: Optional[str] = None) -> subprocess.CompletedProcess:
     return subprocess.run(argv, env=client_env(sock), capture_output=True, text=True, timeout=timeout, input=input)
 
 

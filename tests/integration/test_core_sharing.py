@@ -3,14 +3,18 @@ BeginTransaction waiting for another context's EndTransaction, resets by disposi
 transaction holder that dies. Each scenario runs on the desk's pcscd and through the shim with
 separate processes as the competing programs, and the results are compared.
 
+"Waits" are proven by events and order, never by durations: the waiting call is seen blocked in
+libpcsclite (Pending.wait_blocked: "retry" = the daemon answered SCARD_E_SHARING_VIOLATION and
+the client sleeps before asking again; "reply" = the daemon holds the request unanswered), and it
+returns only after the call that releases it has started (its t1 >= the releasing call's t0;
+both are CLOCK_MONOTONIC stamps taken in the client processes).
+
 Shared rig: slot 0 card (T=1)."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from core_support import GET_CHALLENGE, OK, RV, compare, strip_times
+from core_support import GET_CHALLENGE, HANG_GUARD_S, OK, RV, compare, strip_times, threadstate, wait_until
 
 NO_BLOCKING = {"PCSCLITE_NO_BLOCKING": "1"}  # libpcsclite then returns SHARING_VIOLATION instead of retrying
 
@@ -35,7 +39,7 @@ def test_share_mode_matrix(rig, first, second):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             ca = a.call("connect", reader=r0, share=first, protocols=0 if first == "direct" else 3)
@@ -64,10 +68,9 @@ def test_exclusive_across_shim_and_desk(rig, holder_t, contender_t):
         assert contender.rv("connect", reader=r0) == RV["E_SHARING_VIOLATION"]
         assert contender.rv("connect", reader=r0, share="exclusive") == RV["E_SHARING_VIOLATION"]
         assert holder.rv("disconnect") == OK
-        deadline = time.monotonic() + 1.0  # the shim may complete its desk-side disconnect later
-        while contender.rv("connect", reader=r0, share="exclusive") != OK:
-            assert time.monotonic() < deadline, "the reader stayed exclusive after the disconnect"
-            time.sleep(0.02)
+        # (the shim may complete its desk-side disconnect after answering the program)
+        wait_until(lambda: contender.rv("connect", reader=r0, share="exclusive") == OK, timeout=HANG_GUARD_S,
+                   desc="the reader to be free after the exclusive holder disconnected")
         assert contender.rv("disconnect") == OK
     finally:
         _close(holder, contender)
@@ -100,7 +103,7 @@ def test_exclusive_reconnected_at_once_by_another_context(rig):
                   {"op": "disconnect", "h": "a"},
                   {"op": "connect", "ctx": "b", "reader": r0, "share": "exclusive", "h": "b"},
                   {"op": "disconnect", "h": "b"}]
-    compare(batch_rv_counts(rig, steps, timeout=30),
+    compare(batch_rv_counts(rig, steps, timeout=2 * HANG_GUARD_S),
             "exclusive connect by B right after A's exclusive handle was disconnected (200 rounds; counts of op/rv)")
 
 
@@ -116,7 +119,7 @@ def test_disconnect_with_reset_then_another_context_connects(rig):
                   {"op": "connect", "ctx": "b", "reader": r0, "h": "b"},
                   {"op": "transmit", "h": "b", "apdu": GET_CHALLENGE},
                   {"op": "disconnect", "h": "b"}]
-    compare(batch_rv_counts(rig, steps, timeout=60),
+    compare(batch_rv_counts(rig, steps, timeout=2 * HANG_GUARD_S),
             "B connects and transmits right after A's Disconnect(RESET) (100 rounds; counts of op/rv)")
 
 
@@ -126,29 +129,27 @@ def test_begin_transaction_waits_for_end_transaction(rig):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             assert a.rv("connect", reader=r0) == OK and b.rv("connect", reader=r0) == OK
             assert a.rv("begin") == OK
             pb = b.start("begin")
-            time.sleep(0.5)  # the bound being tested: B must still be waiting
-            waited = not pb.done()
+            pb.wait_blocked("retry")  # the daemon told B: SHARING_VIOLATION; libpcsclite asks again
             ta = a.call("transmit", apdu=GET_CHALLENGE)
             end = a.call("end")
-            rb = pb.result(5)
-            res[t] = {"b_waited": waited, "a_transmit": ta["rv"], "a_end": end["rv"], "b_begin": rb["rv"],
+            rb = pb.result()
+            res[t] = {"a_transmit": ta["rv"], "a_end": end["rv"], "b_begin": rb["rv"],
                       "b_after_end_ok": rb["t1"] >= end["t0"]}
-            lag = rb["t1"] - end["t1"]
-            assert lag < 1.0, f"{t}: B got the transaction {lag:.2f}s after A's EndTransaction"
+            print(f"{t}: B got the transaction {1000 * (rb['t1'] - end['t1']):.0f} ms after A's EndTransaction")
             tb = b.call("transmit", apdu=GET_CHALLENGE)
             res[t]["b_transmit"] = tb["rv"]
             res[t]["b_end"] = b.rv("end")
         finally:
             _close(a, b)
     compare(res, "BeginTransaction while another context holds the transaction")
-    assert res["shim"] == {"b_waited": True, "a_transmit": OK, "a_end": OK, "b_begin": OK,
-                           "b_after_end_ok": True, "b_transmit": OK, "b_end": OK}
+    assert res["shim"] == {"a_transmit": OK, "a_end": OK, "b_begin": OK, "b_after_end_ok": True, "b_transmit": OK,
+                           "b_end": OK}
 
 
 @pytest.mark.parametrize("op", ["transmit", "status", "connect", "reconnect"])
@@ -158,7 +159,7 @@ def test_calls_wait_while_another_context_holds_the_transaction(rig, op):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             assert a.rv("connect", reader=r0) == OK
@@ -168,12 +169,13 @@ def test_calls_wait_while_another_context_holds_the_transaction(rig, op):
             args = {"transmit": dict(apdu=GET_CHALLENGE), "status": {}, "connect": dict(reader=r0, h="h2"),
                     "reconnect": dict(init="leave")}[op]
             pb = b.start(op, **args)
-            time.sleep(0.5)
-            waited = not pb.done()
+            # pcscd blocks a Connect inside the daemon (it polls the lock); the other calls get
+            # SHARING_VIOLATION and libpcsclite asks again every 100 ms
+            pb.wait_blocked("reply" if op == "connect" else "retry")
             end = a.call("end")
-            rb = pb.result(5)
-            res[t] = {"waited": waited, "end": end["rv"], "b": rb["rv"]}
-            assert rb["t1"] - end["t1"] < 1.0, f"{t}: {op} returned {rb['t1'] - end['t1']:.2f}s after the End"
+            rb = pb.result()
+            res[t] = {"waited": rb["t1"] >= end["t0"], "end": end["rv"], "b": rb["rv"]}
+            print(f"{t}: {op} returned {1000 * (rb['t1'] - end['t1']):.0f} ms after the End")
         finally:
             _close(a, b)
     compare(res, f"{op} from B while A holds a transaction")
@@ -187,7 +189,7 @@ def test_sharing_violation_without_blocking(rig, op):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t, env=NO_BLOCKING)
         try:
             assert a.rv("connect", reader=r0) == OK and b.rv("connect", reader=r0) == OK
@@ -203,12 +205,23 @@ def test_sharing_violation_without_blocking(rig, op):
     compare(res, f"{op} from B during / after A's transaction (PCSCLITE_NO_BLOCKING)")
 
 
-def _outcome(p, wait=0.5):
-    """The rv of a started call, or "blocked" if it has not returned after `wait` s."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and not p.done():
-        time.sleep(0.01)
-    return p.result(0.1)["rv"] if p.done() else "blocked"
+def _blocked(p, how: str) -> str:
+    """"blocked" once the started call is seen blocked in libpcsclite (how: "retry" or "reply",
+    see the module docstring), or its rv if it returns first. (With "reply", a call that is
+    about to be answered can be caught in flight: the caller then proves the wait by order,
+    _released_by.)"""
+    tid = p.tid()
+    pid = p.session.pid
+    wait_until(lambda: p.done() or threadstate.state(pid, tid) == how, timeout=HANG_GUARD_S,
+               desc=f"{p.desc} to return or block ({how})")
+    return p.result()["rv"] if p.done() else "blocked"
+
+
+def _released_by(p, release: dict) -> dict:
+    """The blocked call's result, which must come after the releasing call started."""
+    r = p.result()
+    assert r["t1"] >= release["t0"], f"{p.desc} returned before the call that releases it: {r} / {release}"
+    return r
 
 
 def _strict_shim(rig):
@@ -230,13 +243,13 @@ def test_begin_by_desk_program_while_shim_program_holds_transaction(rig):
         assert a.rv("connect", reader=r0) == OK and d.rv("connect", reader=r0) == OK
         begin_a = a.rv("begin")
         pd = d.start("begin")
-        d_begin = _outcome(pd)
+        d_begin = _blocked(pd, "retry")
         a_transmit = a.rv("transmit", apdu=GET_CHALLENGE)
         end_a = a.call("end")
-        d_begin_late = pd.result(5)
+        d_begin_late = _released_by(pd, end_a)
         d.call("end")
         assert (begin_a, d_begin, a_transmit, end_a["rv"]) == (OK, "blocked", OK, OK)
-        assert d_begin_late["rv"] == OK and d_begin_late["t1"] - end_a["t1"] < 1.0
+        assert d_begin_late["rv"] == OK
     finally:
         _close(a, d)
 
@@ -252,12 +265,14 @@ def test_begin_by_shim_program_while_desk_program_holds_transaction(rig):
         assert a.rv("connect", reader=r0) == OK and d.rv("connect", reader=r0) == OK
         assert d.rv("begin") == OK
         pa = a.start("begin")
-        a_begin = _outcome(pa)
+        # (the shim's request waits at the desk, where the desk agent's Begin is in libpcsclite's
+        # retry loop: the program sees an unanswered request)
+        a_begin = _blocked(pa, "reply")
         end = d.call("end")
-        ra = pa.result(5)
+        ra = _released_by(pa, end)
         a.call("end")
         assert a_begin == "blocked"
-        assert ra["rv"] == OK and ra["t1"] - end["t1"] < 1.0
+        assert ra["rv"] == OK
     finally:
         _close(a, d)
 
@@ -278,16 +293,17 @@ def test_deferred_begin_starts_the_transaction_at_the_first_card_operation(rig):
         assert d.rv("begin") == OK
         assert a.rv("begin") == OK  # answered by the shim
         pt = a.start("transmit", apdu=GET_CHALLENGE)
-        assert _outcome(pt) == "blocked"  # the desk program still holds the card
+        # the desk program still holds the card: the shim's request waits at the desk
+        assert _blocked(pt, "reply") == "blocked"
         end_d = d.call("end")
-        rt = pt.result(5)
-        assert rt["rv"] == OK and rt["t1"] - end_d["t1"] < 1.0
+        rt = _released_by(pt, end_d)
+        assert rt["rv"] == OK
         pd = d.start("begin")
-        assert _outcome(pd) == "blocked"  # now the server program holds it at the desk
+        assert _blocked(pd, "retry") == "blocked"  # now the server program holds it at the desk
         end_a = a.call("end")
-        rd = pd.result(5)
+        rd = _released_by(pd, end_a)
         d.call("end")
-        assert end_a["rv"] == OK and rd["rv"] == OK and rd["t1"] - end_a["t1"] < 1.0
+        assert end_a["rv"] == OK and rd["rv"] == OK
     finally:
         _close(a, d)
 
@@ -297,7 +313,7 @@ def test_nested_and_extra_end_transaction(rig, share):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         s = rig.session(t)
         try:
             s.call("establish")
@@ -319,7 +335,7 @@ def test_reset_by_one_handle_seen_by_the_others(rig, how):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             assert a.rv("connect", reader=r0) == OK and b.rv("connect", reader=r0) == OK
@@ -356,25 +372,25 @@ def test_reconnect_share_mode_changes(rig, share):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t, env=NO_BLOCKING)
         try:
             out = {"a_connect": a.rv("connect", reader=r0), "b_connect": b.rv("connect", reader=r0)}
             out["a_to_exclusive_while_b"] = a.call("reconnect", share="exclusive")["rv"]
             out["b_disconnect"] = b.rv("disconnect")
             out["a_to_exclusive_alone"] = a.call("reconnect", share="exclusive")["rv"]
+            # pcscd 1.9.9: while A holds the reader exclusively B's Connect is refused at once;
+            # A's Reconnect back to shared succeeds, but pcscd keeps the lock that the exclusive
+            # Reconnect took, so B's next Connect waits inside the daemon until A disconnects.
+            out["b_connect_while_a_exclusive"] = b.rv("connect", reader=r0, share=share)
+            out["a_to_shared"] = a.call("reconnect", share="shared")["rv"]
             pb = b.start("connect", reader=r0, share=share)
-            out["b_connect_while_a_exclusive"] = _outcome(pb)
-            out["a_to_shared"] = _outcome(a.start("reconnect", share="shared"), 2.0)
-            if out["b_connect_while_a_exclusive"] == "blocked":
-                out["b_connect_late"] = _outcome(pb, 2.0)
-            else:
-                # (pcscd 1.9.9 keeps the lock an exclusive Reconnect took after going back to
-                # shared, so this one waits until A disconnects)
-                pb = b.start("connect", reader=r0, share=share)
-                out["b_connect_again"] = _outcome(pb)
-            out["a_disconnect"] = a.rv("disconnect")
-            out["b_connect_final"] = pb.result(5)["rv"]
+            out["b_connect_again"] = _blocked(pb, "reply")
+            disc = a.call("disconnect")
+            out["a_disconnect"] = disc["rv"]
+            rb = pb.result()
+            out["b_connect_final"] = rb["rv"]
+            out["b_connect_returned_after_a_disconnect"] = rb["t1"] >= disc["t0"]
             res[t] = out
             b.call("disconnect")
         finally:
@@ -390,25 +406,38 @@ def test_transaction_holder_goes_away(rig, how):
     r0 = rig.desk.readers[0]
     res = {}
     for t in ("desk", "shim"):
-        rig.warm()
+        rig.cold()
         a, b = _pair(rig, t)
         try:
             assert a.rv("connect", reader=r0) == OK and b.rv("connect", reader=r0) == OK
             assert a.rv("begin") == OK
             pb = b.start("begin")
-            time.sleep(0.3)
-            assert not pb.done(), f"{t}: BeginTransaction did not wait"
-            t_gone = time.monotonic()
+            pb.wait_blocked("retry")
             if how == "killed":
                 a.kill()
+                gone = {"t0": a.killed_at}
             else:
-                assert a.rv("release") == OK
-            rb = pb.result(5)
-            lag = rb["t1"] - t_gone
-            assert lag < 1.5, f"{t}: waiting BeginTransaction returned {lag:.2f}s after the holder went away"
+                gone = a.call("release")
+                assert gone["rv"] == OK
+            rb = _released_by(pb, gone)
+            print(f"{t}: the waiting BeginTransaction returned {1000 * (rb['t1'] - gone['t0']):.0f} ms after the "
+                  f"holder went away")
             res[t] = {"b_begin": rb["rv"], "b_transmit": b.call("transmit", apdu=GET_CHALLENGE)["rv"],
                       "b_end": b.rv("end"), "b_reconnect": b.call("reconnect", init="leave")["rv"],
                       "b_transmit2": b.call("transmit", apdu=GET_CHALLENGE)["rv"]}
         finally:
             _close(a, b)
-    compare(res, f"transaction holder {how} while another context waits in BeginTransaction")
+    # pcscd's clean-up of the holder (winscard_svc.c@1.9.9 MSGRemoveContext) releases the lock
+    # and then resets the card with SCardDisconnect(RESET), which marks every other handle
+    # RESET first: the waiting Begin's next try gets SCARD_W_RESET_CARD, as do the calls after
+    # it until the handle reconnects. (pcscd has a race of its own there: a Begin that comes in
+    # the microseconds between the release and the marking takes the lock and sees no reset; a
+    # desk run that hit it is not a reference, and is reported. The shim must give the
+    # documented outcome every time.)
+    reset = RV["W_RESET_CARD"]
+    documented = {"b_begin": reset, "b_transmit": reset, "b_end": reset, "b_reconnect": OK, "b_transmit2": OK}
+    assert res["shim"] == documented, f"the shim after the holder {how}: {res['shim']} (desk: {res['desk']})"
+    if res["desk"] == documented:
+        compare(res, f"transaction holder {how} while another context waits in BeginTransaction")
+    else:
+        print(f"the desk's pcscd took its clean-up race this run: {res['desk']}")

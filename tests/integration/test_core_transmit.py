@@ -100,7 +100,7 @@ _LARGE = [
 def test_large_and_extended_apdus(rig, both, desc, apdu, resp_len):
     res = {}
     for t, s in _session_pair(both, rig, slot=2).items():
-        r = s.call("transmit", apdu=apdu, timeout=30)
+        r = s.call("transmit", apdu=apdu)
         res[t] = {"rv": r["rv"], "len": len(r["resp"]) // 2, "sw": r["sw"],
                   "sha": hashlib.sha256(bytes.fromhex(r["resp"])).hexdigest()}
         if "echo" in desc:

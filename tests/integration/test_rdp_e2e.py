@@ -6,6 +6,17 @@
       -> relay socket -> cardbridge-shim --desk unix:RELAY
       -> PC/SC programs on the shim's socket (cb-pcsc, pyscard)
 
+Fault scenarios pin the exact PC/SC code a local pcscd 1.9.9 gives for the same event (the
+RDP client going away is the desk's readers being unplugged, for the programs on the server):
+  * a call in flight at the card when the reader goes: SCARD_E_READER_UNAVAILABLE
+    (ifdwrapper.c@1.9.9 IFDTransmit: IFD_NO_SUCH_DEVICE -> SCARD_E_READER_UNAVAILABLE);
+  * later calls on a handle of that reader (Transmit, Begin, End, ...): SCARD_E_INVALID_VALUE
+    (readerfactory.c@1.9.9 RFReaderInfoById finds the handle in no reader);
+  * SCardStatus on it: SCARD_E_READER_UNAVAILABLE (winscard_clnt.c@1.9.9 SCardStatus: the
+    handle's reader is not in the reader array; the daemon is not asked).
+Waits end on events (log lines, reader lists, a call seen blocked); time bounds are hang guards.
+How long things take is printed; the benchmarks (tests/bench/rdp_bench.py) measure it.
+
 Run:  /usr/bin/python3 -m pytest tests/integration/test_rdp_e2e.py -v
 Env:  CARDBRIDGE_BUILD_DIR  build directory (default <repo>/build)
       CARDBRIDGE_FREERDP_BUILD_DIR  build directory of the FreeRDP flavour under test: add-in, cb-rdp-host,
@@ -25,16 +36,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, Optional
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
-from cbharness import EmulatedDesk, Proc, wait_until  # noqa: E402
+from cbharness import GATED_APDU, HANG_GUARD_S, EmulatedDesk, Proc, wait_until  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from xrdp_fixture import PcscSession  # noqa: E402  (pyscard session tool shared with the xrdp tests)
-from core_support import cb_pcsc  # noqa: E402  (conftest's cb-pcsc runner)
+from core_support import RV, SESSION_SCRIPT, PcscSession, cb_pcsc  # noqa: E402  (conftest's clients)
 
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
 FREERDP_BUILD = Path(os.environ.get("CARDBRIDGE_FREERDP_BUILD_DIR", BUILD))
@@ -47,6 +57,10 @@ CB_PCSC = BUILD / "tests" / "tools" / "cb-pcsc"
 GET_CHALLENGE = "0084000008"
 QUIET_TESTS = {"test_latency"}
 OK = "0x00000000"
+# pcscd 1.9.9 for a handle whose reader was unplugged (see the module docstring)
+ORPHAN_RV = RV["E_INVALID_VALUE"]            # 0x80100011: RFReaderInfoById
+LOST_IN_FLIGHT_RV = RV["E_READER_UNAVAILABLE"]  # 0x80100017: IFDTransmit, IFD_NO_SUCH_DEVICE
+STATUS_LOST_RV = RV["E_READER_UNAVAILABLE"]     # 0x80100017: libpcsclite's SCardStatus
 
 
 def _require(path: Path, what: str) -> None:
@@ -66,11 +80,11 @@ def _binaries():
 @pytest.fixture(scope="module")
 def desk():
     """Two virtual readers; a card in the first one, with the harness's test INS (80 EE) for
-    large and extended APDUs."""
+    large and extended APDUs and its gated INS (80 EF: held at the card until released)."""
     d = EmulatedDesk(slots=2, name="rdpdesk")
     d.start()
     try:
-        d.insert_card(0, test_ins=True, extended=True)
+        d.insert_card(0, test_ins=True, extended=True, gate=True)
         yield d
     finally:
         d.stop()
@@ -96,6 +110,9 @@ class Rig:
         self.rt = Path(tempfile.mkdtemp(prefix="cbrdp-"))
         self.relay = str(self.rt / "relay" / "desk.sock")
         self.shim_socket = str(self.rt / "shim" / "pcscd.comm")
+        self.script = self.rt / "pcsc_session.py"
+        self.script.write_text(SESSION_SCRIPT)
+        self.sessions: list[PcscSession] = []
         self.procs: list[Proc] = []
         self.port = 0
         self.host: Proc | None = None
@@ -112,7 +129,7 @@ class Rig:
                                 "--relay", self.relay, "--channel", self.mode, "--log-level", self.log_level], "host")
         line = wait_until(lambda: next((l for l in self.host.log_text().splitlines() if l.startswith("READY port=")),
                                        None),
-                          timeout=20, desc="cb-rdp-host READY line",
+                          timeout=HANG_GUARD_S, desc="cb-rdp-host READY line",
                           abort=lambda: None if self.host.alive() else self.host.exit_description(),
                           details=lambda: self.host.log_tail(30))
         self.port = int(line.split("=", 1)[1])
@@ -120,7 +137,7 @@ class Rig:
     def start_shim(self) -> None:
         self.shim = self._proc([SHIM, "--socket", self.shim_socket, "--desk", f"unix:{self.relay}",
                                 "--log-level", self.log_level], "shim")
-        wait_until(lambda: os.path.exists(self.shim_socket), timeout=10, desc="the shim's socket",
+        wait_until(lambda: os.path.exists(self.shim_socket), timeout=HANG_GUARD_S, desc="the shim's socket",
                    abort=lambda: None if self.shim.alive() else self.shim.exit_description())
 
     def start_client(self, name: str, desk_name: str | None = None) -> Proc:
@@ -129,19 +146,30 @@ class Rig:
         args = f"log-level:{self.log_level},name:{desk_name or name}"
         p = self._proc([CLIENT, "--host", "127.0.0.1", "--port", str(self.port), "--addin", ADDIN,
                         "--mode", self.mode, "--addin-args", args, "--client-name", name], f"client-{name}", env=env)
-        wait_until(lambda: "CONNECTED" in p.log_text().splitlines(), timeout=20, desc=f"client {name} to connect",
+        wait_until(lambda: "CONNECTED" in p.log_text().splitlines(), timeout=HANG_GUARD_S,
+                   desc=f"client {name} to connect",
                    abort=lambda: None if p.alive() else p.exit_description(), details=lambda: p.log_tail(30))
         return p
 
-    def session(self) -> PcscSession:
-        return PcscSession(self.shim_socket, self.logs)
+    def session(self, name: str = "shim-program", sock: Optional[str] = None,
+                env: Optional[Dict[str, str]] = None) -> PcscSession:
+        """A PC/SC program (pyscard, core_support.PcscSession) on the shim's socket (or sock),
+        with its context established; closed with the rig."""
+        s = PcscSession(sock or self.shim_socket, self.script, name, env)
+        self.sessions.append(s)
+        assert s.rv("establish") == OK
+        return s
+
+    def desk_session(self, name: str = "desk-program", env: Optional[Dict[str, str]] = None) -> PcscSession:
+        """A PC/SC program at the desk itself (on the desk's pcscd)."""
+        return self.session(name, self.desk.socket_path, env)
 
     # -- observations on the shim side -----------------------------------------------------
     def shim_readers(self) -> list[str]:
         r = cb_pcsc(self.shim_socket, "list")
         return [x["name"] for x in r.get("readers", [])] if r.get("list") == OK else []
 
-    def wait_readers(self, timeout: float = 10.0) -> list[str]:
+    def wait_readers(self, timeout: float = HANG_GUARD_S) -> list[str]:
         want = self.desk.readers
         return wait_until(lambda: self.shim_readers() == want and want, timeout=timeout,
                           desc=f"readers {want} on the shim", details=self.report)
@@ -150,6 +178,8 @@ class Rig:
         return "\n".join(p.failure_report(25) for p in self.procs)
 
     def stop(self) -> None:
+        for s in self.sessions:
+            s.close()
         for p in reversed(self.procs):
             p.stop(grace=5)
         shutil.rmtree(self.rt, ignore_errors=True)
@@ -170,8 +200,8 @@ def rig(request, desk, tmp_path, cert_dir):
         print(r.report())
 
 
-def transmit_ok(sess: PcscSession, apdu: str, what: str) -> str:
-    r = sess.call(op="transmit", apdu=apdu)
+def transmit_ok(sess: PcscSession, apdu: str, what: str, h: str = "h") -> str:
+    r = sess.call("transmit", apdu=apdu, h=h)
     hint = ""
     if r["rv"] == "0x80100011":
         hint = (" -- SCARD_E_INVALID_VALUE from the desk: inside a FreeRDP client the add-in's SCard* calls "
@@ -202,7 +232,7 @@ def test_card_over_rdp(rig, desk):
 
     sess = rig.session()
     try:
-        r = sess.call(op="connect", reader=desk.readers[0])
+        r = sess.call("connect", reader=desk.readers[0])
         assert r["rv"] == OK, r
         a = transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE #1")
         b = transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE #2")
@@ -229,60 +259,59 @@ def test_card_over_rdp(rig, desk):
 
 
 def test_disconnect_then_reconnect_from_another_desk(rig, desk):
-    """Kill the client: readers vanish within 2 s, the old handle fails; a second client
-    (another desk name) brings them back and a new connection works."""
+    """Kill the client: the readers vanish, the old handle fails as a handle of an unplugged
+    reader does on pcscd (Transmit SCARD_E_INVALID_VALUE, Status SCARD_E_READER_UNAVAILABLE,
+    see the module docstring); a second client (another desk name) brings the readers back, a
+    new connection works and the old handle stays dead."""
     first = rig.start_client("desk-a")
     rig.wait_readers()
     sess = rig.session()
-    try:
-        assert sess.call(op="connect", reader=desk.readers[0])["rv"] == OK
-        transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE before the disconnect")
+    assert sess.call("connect", reader=desk.readers[0])["rv"] == OK
+    transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE before the disconnect")
 
-        t0 = time.monotonic()
-        first.send_signal(signal.SIGKILL)
-        wait_until(lambda: rig.shim_readers() == [], timeout=2.0, desc="readers to vanish from the shim within 2 s",
-                   details=rig.report)
-        gone = time.monotonic() - t0
-        print(f"[{rig.mode}] readers gone {gone * 1000:.0f} ms after the client was killed")
-        r = sess.call(op="transmit", apdu=GET_CHALLENGE)
-        assert r["rv"] != OK, f"transmit on a handle of the vanished desk succeeded: {r}"
-        print(f"[{rig.mode}] transmit on the old handle: {r['rv']}")
+    t0 = time.monotonic()
+    first.send_signal(signal.SIGKILL)
+    wait_until(lambda: rig.shim_readers() == [], timeout=HANG_GUARD_S, desc="readers to vanish from the shim",
+               details=rig.report)
+    print(f"[{rig.mode}] readers gone {(time.monotonic() - t0) * 1000:.0f} ms after the client was killed")
+    assert sess.call("transmit", apdu=GET_CHALLENGE)["rv"] == ORPHAN_RV
+    assert sess.call("status")["rv"] == STATUS_LOST_RV
+    assert sess.rv("begin") == ORPHAN_RV
 
-        t1 = time.monotonic()
-        rig.start_client("desk-b")
-        rig.wait_readers()
-        print(f"[{rig.mode}] readers back {time.monotonic() - t1:.3f}s after starting the second client")
-        assert "desk 'desk-b'" in rig.shim.log_text(), "the shim did not see the second desk"
+    t1 = time.monotonic()
+    rig.start_client("desk-b")
+    rig.wait_readers()
+    print(f"[{rig.mode}] readers back {time.monotonic() - t1:.3f}s after starting the second client")
+    assert "desk 'desk-b'" in rig.shim.log_text(), "the shim did not see the second desk"
 
-        r = sess.call(op="transmit", apdu=GET_CHALLENGE)
-        assert r["rv"] != OK, f"the old handle works again after the reconnect: {r}"
-        fresh = rig.session()
-        try:
-            assert fresh.call(op="connect", reader=desk.readers[0])["rv"] == OK
-            transmit_ok(fresh, GET_CHALLENGE, "GET CHALLENGE after the reconnect")
-        finally:
-            fresh.close()
-    finally:
-        sess.close()
+    # the old handle stays dead: it is not mapped onto the new desk's reader of the same name
+    assert sess.call("transmit", apdu=GET_CHALLENGE)["rv"] == ORPHAN_RV
+    fresh = rig.session("fresh")
+    assert fresh.call("connect", reader=desk.readers[0])["rv"] == OK
+    transmit_ok(fresh, GET_CHALLENGE, "GET CHALLENGE after the reconnect")
 
 
 def test_takeover_by_second_client(rig, desk):
     """A second client connecting takes the session over: the first one is disconnected in
-    an orderly way (exit status 0) and the shim serves the new desk."""
+    an orderly way (exit status 0) and the shim serves the new desk. A program's handle from the
+    first desk is a handle of an unplugged reader (pcscd's codes, module docstring)."""
     first = rig.start_client("desk-a")
     rig.wait_readers()
+    old = rig.session("old-program")
+    assert old.call("connect", reader=desk.readers[0])["rv"] == OK
     second = rig.start_client("desk-b")
-    rc = first.wait(10)
+    rc = first.wait(HANG_GUARD_S)
     assert rc == 0, f"the client that lost the session exited with {rc}\n{first.log_tail(20)}"
-    wait_until(lambda: "desk 'desk-b'" in rig.shim.log_text(), timeout=10, desc="the shim to see desk-b",
+    wait_until(lambda: "desk 'desk-b'" in rig.shim.log_text(), timeout=HANG_GUARD_S, desc="the shim to see desk-b",
                details=rig.report)
     rig.wait_readers()
     sess = rig.session()
-    try:
-        assert sess.call(op="connect", reader=desk.readers[0])["rv"] == OK
-        transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE through the second client")
-    finally:
-        sess.close()
+    assert sess.call("connect", reader=desk.readers[0])["rv"] == OK
+    transmit_ok(sess, GET_CHALLENGE, "GET CHALLENGE through the second client")
+    assert old.call("transmit", apdu=GET_CHALLENGE)["rv"] == ORPHAN_RV
+    # (a reader of the same name is back: libpcsclite finds it in the array and asks the daemon,
+    # which finds the handle in no reader: SCARD_E_INVALID_VALUE, as pcscd)
+    assert old.call("status")["rv"] == ORPHAN_RV
     assert second.alive()
 
 
@@ -292,17 +321,21 @@ def test_orderly_shutdown(rig):
     removes its socket."""
     client = rig.start_client("desk-a")
     rig.wait_readers()
-    assert client.stop(grace=10) == 0, client.failure_report(20)
-    wait_until(lambda: rig.shim_readers() == [], timeout=2.0, desc="readers to vanish after the client left")
+    assert client.stop(grace=HANG_GUARD_S) == 0, client.failure_report(20)
+    wait_until(lambda: rig.shim_readers() == [], timeout=HANG_GUARD_S, desc="readers to vanish after the client left",
+               details=rig.report)
     second = rig.start_client("desk-b")
     rig.wait_readers()
-    assert rig.host.stop(grace=10) == 0, rig.host.failure_report(30)
-    assert second.wait(10) == 0, second.failure_report(20)
+    assert rig.host.stop(grace=HANG_GUARD_S) == 0, rig.host.failure_report(30)
+    assert second.wait(HANG_GUARD_S) == 0, second.failure_report(20)
     assert not os.path.exists(rig.relay)
+    assert rig.shim.alive(), rig.shim.failure_report(30)
 
 
 def test_latency(rig, desk):
-    """Median GET CHALLENGE round trip, local pcscd vs. through the RDP channel (reported)."""
+    """300 GET CHALLENGEs through the RDP channel all succeed; the median round trip, local
+    pcscd vs. through the channel, is reported (measured, not asserted: rdp_bench_quick is the
+    benchmark)."""
     rig.start_client("desk-a")
     rig.wait_readers()
     reader = desk.readers[0]
@@ -310,8 +343,8 @@ def test_latency(rig, desk):
                     "--iterations", "300")
     remote = cb_pcsc(rig.shim_socket, "bench", "--op", "transmit", "--reader", reader, "--apdu", GET_CHALLENGE,
                      "--iterations", "300")
-    assert remote.get("rv") == OK, remote
+    assert local.get("rv") == OK and remote.get("rv") == OK, (local, remote)
+    assert remote["latency"]["n"] == local["latency"]["n"] == 300, (local, remote)  # every call succeeded
     lm, rm = local["latency"]["median_us"], remote["latency"]["median_us"]
     print(f"[{rig.mode}] transmit median: local pcscd {lm:.0f} us, over RDP {rm:.0f} us "
           f"(p99 {remote['latency']['p99_us']:.0f} us)")
-    assert rm < 20_000, remote

@@ -35,7 +35,7 @@ import subprocess
 
 import pytest
 
-from test_session_support import (CPS3_ATR, EXIT, VICC_ATR, DelayRelay, DeskAgent, SessionDir, start_desk,
+from test_session_support import (CPS3_ATR, HANG_GUARD_S, EXIT, VICC_ATR, DelayRelay, DeskAgent, SessionDir, start_desk,
                                   Sessions, check_of, doctor, export_socket, require_built, session_env, short_tmp,
                                   shim_reader_names, wait_until)
 
@@ -80,9 +80,9 @@ def new_session(w, name: str, desk_spec: str, wrap=()) -> tuple:
     return env, sd
 
 
-def both_forms(env, *args) -> tuple:
-    code_t, text, err_t = doctor(env, *args)
-    code_j, rep, err_j = doctor(env, *args, json_out=True)
+def both_forms(env, *args, default_latency_thresholds: bool = False) -> tuple:
+    code_t, text, err_t = doctor(env, *args, default_latency_thresholds=default_latency_thresholds)
+    code_j, rep, err_j = doctor(env, *args, json_out=True, default_latency_thresholds=default_latency_thresholds)
     print(text)
     return code_t, text, code_j, rep
 
@@ -114,7 +114,7 @@ def expect(code_t, text, code_j, rep, problem: str, verdict: str) -> None:
 
 
 def wait_desk(sd: SessionDir, readers) -> None:
-    wait_until(lambda: shim_reader_names(sd.socket) == readers, timeout=10, desc=f"readers {readers} in the session",
+    wait_until(lambda: shim_reader_names(sd.socket) == readers, timeout=HANG_GUARD_S, desc=f"readers {readers} in the session",
                details=sd.logs)
 
 
@@ -182,7 +182,7 @@ def test_no_channel(world):
 
 def test_no_reader(world):
     env, sd = new_session(world, "noreader", world["agents"]["noreader"].spec)
-    wait_until(lambda: doctor(env, json_out=True)[1]["desk"]["connected"], timeout=10, desc="the desk link",
+    wait_until(lambda: doctor(env, json_out=True)[1]["desk"]["connected"], timeout=HANG_GUARD_S, desc="the desk link",
                details=sd.logs)
     code_t, text, code_j, rep = both_forms(env)
     expect(code_t, text, code_j, rep, "readers", "broken")
@@ -248,13 +248,15 @@ def test_slow_link(world):
         how = f"no sch_netem in this kernel: userspace relay, {DELAY_MS} ms each way"
         env, sd = new_session(w, "slow", f"tcp:127.0.0.1:{relay.port}")
     wait_desk(sd, ["Doc Reader 00 00", "Doc Reader 00 01"])
-    code_t, text, code_j, rep = both_forms(env, "--pings", "10")
+    # the default thresholds (50 ms median): the link's delay is a lower bound (80 ms per round
+    # trip), so the verdict cannot depend on the machine's load
+    code_t, text, code_j, rep = both_forms(env, "--pings", "10", default_latency_thresholds=True)
     expect(code_t, text, code_j, rep, "latency", "degraded")
     lat = rep["latency"]
-    assert 2 * DELAY_MS * 1000 * 0.9 <= lat["median_us"] <= 2 * DELAY_MS * 1000 * 2.5, lat
+    assert lat["median_us"] >= 2 * DELAY_MS * 1000 * 0.9, lat
     assert "slow link" in check_of(rep, "latency")["advice"]
     assert "[WARN] latency      desk round trip median" in text, text
     print(f"slow link ({how}): median {lat['median_us'] / 1000:.1f} ms, p99 {lat['p99_us'] / 1000:.1f} ms")
     # With thresholds above the measured figures the same chain is healthy.
-    code, rep2, _ = doctor(env, "--pings", "5", "--slow-median-ms", "400", "--slow-p99-ms", "1000", json_out=True)
+    code, rep2, _ = doctor(env, "--pings", "5", json_out=True)  # LOAD_PROOF_LATENCY: far above
     assert code == 0 and rep2["verdict"] == "healthy", rep2

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from test_session_support import (CDRSESSION, GET_CHALLENGE, OK, ROOT, DeskAgent, Proc, SessionDir, Sessions,
+from test_session_support import (CDRSESSION, E_NO_SERVICE, GET_CHALLENGE, HANG_GUARD_S, OK, ROOT, DeskAgent, Proc, SessionDir, Sessions,
                                   alive, cb_pcsc, cdr, control, doctor, export_socket, require_built, session_env,
                                   shim_pids, shim_reader_names, short_tmp, wait_until)
 
@@ -118,7 +118,7 @@ def test_session_keys_separate_sessions(desk, sessions, rt):
     assert a.socket != b.socket and os.path.exists(a.socket) and os.path.exists(b.socket)
     assert control(a.ctl, {"cmd": "status"})["pid"] != control(b.ctl, {"cmd": "status"})["pid"]
     assert cdr("stop", env=session_env(rt, XDG_SESSION_ID="3")).returncode == 0
-    wait_until(lambda: not os.path.exists(a.socket), timeout=5, desc="session s3's socket to go")
+    wait_until(lambda: not os.path.exists(a.socket), timeout=HANG_GUARD_S, desc="session s3's socket to go")
     assert control(b.ctl, {"cmd": "status"})["socket"] == b.socket, "stopping one session stopped the other"
 
 
@@ -134,7 +134,8 @@ def test_stop(desk, sessions, rt):
     assert not alive(supervisor) and not alive(shim)
     for path in (sd.socket, sd.ctl, sd.pid_file):
         assert not os.path.exists(path), f"{path} left behind"
-    assert cb_pcsc(sd.socket, "list")["establish"] != OK
+    # the socket is gone: libpcsclite's stat() fails before any connect (SCARD_E_NO_SERVICE)
+    assert cb_pcsc(sd.socket, "list")["establish"] == E_NO_SERVICE
     # Stopping a stopped session is fine.
     r = cdr("stop", env=env)
     assert r.returncode == 0 and "no shim running" in r.stderr, r
@@ -151,7 +152,7 @@ def test_until_pid_stops_the_shim_with_the_session_leader(desk, sessions, rt, tm
         wait_readers(sd.socket, desk.readers, desk, sd)
         t0 = time.monotonic()
         leader.stop(grace=1, sig=signal.SIGKILL)
-        wait_until(lambda: not alive(shim) and not alive(supervisor), timeout=5,
+        wait_until(lambda: not alive(shim) and not alive(supervisor), timeout=HANG_GUARD_S,
                    desc="the shim and its supervisor to stop after the session leader exited",
                    details=sd.logs)
         print(f"shim stopped {(time.monotonic() - t0) * 1000:.0f} ms after the session leader exited")
@@ -185,7 +186,7 @@ def test_supervisor_restarts_a_killed_shim(desk, sessions, rt):
             return None
         return pid if pid != first else None
 
-    second = wait_until(restarted, timeout=10, desc="a new shim", details=sd.logs)
+    second = wait_until(restarted, timeout=HANG_GUARD_S, desc="a new shim", details=sd.logs)
     took = time.monotonic() - t0
     assert shim_pids(sd.socket) == [second]
     wait_readers(sd.socket, desk.readers, desk, sd)
@@ -251,8 +252,8 @@ def test_xrdp_profile_hook(sessions, rt, tmp_path):
         shim = st["pid"]
         t0 = time.monotonic()
         sh.stdin.close()  # logoff: the session leader exits
-        sh.wait(5)
-        wait_until(lambda: not alive(shim), timeout=5, desc="the shim to stop at logoff", details=sd.logs)
+        sh.wait(HANG_GUARD_S)
+        wait_until(lambda: not alive(shim), timeout=HANG_GUARD_S, desc="the shim to stop at logoff", details=sd.logs)
         print(f"xrdp hook: shim stopped {(time.monotonic() - t0) * 1000:.0f} ms after the session leader exited")
         assert not os.path.exists(sd.socket)
     finally:
@@ -270,7 +271,7 @@ def test_profile_hook_outside_xrdp_does_nothing(sessions, rt, tmp_path):
         assert not os.path.exists(f"{rt}/cardbridge"), "the hook started something outside xrdp"
     finally:
         sh.stdin.close()
-        sh.wait(5)
+        sh.wait(HANG_GUARD_S)
 
 
 def test_systemd_user_unit_and_environment_d(desk, sessions, rt, tmp_path):
@@ -299,10 +300,10 @@ def test_systemd_user_unit_and_environment_d(desk, sessions, rt, tmp_path):
         sessions.started.append((sd, env, None))
         svc = Proc([str(CDRSESSION), *exec_start[1:]], name="unit", log_path=tmp_path / "unit.log", env=env).start()
         try:
-            st = wait_until(lambda: os.path.exists(sd.ctl) and control(sd.ctl, {"cmd": "status"}), timeout=10,
+            st = wait_until(lambda: os.path.exists(sd.ctl) and control(sd.ctl, {"cmd": "status"}), timeout=HANG_GUARD_S,
                             desc="the unit's shim", details=lambda: svc.failure_report())
             assert st["socket"] == exported["PCSCLITE_CSOCK_NAME"]
-            wait_until(lambda: shim_reader_names(sd.socket) == relay_desk.readers, timeout=10,
+            wait_until(lambda: shim_reader_names(sd.socket) == relay_desk.readers, timeout=HANG_GUARD_S,
                        desc="the relay desk's readers", details=lambda: svc.failure_report() + relay_desk.report())
             assert svc.stop(grace=5) == 0, svc.failure_report()  # systemctl --user stop: SIGTERM
             assert not shim_pids(sd.socket) and not os.path.exists(sd.socket)

@@ -31,7 +31,7 @@ import pytest
 from core_support import (PNP, RV, S_CHANGED, S_EMPTY, S_PRESENT, S_UNAVAILABLE, S_UNKNOWN, SESSION_SCRIPT,
                           PcscSession, flags)
 from test_rdp_e2e import ADDIN, CLIENT, HOST, cert_dir  # noqa: F401  (cert_dir: the e2e test's fixture)
-from test_session_support import (CPS3_ATR, GET_CHALLENGE, OK, EmulatedDesk, Proc, Sessions, cdr,
+from test_session_support import (CPS3_ATR, GET_CHALLENGE, HANG_GUARD_S, OK, EmulatedDesk, Proc, Sessions, cdr,
                                   control, doctor, export_socket, require_built, session_env, shim_reader_names,
                                   short_tmp, start_desk, wait_until)
 
@@ -73,11 +73,11 @@ class RdpSession:
         self.host = self._proc([HOST, "--port", "0", "--bind", "127.0.0.1", "--make-cert", cert_dir, "--relay",
                                 self.relay, "--channel", mode, "--log-level", "info"], "host")
         line = wait_until(lambda: next((l for l in self.host.log_text().splitlines() if l.startswith("READY port=")),
-                                       None), timeout=20, desc="cb-rdp-host READY line",
+                                       None), timeout=HANG_GUARD_S, desc="cb-rdp-host READY line",
                           abort=lambda: None if self.host.alive() else self.host.exit_description(),
                           details=lambda: self.host.log_tail(30))
         self.port = int(line.split("=", 1)[1])
-        wait_until(lambda: os.path.exists(self.relay), timeout=10, desc="the relay socket")
+        wait_until(lambda: os.path.exists(self.relay), timeout=HANG_GUARD_S, desc="the relay socket")
         r, self.sd = self.sessions.start(self.env)  # no --desk: detected from the relay socket
         self.env["PCSCLITE_CSOCK_NAME"] = export_socket(r.stdout)
         self.socket = self.sd.socket
@@ -92,7 +92,7 @@ class RdpSession:
         p = self._proc([CLIENT, "--host", "127.0.0.1", "--port", str(self.port), "--addin", ADDIN, "--mode",
                         self.mode, "--addin-args", "log-level:info", "--client-name", client_name],
                        f"client-{client_name}", env)
-        wait_until(lambda: "CONNECTED" in p.log_text().splitlines(), timeout=20, desc=f"{client_name} to connect",
+        wait_until(lambda: "CONNECTED" in p.log_text().splitlines(), timeout=HANG_GUARD_S, desc=f"{client_name} to connect",
                    abort=lambda: None if p.alive() else p.exit_description(), details=lambda: p.log_tail(30))
         return p
 
@@ -166,23 +166,23 @@ def test_roaming_from_desk_a_to_desk_b(rdp, desks):
         w_card = waiter.start("gsc", ctx="r", readers=[[A[0], cur]], ms=-1)
         w_empty = waiter.start("gsc", ctx="e", readers=[[A[1], cur_empty]], ms=-1)
         w_pnp = waiter.start("gsc", ctx="p", readers=[[PNP, pnp_cur]], ms=-1)
-        time.sleep(0.3)
-        assert not (w_card.done() or w_empty.done() or w_pnp.done()), "waiters returned with nothing changed"
+        for w in (w_card, w_empty, w_pnp):
+            w.wait_blocked("wait")  # (fails at once if a waiter returned with nothing changed)
 
         # ---- A disconnects (the user closes the RDP client at desk A) ------------------------
         t1 = time.monotonic()
         client_a.send_signal(signal.SIGTERM)
-        res = w_card.result(5)
+        res = w_card.result()
         woke = time.monotonic() - t1
         st_card = event(res)
         assert st_card & S_UNKNOWN and st_card & S_UNAVAILABLE and st_card & S_CHANGED, flags(st_card)
-        st_empty = event(w_empty.result(5))
+        st_empty = event(w_empty.result())
         assert st_empty & S_UNKNOWN and st_empty & S_UNAVAILABLE and st_empty & S_CHANGED, flags(st_empty)
-        st_pnp = event(w_pnp.result(5))
+        st_pnp = event(w_pnp.result())
         assert st_pnp & S_CHANGED, flags(st_pnp)
         print(f"[{rdp.mode}] waiters woke {woke * 1000:.0f} ms after desk A's client was closed: reader {flags(st_card)}, "
               f"PnP {flags(st_pnp)}")
-        assert client_a.wait(10) == 0, client_a.failure_report(20)
+        assert client_a.wait(HANG_GUARD_S) == 0, client_a.failure_report(20)
 
         # What pcscd gives for a handle on an unplugged reader.
         r = app.call("transmit", apdu=GET_CHALLENGE)
@@ -197,11 +197,10 @@ def test_roaming_from_desk_a_to_desk_b(rdp, desks):
 
         # ---- B connects (the same user, the same session, another desk) ------------------------
         w_pnp2 = waiter.start("gsc", ctx="p", readers=[[PNP, 0 << 16]], ms=-1)  # no reader now
-        time.sleep(0.2)
-        assert not w_pnp2.done(), w_pnp2.result(1)
+        w_pnp2.wait_blocked("wait")
         t2 = time.monotonic()
         client_b = rdp.connect(desk_b, "DESK-B")
-        st_pnp2 = event(w_pnp2.result(10))
+        st_pnp2 = event(w_pnp2.result())
         assert st_pnp2 & S_CHANGED, flags(st_pnp2)
         rdp.wait_readers(B)
         print(f"[{rdp.mode}] desk B: readers in the session {time.monotonic() - t2:.2f} s after starting its RDP client")
@@ -275,9 +274,9 @@ def test_reconnect_from_another_desk_takes_the_session_over(rdp, desks):
         waiting = app.start("gsc", ctx="w", readers=[[A[0], cur & ~S_CHANGED]], ms=-1)
         t0 = time.monotonic()
         client_b = rdp.connect(desk_b, "DESK-B")
-        st = event(waiting.result(10))
+        st = event(waiting.result())
         assert st & S_UNKNOWN and st & S_UNAVAILABLE and st & S_CHANGED, flags(st)
-        assert client_a.wait(10) == 0, client_a.failure_report(20)
+        assert client_a.wait(HANG_GUARD_S) == 0, client_a.failure_report(20)
         rdp.wait_readers(B)
         print(f"[{rdp.mode}] takeover: B's readers {time.monotonic() - t0:.2f} s after B's client started")
         assert app.call("transmit", apdu=GET_CHALLENGE)["rv"] == RV["E_INVALID_VALUE"]

@@ -1,11 +1,14 @@
 """`cdrsession status` and the audit trail: which desk, which reader, which card (ATR, never APDU
 contents) was connected and when, per session; the events also go to syslog (facility authpriv).
 
-Syslog: this test machine runs no syslog daemon (no /dev/log, no journald: PID 1 is not systemd).
-When /dev/log is absent the test binds a datagram socket there for its own duration (a minimal
-syslog receiver), and removes it afterwards; the shim's syslog(3) calls then land in the test.
-When a real syslog daemon owns /dev/log, the syslog part is skipped and the control socket's
-audit command (what `cdrsession status` shows) is the evidence.
+Syslog: the test's own receiver (a datagram socket) gets what the shim's syslog(3) sends to
+/dev/log, whether or not the host runs a syslog daemon:
+  * /dev/log absent (this test machine: no syslog daemon, no journald): /dev/log is made a
+    symlink to the receiver for the test's duration, and removed afterwards;
+  * /dev/log present (syslog or journald): the session (cdrsession start, its supervisor and
+    shim) runs in a private mount namespace where the receiver is bind-mounted over /dev/log;
+    the host's syslog daemon is left alone.
+Needs root (unshare --mount) when /dev/log exists; CI runs as root.
 
 Run:  /usr/bin/python3 -m pytest tests/integration/test_session_status.py -v
 """
@@ -22,8 +25,8 @@ import threading
 import pytest
 
 from core_support import SESSION_SCRIPT, PcscSession
-from test_session_support import (CPS3_ATR, OK, DeskAgent, Sessions, cdr, export_socket, require_built, session_env,
-                                  short_tmp, wait_until)
+from test_session_support import (CPS3_ATR, HANG_GUARD_S, OK, DeskAgent, Sessions, cdr, export_socket, require_built,
+                                  session_env, short_tmp, wait_until)
 
 DEV_LOG = "/dev/log"
 PIN = "3132333435363738"                 # "12345678": VERIFY data that must never be logged
@@ -33,18 +36,28 @@ LOG_AUTHPRIV, LOG_INFO = 10, 6
 
 
 class SyslogReceiver:
-    """Binds /dev/log (only if nothing is there) and collects what syslog(3) sends."""
+    """A datagram socket at a private path that collects what syslog(3) sends, and the way to
+    put it at /dev/log for the session's processes (wrap: argv prefix for cdrsession start)."""
 
-    def __init__(self):
+    def __init__(self, path: str):
+        self.path = path
         self.messages: list[str] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(DEV_LOG)
-        os.chmod(DEV_LOG, 0o666)
-        self.ino = os.stat(DEV_LOG).st_ino
-        self.sock.settimeout(0.2)
+        self.sock.bind(path)
+        os.chmod(path, 0o666)
+        self.sock.settimeout(0.2)  # (how often _run looks at self.running)
         self.running = True
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+        self.linked = False
+        if os.path.lexists(DEV_LOG):
+            # a syslog daemon owns /dev/log: the session gets our receiver there, privately
+            self.wrap = ("unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                         'mount --bind "$0" /dev/log && exec "$@"', path)
+        else:
+            os.symlink(path, DEV_LOG)
+            self.linked = True
+            self.wrap = ()
 
     def _run(self):
         while self.running:
@@ -57,26 +70,26 @@ class SyslogReceiver:
             self.messages.append(data.decode("utf-8", "replace"))
 
     def close(self):
+        if self.linked:
+            try:
+                if os.readlink(DEV_LOG) == self.path:
+                    os.unlink(DEV_LOG)
+            except OSError:
+                pass
         self.running = False
-        self.thread.join(2)
+        self.thread.join(HANG_GUARD_S)
         self.sock.close()
-        try:
-            if os.stat(DEV_LOG).st_ino == self.ino:
-                os.unlink(DEV_LOG)
-        except FileNotFoundError:
-            pass
 
 
 @pytest.fixture(scope="module")
 def syslog():
-    if os.path.exists(DEV_LOG):
-        yield None  # a real syslog daemon: not ours to read
-        return
-    r = SyslogReceiver()
+    base = short_tmp("cbsl-")
+    r = SyslogReceiver(str(base / "log"))
     try:
         yield r
     finally:
         r.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +104,9 @@ def world(syslog):
     try:
         env = session_env(str(rt))
         t_start = dt.datetime.now().astimezone().replace(microsecond=0)
-        r, sd = sessions.start(env, "--desk", desk.spec)
+        r, sd = sessions.start(env, "--desk", desk.spec, wrap=syslog.wrap)
         env["PCSCLITE_CSOCK_NAME"] = export_socket(r.stdout)
-        wait_until(lambda: json.loads(cdr("status", "--json", env=env).stdout).get("readers"), timeout=10,
+        wait_until(lambda: json.loads(cdr("status", "--json", env=env).stdout).get("readers"), timeout=HANG_GUARD_S,
                    desc="the desk's readers", details=sd.logs)
         # A program: connect, VERIFY with a PIN, GET CHALLENGE, disconnect.
         script = base / "pcsc_session.py"
@@ -113,7 +126,8 @@ def world(syslog):
         desk.desk.remove_card(0)
         desk.desk.insert_card(0, atr=CPS3_ATR)
         wait_until(lambda: sum(e["event"].startswith("card ") for e in
-                               json.loads(cdr("status", "--json", env=env).stdout)["audit"]) >= 3, timeout=10,
+                               json.loads(cdr("status", "--json", env=env).stdout)["audit"]) >= 3,
+                   timeout=HANG_GUARD_S,
                    desc="card removal and insertion in the audit trail", details=sd.logs)
         yield dict(env=env, sd=sd, desk=desk, app_pid=app_pid, t_start=t_start, verify=verify, challenge=challenge,
                    syslog=syslog)
@@ -178,12 +192,9 @@ def test_audit_events(world):
 def test_audit_reaches_syslog(world):
     w = world
     rcv = w["syslog"]
-    if rcv is None:
-        pytest.skip("/dev/log belongs to a real syslog daemon here: see the audit via the control socket "
-                    "(test_audit_events)")
     pid = json.loads(cdr("status", "--json", env=w["env"]).stdout)["pid"]
     mine = lambda: [m for m in rcv.messages if f"cardbridge-shim[{pid}]:" in m]  # noqa: E731
-    wait_until(lambda: any("card connected:" in m for m in mine()), timeout=5, desc="the audit in syslog",
+    wait_until(lambda: any("card connected:" in m for m in mine()), timeout=HANG_GUARD_S, desc="the audit in syslog",
                details=lambda: "\n".join(rcv.messages[-20:]))
     msgs = mine()
     print("\n".join(msgs))

@@ -27,7 +27,7 @@ BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 
 from wan.netns import Wan, cleanup_stale, unavailable  # noqa: E402
-from cbharness import shim_control  # noqa: E402
+from cbharness import HANG_GUARD_S, shim_control  # noqa: E402
 from wan.stack import READER, Binaries, Stack  # noqa: E402
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -133,7 +133,7 @@ def _run(sock: Path, ops: list, work: Path) -> list:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PCSCLITE_", "PYTHON"))}
     env["PCSCLITE_CSOCK_NAME"] = str(sock)
     r = subprocess.run([SYSTEM_PYTHON, str(script), str(f), READER], env=env, capture_output=True, text=True,
-                       timeout=60)
+                       timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 

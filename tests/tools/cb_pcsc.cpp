@@ -113,7 +113,7 @@ int main(int argc, char** argv) {
   std::string reader;
   std::string apdu = "0084000008";
   std::string share = "shared";
-  int count = 1, threads = 4, iterations = 1000, timeout_ms = 0, hold_ms = 1000, cancel_after_ms = 300;
+  int count = 1, threads = 4, iterations = 1000, timeout_ms = 0, hold_ms = 1000, cancel_after_ms = 50;
   std::string op = "transmit";
   unsigned current = SCARD_STATE_UNAWARE;
 
@@ -131,10 +131,12 @@ int main(int argc, char** argv) {
   wait->add_option("--current", current, "dwCurrentState (number; 0x.. accepted)");
   auto* cancel = app.add_subcommand("cancel", "INFINITE wait cancelled from another thread");
   cancel->add_option("--reader", reader);
-  cancel->add_option("--after-ms", cancel_after_ms);
+  cancel->add_option("--after-ms", cancel_after_ms,
+                     "SCardCancel every AFTER_MS until the wait returns (libpcsclite ignores a cancel that comes "
+                     "before the wait is in place)");
   auto* hold = app.add_subcommand("hold", "connect, begin a transaction, hold it, end it");
   hold->add_option("--reader", reader);
-  hold->add_option("--ms", hold_ms);
+  hold->add_option("--ms", hold_ms, "hold this long; -1: until stdin has a line or is closed");
   hold->add_option("--share", share)->check(CLI::IsMember({"shared", "exclusive"}));
   bool hold_transmit = false;
   hold->add_flag("--transmit", hold_transmit, "send --apdu once inside the transaction (so it reaches the card)");
@@ -237,17 +239,29 @@ int main(int argc, char** argv) {
     SCardGetStatusChange(ctx.h, 0, &probe, 1);
     rs.dwCurrentState = probe.dwEventState & ~SCARD_STATE_CHANGED;
     LONG cancel_rv = 0;
+    int cancels = 0;
+    std::atomic<bool> returned{false};
     Clock::time_point cancelled_at;
+    std::mutex m;
     std::thread t([&] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(cancel_after_ms));
-      cancelled_at = Clock::now();
-      cancel_rv = SCardCancel(ctx.h);
+      // A cancel before the wait is armed returns success and does nothing (libpcsclite 1.9.9:
+      // the context is not yet cancellable): ask again until the wait has returned.
+      while (!returned) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(cancel_after_ms));
+        if (returned) break;
+        std::lock_guard lock(m);
+        cancelled_at = Clock::now();
+        cancel_rv = SCardCancel(ctx.h);
+        ++cancels;
+      }
     });
     LONG rv = SCardGetStatusChange(ctx.h, INFINITE, &rs, 1);
     auto woke = Clock::now();
+    returned = true;
     t.join();
     out["rv"] = rvs(rv);
     out["cancel_rv"] = rvs(cancel_rv);
+    out["cancels"] = cancels;
     out["wake_after_cancel_ms"] = std::chrono::duration<double, std::milli>(woke - cancelled_at).count();
   } else if (*hold) {
     SCARDHANDLE h = 0;
@@ -255,17 +269,28 @@ int main(int argc, char** argv) {
     LONG rv = connect(ctx.h, &h, &proto, share_mode);
     out["connect"] = rvs(rv);
     if (rv == SCARD_S_SUCCESS) {
-      out["begin"] = rvs(SCardBeginTransaction(h));
-      if (hold_transmit) {
+      const LONG begin_rv = SCardBeginTransaction(h);
+      out["begin"] = rvs(begin_rv);
+      LONG transmit_rv = SCARD_S_SUCCESS;
+      if (begin_rv == SCARD_S_SUCCESS && hold_transmit) {
         auto cmd = unhex(apdu);
         BYTE resp[300];
         DWORD len = sizeof resp;
-        out["transmit"] = rvs(SCardTransmit(h, pci_for(proto), cmd.data(), static_cast<DWORD>(cmd.size()), nullptr, resp, &len));
+        transmit_rv = SCardTransmit(h, pci_for(proto), cmd.data(), static_cast<DWORD>(cmd.size()), nullptr, resp, &len);
+        out["transmit"] = rvs(transmit_rv);
       }
-      std::printf("%s\n", json{{"holding", true}}.dump().c_str());
-      std::fflush(stdout);
-      std::this_thread::sleep_for(std::chrono::milliseconds(hold_ms));
-      out["end"] = rvs(SCardEndTransaction(h, SCARD_LEAVE_CARD));
+      // "holding" only when the transaction is really held (and its card command went through).
+      if (begin_rv == SCARD_S_SUCCESS && transmit_rv == SCARD_S_SUCCESS) {
+        std::printf("%s\n", json{{"holding", true}}.dump().c_str());
+        std::fflush(stdout);
+        if (hold_ms < 0) {
+          char line[64];
+          (void)std::fgets(line, sizeof line, stdin);
+        } else {
+          std::this_thread::sleep_for(std::chrono::milliseconds(hold_ms));
+        }
+        out["end"] = rvs(SCardEndTransaction(h, SCARD_LEAVE_CARD));
+      }
       out["disconnect"] = rvs(SCardDisconnect(h, SCARD_LEAVE_CARD));
     }
   } else if (*begin) {

@@ -10,15 +10,16 @@ See tests/harness/README.md.  Main entry points:
     shim_control        one request on a shim's control socket
 """
 from .control import last_json_line, shim_control
-from .desk import EmulatedDesk, HotplugUnsupported
+from .desk import GATED_APDU, CardGate, EmulatedDesk, HotplugUnsupported
+from . import netinfo, threadstate
 from .pcsc import PcscWatch, pcsc_call, transmit
 from .pcscwire import ReaderState, reader_names, reader_states
 from .procs import Proc, live_procs, stop_all
 from .support import nodelay_preload
-from .waiting import Deadline, HarnessError, HarnessTimeout, wait_until
+from .waiting import HANG_GUARD_S, Deadline, HarnessError, HarnessTimeout, wait_until
 
 __all__ = [
-    "EmulatedDesk", "HotplugUnsupported", "PcscWatch", "pcsc_call", "transmit", "ReaderState",
+    "EmulatedDesk", "HotplugUnsupported", "CardGate", "GATED_APDU", "HANG_GUARD_S", "PcscWatch", "pcsc_call", "transmit", "ReaderState",
     "reader_names", "reader_states", "Proc", "live_procs", "stop_all", "nodelay_preload",
-    "Deadline", "HarnessError", "HarnessTimeout", "wait_until", "shim_control", "last_json_line",
+    "Deadline", "HarnessError", "HarnessTimeout", "wait_until", "shim_control", "last_json_line", "threadstate", "netinfo",
 ]

@@ -41,7 +41,7 @@ from . import support
 from .pcscwire import ReaderState, reader_states
 from .ports import PortBlock, reserve_ports
 from .procs import Proc, stop_all
-from .waiting import HarnessError, wait_until
+from .waiting import HANG_GUARD_S, HarnessError, wait_until
 
 MAX_VPCD_ENTRIES = 8  # PCSCLITE_MAX_READERS_CONTEXTS (16) / 2 slots per entry
 _ENTRY_SUFFIXES = "ABCDEFGH"
@@ -68,6 +68,35 @@ def _parse_atr(atr: AtrLike) -> Optional[bytes]:
     return atr
 
 
+GATED_APDU = "80EF0000"  # held by a gated card (insert_card(gate=True)) until released
+
+
+class CardGate:
+    """The gate of a card inserted with gate=True: each gated APDU (GATED_APDU) is held at the
+    card until the test releases it, so a transfer can be in flight for as long as a test
+    needs, with no timing involved.
+
+        gate.wait_held(1)   # APDU 1 reached the card (it is in flight)
+        gate.release(1)     # the card answers it (90 00)
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+
+    def held(self) -> int:
+        """How many gated APDUs have reached the card so far."""
+        return sum(1 for p in self.path.iterdir() if p.name.startswith("held."))
+
+    def wait_held(self, n: int = 1, timeout: float = HANG_GUARD_S) -> None:
+        wait_until(lambda: (self.path / f"held.{n}").exists(), timeout=timeout,
+                   desc=f"gated APDU {n} to reach the card ({self.path})")
+
+    def release(self, n: Optional[int] = None) -> None:
+        """Lets the card answer gated APDU n (all of them, now and later, if n is None)."""
+        (self.path / ("release.all" if n is None else f"release.{n}")).touch()
+
+
 @dataclass
 class _Card:
     slot: int
@@ -75,6 +104,7 @@ class _Card:
     atr: Optional[bytes]
     fix_tlv: bool
     kwargs: dict = field(default_factory=dict)
+    gate: Optional[CardGate] = None
 
 
 class EmulatedDesk:
@@ -112,7 +142,7 @@ class EmulatedDesk:
         friendly_name: str = "Virtual PCD",
         base_dir: Optional[os.PathLike | str] = None,
         keep_dir: Optional[bool] = None,
-        start_timeout: float = 15.0,
+        start_timeout: float = HANG_GUARD_S,
         name: Optional[str] = None,
     ):
         self._set_slots(slots)
@@ -244,13 +274,18 @@ class EmulatedDesk:
 
     def _start_pcscd(self, attempts: int = 3) -> None:
         os.makedirs("/run/pcscd", exist_ok=True)  # mount point must exist
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PCSCLITE_")}
-        if self.preload:
-            env["LD_PRELOAD"] = str(support.nodelay_preload())
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PCSCLITE_", "CBHARNESS_"))}
+        # The preload always runs: it hands pcscd the held vpcd ports (CBHARNESS_HELD_PORTS);
+        # preload=False only turns its TCP_NODELAY part off.
+        env["LD_PRELOAD"] = str(support.nodelay_preload())
+        if not self.preload:
+            env["CBHARNESS_NODELAY"] = "0"
         last_error: Optional[BaseException] = None
         for attempt in range(attempts):
             if self.ports is None:
-                self.ports = reserve_ports(self.slots)
+                self.ports = reserve_ports(self.slots, hold=True)
+            held = self.ports.held()
+            env["CBHARNESS_HELD_PORTS"] = ",".join(f"{port}:{fd}" for port, fd in sorted(held.items()))
             self._write_conf()
             sock = Path(self.socket_path)
             if sock.exists():
@@ -258,7 +293,8 @@ class EmulatedDesk:
             log_path = self.pcscd_log_path
             if log_path.exists():  # keep the failed attempt's log for reference
                 log_path.rename(log_path.with_name(f"pcscd.failed-attempt{attempt}.log"))
-            self.pcscd = Proc(self._pcscd_argv(), name="pcscd", log_path=log_path, env=env).start()
+            self.pcscd = Proc(self._pcscd_argv(), name="pcscd", log_path=log_path, env=env,
+                              pass_fds=tuple(held.values())).start()
             expected = self.readers
             try:
                 wait_until(
@@ -283,17 +319,12 @@ class EmulatedDesk:
     def _startup_abort_reason(self, expected: Sequence[str]) -> Optional[str]:
         if not self.pcscd.alive():
             return "pcscd died"
-        # Readers from reader.conf.d are all set up before pcscd logs "daemon
-        # ready" and never change afterwards (no hot-plug), so a mismatch
-        # after that line is final - e.g. vpcd could not bind its port.
-        if "daemon ready" in self.pcscd.log_text():
-            if not os.path.exists(self.socket_path):
-                return None  # pcscd logs "daemon ready" before it creates its socket: keep waiting
-            try:
-                if not self._readers_match(expected):
-                    return "pcscd is ready but does not serve the expected readers"
-            except OSError:
-                return None
+        # A vpcd entry whose port could not be bound gives no readers, for good (no hot-plug):
+        # that is final. Anything else (pcscd logs "daemon ready" before its socket serves the
+        # complete reader array) is waited out until start_timeout.
+        log = self.pcscd.log_text()
+        if "Address already in use" in log or "Could not initialize" in log:
+            return "a vpcd port could not be bound"
         return None
 
     def _readers_match(self, expected: Sequence[str]) -> bool:
@@ -335,6 +366,13 @@ class EmulatedDesk:
         st = self.state(slot)
         return st.atr if st and st.card_present else None
 
+    def gate(self, slot: int = 0) -> CardGate:
+        """The gate of the card in slot (inserted with gate=True)."""
+        card = self._cards.get(slot)
+        if card is None or card.gate is None:
+            raise HarnessError(f"no gated card in slot {slot} (insert_card(slot, gate=True))")
+        return card.gate
+
     def vicc(self, slot: int = 0) -> Optional[Proc]:
         card = self._cards.get(slot)
         return card.proc if card else None
@@ -349,6 +387,7 @@ class EmulatedDesk:
         test_ins: bool = False,
         extended: bool = False,
         card_type: str = "iso7816",
+        gate: bool = False,
         wait: bool = True,
         timeout: float = 10.0,
     ) -> Optional[ReaderState]:
@@ -363,6 +402,7 @@ class EmulatedDesk:
           fix_tlv   no crash on SELECT returning FCI/FCP (default: desk's fix_tlv)
           test_ins  INS EE: echo command data / return P1P2 pattern bytes
           extended  advertise extended length in the ATR
+          gate      INS EF is held at the card until the test releases it (gate(slot))
         """
         self._require_running()
         self._check_slot(slot)
@@ -378,7 +418,11 @@ class EmulatedDesk:
         elif self.card_present(slot):
             raise HarnessError(f"pcscd reports a card in slot {slot} that this desk did not insert")
         port = self.port(slot)
-        if want_atr is None and not (fix or test_ins or extended) and card_type == "iso7816":
+        card_gate = None
+        if gate:
+            k = sum(1 for p in self._retired if p.name == f"vicc-slot{slot}")
+            card_gate = CardGate(self.dir / f"gate-slot{slot}.{k}")
+        if want_atr is None and not (fix or test_ins or extended or gate) and card_type == "iso7816":
             argv = [support.SYSTEM_PYTHON, support.VICC, "-t", "iso7816", "-H", "127.0.0.1", "-P", str(port)]
             argv += ["-v"] * self.vicc_verbose
         else:
@@ -392,6 +436,8 @@ class EmulatedDesk:
                 argv.append("--test-ins")
             if extended:
                 argv.append("--extended")
+            if card_gate is not None:
+                argv += ["--gate-dir", str(card_gate.path)]
             argv += ["-v"] * self.vicc_verbose
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PCSCLITE_", "LD_PRELOAD"))}
         env["PYTHONPATH"] = support.vicc_pythonpath()
@@ -400,7 +446,8 @@ class EmulatedDesk:
         log = self.dir / (f"vicc-slot{slot}.log" if n == 0 else f"vicc-slot{slot}.{n}.log")
         proc = Proc(argv, name=f"vicc-slot{slot}", log_path=log, env=env).start()
         self._cards[slot] = _Card(slot, proc, want_atr, fix,
-                                  {"card_type": card_type, "test_ins": test_ins, "extended": extended})
+                                  {"card_type": card_type, "test_ins": test_ins, "extended": extended, "gate": gate},
+                                  card_gate)
         if not wait:
             return None
         name = self.reader_name(slot)

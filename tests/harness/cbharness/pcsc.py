@@ -3,7 +3,7 @@
     pcsc_call(desk.socket_path, "transmit", "--reader", desk.readers[0], "0084000008")
     with PcscWatch(sock, reader) as w:   # SCardGetStatusChange in a subprocess
         w.ready  -> {"ready": True, "flags": [...], ...}
-        ev = w.next_event(timeout=2)     # {"t": monotonic, "flags": [...]}
+        ev = w.next_event()              # {"t": monotonic, "flags": [...]}
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from .support import SYSTEM_PYTHON
-from .waiting import HarnessError, HarnessTimeout
+from .waiting import HANG_GUARD_S, HarnessError, HarnessTimeout
 
 TOOL = str(Path(__file__).with_name("pcsc_tool.py"))
 
@@ -29,7 +29,7 @@ def _env(socket_path: str) -> Dict[str, str]:
     return env
 
 
-def pcsc_call(socket_path: str, *args: str, timeout: float = 30.0, check: bool = True) -> dict:
+def pcsc_call(socket_path: str, *args: str, timeout: float = HANG_GUARD_S, check: bool = True) -> dict:
     """Run one pcsc_tool command; return its JSON output.  With check=True a
     non-zero exit or an {"error": ...} result raises HarnessError."""
     cmd = [SYSTEM_PYTHON, TOOL, *args]
@@ -57,8 +57,8 @@ def transmit(socket_path: str, reader: str, *apdus: str, **kw) -> dict:
 class PcscWatch:
     """Background `pcsc_tool watch`: SCardGetStatusChange on one reader."""
 
-    def __init__(self, socket_path: str, reader: str, *, count: int = 10, timeout: float = 30.0,
-                 ready_timeout: float = 10.0):
+    def __init__(self, socket_path: str, reader: str, *, count: int = 10, timeout: float = HANG_GUARD_S,
+                 ready_timeout: float = HANG_GUARD_S):
         cmd = [SYSTEM_PYTHON, TOOL, "watch", "--reader", reader, "--count", str(count), "--timeout", str(timeout)]
         self.popen = subprocess.Popen(cmd, env=_env(socket_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, start_new_session=True)
@@ -94,7 +94,7 @@ class PcscWatch:
                                f"{self.popen.stderr.read()[-2000:]}")
         return item
 
-    def next_event(self, timeout: float = 5.0) -> dict:
+    def next_event(self, timeout: float = HANG_GUARD_S) -> dict:
         ev = self._get(timeout, "a reader state change")
         if "error" in ev or "timeout" in ev:
             raise HarnessError(f"pcsc watch: {ev}")

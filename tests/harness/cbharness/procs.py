@@ -110,6 +110,7 @@ class Proc:
         cwd: Optional[os.PathLike | str] = None,
         pdeathsig: bool = True,
         grace: float = 3.0,
+        pass_fds: Sequence[int] = (),
     ):
         self.argv: List[str] = [str(a) for a in argv]
         self.name = name or Path(self.argv[0]).name
@@ -118,6 +119,7 @@ class Proc:
         self.cwd = cwd
         self.pdeathsig = pdeathsig
         self.grace = grace
+        self.pass_fds = tuple(pass_fds)  # file descriptors the child inherits (e.g. held sockets)
         self.popen: Optional[subprocess.Popen] = None
         self._finalizer: Optional[weakref.finalize] = None
         self._stopped = False
@@ -140,6 +142,7 @@ class Proc:
                     start_new_session=True,
                     preexec_fn=_make_preexec(os.getpid(), use_pdeathsig),
                     close_fds=True,
+                    pass_fds=self.pass_fds,
                 )
             except OSError as exc:
                 raise HarnessError(f"could not start {self.name} ({' '.join(self.argv)}): {exc}") from exc

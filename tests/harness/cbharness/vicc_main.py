@@ -20,6 +20,12 @@ Run with /usr/bin/python3 and the PYTHONPATH from support.vicc_pythonpath():
             The response is cut to Le like any vicc response: short Le up to
             256, extended Le up to 65536 (Le=00 00 means 65536); data beyond
             Le is announced with 61xx and fetched with GET RESPONSE.
+--gate-dir DIR
+            harness extension: a card that answers only when the test says so.
+            INS 0xEF (e.g. 80 EF 00 00): the card creates DIR/held.<n> (n = 1, 2, ..
+            per gated APDU), then answers 90 00 only once DIR/release.<n> or
+            DIR/release.all exists. While it holds the APDU the transfer is in
+            flight at the card: a deterministic "slow card" (EmulatedDesk.gate()).
 --extended  advertise extended Lc/Le in the ATR (third software function
             table of the card capabilities).  vicc parses extended APDUs
             with or without this flag; only the ATR changes.
@@ -31,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 
 
 def _fixed_pack(tlv_data, recalculate_length=False):
@@ -72,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fix-tlv", action="store_true")
     ap.add_argument("--test-ins", action="store_true")
     ap.add_argument("--extended", action="store_true")
+    ap.add_argument("--gate-dir")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
 
@@ -111,6 +120,24 @@ def main(argv=None) -> int:
             return SW["NORMAL"], bytes(i & 0xFF for i in range(n))
 
         vicc.os.ins2handler[0xEE] = test_ins
+    if args.gate_dir:
+        from virtualsmartcard.SWutils import SW as SW_  # noqa: N811
+
+        held = [0]
+
+        def gated_ins(p1, p2, data):
+            held[0] += 1
+            n = held[0]
+            with open(os.path.join(args.gate_dir, f"held.{n}"), "w"):
+                pass
+            print(f"vicc_main: gated APDU {n} held", file=sys.stderr, flush=True)
+            release = (os.path.join(args.gate_dir, f"release.{n}"), os.path.join(args.gate_dir, "release.all"))
+            while not any(os.path.exists(r) for r in release):
+                time.sleep(0.01)
+            print(f"vicc_main: gated APDU {n} released", file=sys.stderr, flush=True)
+            return SW_["NORMAL"], b""
+
+        vicc.os.ins2handler[0xEF] = gated_ins
     if atr is not None:
         vicc.os.atr = atr
         vicc.os.getATR = lambda: atr  # in case a card OS computes it on demand

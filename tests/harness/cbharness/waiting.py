@@ -1,10 +1,17 @@
 """Deadline-based waiting helpers (no fixed sleeps)."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
+
+
+# A hang guard: how long a test waits for an event that must come before it concludes that
+# something hangs. It is not a performance bound (those are measured by the benchmarks), so it
+# is generous: a loaded 2-core CI machine must never reach it. CARDBRIDGE_HANG_GUARD overrides it.
+HANG_GUARD_S = float(os.environ.get("CARDBRIDGE_HANG_GUARD", "60"))
 
 
 class HarnessError(RuntimeError):
