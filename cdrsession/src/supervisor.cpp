@@ -21,10 +21,7 @@ namespace cardbridge::session {
 
 namespace {
 
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = log::get("cdrsession");
-  return l;
-}
+log::Channel logger{"cdrsession"};
 
 volatile sig_atomic_t g_stop = 0;
 void on_signal(int) { g_stop = 1; }
@@ -92,7 +89,7 @@ int run_supervisor(const SessionPaths& paths, const SupervisorOptions& o) {
   }
   int leader_fd = o.until_pid > 0 ? pidfd_open(o.until_pid) : -1;
   if (o.until_pid > 0 && leader_fd < 0) {
-    logger()->error("session leader pid {} is not running; not starting", o.until_pid);
+    logger->error("session leader pid {} is not running; not starting", o.until_pid);
     ::unlink(paths.pid_file.c_str());
     return 1;
   }
@@ -102,11 +99,11 @@ int run_supervisor(const SessionPaths& paths, const SupervisorOptions& o) {
     const auto started = std::chrono::steady_clock::now();
     pid_t child = spawn(o);
     if (child < 0) {
-      logger()->error("fork failed: {}", std::strerror(errno));
+      logger->error("fork failed: {}", std::strerror(errno));
       rc = 1;
       break;
     }
-    logger()->info("shim started (pid {}) for session '{}'", child, paths.key);
+    logger->info("shim started (pid {}) for session '{}'", child, paths.key);
     bool leader_gone = false;
     int status = 0;
     for (;;) {
@@ -124,7 +121,7 @@ int run_supervisor(const SessionPaths& paths, const SupervisorOptions& o) {
       }
     }
     if (g_stop || leader_gone) {
-      logger()->info("session '{}' {}: stopping the shim", paths.key, leader_gone ? "ended" : "stopping");
+      logger->info("session '{}' {}: stopping the shim", paths.key, leader_gone ? "ended" : "stopping");
       ::kill(child, SIGTERM);
       for (int i = 0; i < 50 && ::waitpid(child, &status, WNOHANG) == 0; ++i)
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -134,7 +131,7 @@ int run_supervisor(const SessionPaths& paths, const SupervisorOptions& o) {
       }
       break;
     }
-    logger()->warn("shim exited ({}); restarting", WIFEXITED(status) ? fmt::format("status {}", WEXITSTATUS(status))
+    logger->warn("shim exited ({}); restarting", WIFEXITED(status) ? fmt::format("status {}", WEXITSTATUS(status))
                                                                      : fmt::format("signal {}", WTERMSIG(status)));
     if (std::chrono::steady_clock::now() - started > std::chrono::seconds(10)) backoff = std::chrono::milliseconds(200);
     std::this_thread::sleep_for(backoff);

@@ -30,10 +30,7 @@ using cardbridge::client::ChannelSession;
 
 constexpr char kChannelName[] = "CBRIDGE";
 
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = cardbridge::log::get("cardbridge.addin");
-  return l;
-}
+cardbridge::log::Channel logger{"cardbridge.addin"};
 
 std::string local_host_name() {
   char buf[256] = {};
@@ -52,7 +49,7 @@ AddinOptions options_from(const ADDIN_ARGV* args) {
   std::string error;
   AddinOptions o = args ? AddinOptions::parse(args->argc, args->argv, &error) : AddinOptions{};
   cardbridge::client::init_addin_logging(o.log_level);
-  if (!error.empty()) logger()->warn("add-in options: {}", error);
+  if (!error.empty()) logger->warn("add-in options: {}", error);
   return o;
 }
 
@@ -106,7 +103,7 @@ VOID VCAPITYPE static_open_event(LPVOID user, DWORD /*open_handle*/, UINT event,
         break;
     }
   } catch (const std::exception& e) {
-    logger()->error("static channel event {}: {}", event, e.what());
+    logger->error("static channel event {}: {}", event, e.what());
   } catch (...) {
   }
 }
@@ -119,7 +116,7 @@ VOID VCAPITYPE static_init_event(LPVOID user, LPVOID init_handle, UINT event, LP
         DWORD h = 0;
         UINT rc = p->ep.pVirtualChannelOpenEx(init_handle, &h, p->def.name, static_open_event);
         if (rc != CHANNEL_RC_OK) {
-          logger()->error("cannot open the {} channel (rc {})", kChannelName, rc);
+          logger->error("cannot open the {} channel (rc {})", kChannelName, rc);
           return;
         }
         {
@@ -131,7 +128,7 @@ VOID VCAPITYPE static_init_event(LPVOID user, LPVOID init_handle, UINT event, LP
           p->session = std::make_unique<ChannelSession>(p->options, p->default_name,
                                                         [p](std::vector<uint8_t> f) { return static_write(p, std::move(f)); });
         }
-        logger()->info("static channel {} open", kChannelName);
+        logger->info("static channel {} open", kChannelName);
         p->session->opened();
         break;
       }
@@ -146,7 +143,7 @@ VOID VCAPITYPE static_init_event(LPVOID user, LPVOID init_handle, UINT event, LP
         }
         if (p->session) p->session->closed();
         if (was_open) p->ep.pVirtualChannelCloseEx(init_handle, h);
-        logger()->info("static channel {} closed", kChannelName);
+        logger->info("static channel {} closed", kChannelName);
         break;
       }
       case CHANNEL_EVENT_TERMINATED: {
@@ -163,7 +160,7 @@ VOID VCAPITYPE static_init_event(LPVOID user, LPVOID init_handle, UINT event, LP
         break;
     }
   } catch (const std::exception& e) {
-    logger()->error("static channel init event {}: {}", event, e.what());
+    logger->error("static channel init event {}: {}", event, e.what());
   } catch (...) {
   }
 }
@@ -208,7 +205,7 @@ UINT dvc_on_data(IWTSVirtualChannelCallback* cb, wStream* s) {
 UINT dvc_on_open(IWTSVirtualChannelCallback* cb) {
   try {
     auto* c = reinterpret_cast<DvcChannel*>(cb);
-    logger()->info("dynamic channel {} open", kChannelName);
+    logger->info("dynamic channel {} open", kChannelName);
     if (c->session) c->session->opened();
     return CHANNEL_RC_OK;
   } catch (...) {
@@ -223,7 +220,7 @@ UINT dvc_on_close(IWTSVirtualChannelCallback* cb) {
       std::lock_guard lock(c->mu);
       c->channel = nullptr;
     }
-    logger()->info("dynamic channel {} closed", kChannelName);
+    logger->info("dynamic channel {} closed", kChannelName);
     if (c->session) c->session->closed();
     dispose(std::move(c->session));
     delete c;
@@ -253,7 +250,7 @@ UINT dvc_on_new_channel(IWTSListenerCallback* lcb, IWTSVirtualChannel* channel, 
     *out = &c->cb;
     return CHANNEL_RC_OK;
   } catch (const std::exception& e) {
-    logger()->error("new dynamic channel: {}", e.what());
+    logger->error("new dynamic channel: {}", e.what());
     *accept = FALSE;
     return ERROR_INTERNAL_ERROR;
   } catch (...) {
@@ -305,11 +302,11 @@ __attribute__((visibility("default"))) BOOL VCAPITYPE VirtualChannelEntryEx(PCHA
     UINT rc = ep->pVirtualChannelInitEx(p, nullptr, init_handle, &p->def, 1, VIRTUAL_CHANNEL_VERSION_WIN2000,
                                         static_init_event);
     if (rc != CHANNEL_RC_OK) {
-      logger()->error("VirtualChannelInitEx failed (rc {})", rc);
+      logger->error("VirtualChannelInitEx failed (rc {})", rc);
       delete p;
       return FALSE;
     }
-    logger()->info("cardbridge static channel add-in loaded (desk '{}')", p->options.name.empty() ? p->default_name : p->options.name);
+    logger->info("cardbridge static channel add-in loaded (desk '{}')", p->options.name.empty() ? p->default_name : p->options.name);
     return TRUE;
   } catch (...) {
     return FALSE;
@@ -334,7 +331,7 @@ __attribute__((visibility("default"))) UINT DVCPluginEntry(IDRDYNVC_ENTRY_POINTS
       delete p;
       return rc;
     }
-    logger()->info("cardbridge dynamic channel add-in loaded");
+    logger->info("cardbridge dynamic channel add-in loaded");
     return CHANNEL_RC_OK;
   } catch (...) {
     return ERROR_INTERNAL_ERROR;

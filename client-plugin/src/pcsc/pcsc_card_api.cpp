@@ -30,6 +30,8 @@ static_assert(sc::ctl_code(3400) == SCARD_CTL_CODE(3400));
 
 namespace {
 
+log::Channel logger{"cardbridge.pcsc"};
+
 uint32_t rv32(LONG rv) { return static_cast<uint32_t>(rv); }
 
 // libpcsclite, bound explicitly. Inside a FreeRDP client (the add-in's home), libwinpr2 is in
@@ -71,7 +73,7 @@ const Pcsc& pcsc() {
     Pcsc p;
     void* h = ::dlopen("libpcsclite.so.1", RTLD_NOW | RTLD_LOCAL);
     if (!h) {
-      log::get("cardbridge.pcsc")->error("cannot load libpcsclite.so.1 ({}); using the linked SCard* symbols",
+      logger->error("cannot load libpcsclite.so.1 ({}); using the linked SCard* symbols",
                                          ::dlerror());
       return p;
     }
@@ -93,7 +95,7 @@ const Pcsc& pcsc() {
     bind(h, "SCardSetAttrib", &b.SetAttrib, &ok);
     bind(h, "SCardStatus", &b.Status, &ok);
     if (!ok) {
-      log::get("cardbridge.pcsc")->error("libpcsclite.so.1 lacks SCard* functions; using the linked symbols");
+      logger->error("libpcsclite.so.1 lacks SCard* functions; using the linked symbols");
       return p;
     }
     return b;  // the library stays loaded for the life of the process

@@ -23,10 +23,7 @@ namespace cardbridge::shim {
 
 namespace {
 
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = log::get("cardbridge.shim.xrdp");
-  return l;
-}
+log::Channel logger{"cardbridge.shim.xrdp"};
 
 std::optional<int> display_number() {
   const char* d = std::getenv("DISPLAY");
@@ -96,7 +93,7 @@ namespace {
 // Calls |then| once an RDP client is attached (at once if one is), polling every kAttachPoll.
 void when_attached(boost::asio::io_context& io, std::function<void()> then) {
   if (client_attached()) return then();
-  logger()->info("no RDP client attached to the xrdp session; waiting");
+  logger->info("no RDP client attached to the xrdp session; waiting");
   auto timer = std::make_shared<boost::asio::steady_timer>(io);
   auto poll = std::make_shared<std::function<void()>>();
   *poll = [timer, poll, then = std::move(then)] {
@@ -104,7 +101,7 @@ void when_attached(boost::asio::io_context& io, std::function<void()> then) {
     timer->async_wait([timer, poll, then](boost::system::error_code ec) {
       if (ec) return;
       if (client_attached()) {
-        logger()->debug("an RDP client attached to the xrdp session");
+        logger->debug("an RDP client attached to the xrdp session");
         *poll = nullptr;  // breaks the cycle
         then();
         return;
@@ -289,7 +286,7 @@ struct Race : std::enable_shared_from_this<Race> {
   // A channel could not be opened (the client does not offer that kind, say).
   void failed(bool dynamic, const std::string& err) {
     errors.push_back(fmt::format("{} channel: {}", dynamic ? "dynamic" : "static", err));
-    logger()->debug("xrdp: {} channel not opened: {}", dynamic ? "dynamic" : "static", err);
+    logger->debug("xrdp: {} channel not opened: {}", dynamic ? "dynamic" : "static", err);
     give_up_if_nothing_left();
   }
 
@@ -321,7 +318,7 @@ struct Race : std::enable_shared_from_this<Race> {
       }
     }
     running.clear();
-    logger()->info("xrdp: the desk speaks on the {} channel CBRIDGE", winner.dynamic() ? "dynamic" : "static");
+    logger->info("xrdp: the desk speaks on the {} channel CBRIDGE", winner.dynamic() ? "dynamic" : "static");
     auto finish = std::move(done);
     done = nullptr;
     finish(std::move(keep), "");
@@ -330,7 +327,7 @@ struct Race : std::enable_shared_from_this<Race> {
   void lost(RacingChannel& loser, const std::string& reason) {
     if (decided) return;
     errors.push_back(fmt::format("{} channel: {}", loser.dynamic() ? "dynamic" : "static", reason));
-    logger()->debug("xrdp: the {} channel closed before the desk spoke ({})", loser.dynamic() ? "dynamic" : "static",
+    logger->debug("xrdp: the {} channel closed before the desk spoke ({})", loser.dynamic() ? "dynamic" : "static",
                     reason);
     std::erase_if(running, [&](const auto& c) {
       if (c.get() != &loser) return false;
@@ -362,7 +359,7 @@ Connector xrdp_connector(boost::asio::io_context& io, XrdpOptions options) {
       return async_open(io, *api, options.channel, dynamic,
                         [&io, options, done, dynamic](std::shared_ptr<transport::ByteStream> s, std::string err) {
         if (!s) return done(nullptr, fmt::format("{} channel: {}", dynamic ? "dynamic" : "static", err));
-        logger()->info("xrdp {} channel {} open", dynamic ? "dynamic" : "static", options.channel);
+        logger->info("xrdp {} channel {} open", dynamic ? "dynamic" : "static", options.channel);
         auto only = std::make_shared<RacingChannel>(io, std::move(s), dynamic);
         only->listen(nullptr, nullptr);
         done(only, "");
@@ -382,7 +379,7 @@ Connector xrdp_connector(boost::asio::io_context& io, XrdpOptions options) {
           s->close("the desk already spoke on the other channel");
           return;
         }
-        logger()->info("xrdp {} channel {} open", dynamic ? "dynamic" : "static", options.channel);
+        logger->info("xrdp {} channel {} open", dynamic ? "dynamic" : "static", options.channel);
         race->add(std::make_shared<RacingChannel>(io, std::move(s), dynamic));
       };
     };

@@ -31,10 +31,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = log::get("cardbridge.relay");
-  return l;
-}
+log::Channel logger{"cardbridge.relay"};
 
 constexpr std::size_t kReadChunk = 64 * 1024;
 // Per wake-up budget for channel messages, so that one busy direction cannot starve the other.
@@ -90,7 +87,7 @@ Result<int, std::string> bind_socket(const std::string& path, uid_t peer_uid, in
     const bool live = ::connect(probe, sa, sizeof addr) == 0;
     ::close(probe);
     if (live) return unexpected(fmt::format("{} is in use by a running relay", path));
-    logger()->info("replacing stale socket {}", path);
+    logger->info("replacing stale socket {}", path);
     ::unlink(path.c_str());
   }
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -142,7 +139,7 @@ class WtsRelay::Impl {
     } catch (const std::exception& e) {
       return unexpected(fmt::format("cannot start the relay thread: {}", e.what()));
     }
-    logger()->info("relay listening on {} (shim uid {})", opt_.socket_path, peer_uid_);
+    logger->info("relay listening on {} (shim uid {})", opt_.socket_path, peer_uid_);
     return true;
   }
 
@@ -234,9 +231,9 @@ class WtsRelay::Impl {
     try {
       loop();
     } catch (const std::exception& e) {
-      logger()->critical("relay thread failed: {}", e.what());
+      logger->critical("relay thread failed: {}", e.what());
     } catch (...) {
-      logger()->critical("relay thread failed");
+      logger->critical("relay thread failed");
     }
     release_channel("relay stopping", false);
     std::lock_guard lock(mu_);
@@ -279,18 +276,18 @@ class WtsRelay::Impl {
     if (buf) WTSFreeMemory(buf);
     chan_.event_fd = event ? GetEventFileDescriptor(event) : -1;
     if (chan_.event_fd < 0) {
-      logger()->error("{} channel ({}): no event handle; not relaying it", to_string(d.kind), d.label);
+      logger->error("{} channel ({}): no event handle; not relaying it", to_string(d.kind), d.label);
       return;
     }
     chan_.alive = true;
-    logger()->info("{} channel attached ({}){}", to_string(d.kind), d.label,
+    logger->info("{} channel attached ({}){}", to_string(d.kind), d.label,
                    shim_fd_ >= 0 ? "" : "; waiting for the shim to connect");
   }
 
   // Forgets the attached channel; the channel going away closes the shim connection.
   void release_channel(const std::string& reason, bool close_shim_too) {
     if (!chan_.handle) return;
-    logger()->info("{} channel detached ({}): {}", to_string(chan_.kind), chan_.label, reason);
+    logger->info("{} channel detached ({}): {}", to_string(chan_.kind), chan_.label, reason);
     chan_ = Channel{};
     attached_ = 0;
     if (close_shim_too && shim_fd_ >= 0) close_shim("the desk's channel went away");
@@ -299,7 +296,7 @@ class WtsRelay::Impl {
   void channel_lost(const std::string& reason) {
     if (!chan_.alive) return;
     chan_.alive = false;
-    logger()->warn("{} channel ({}) lost: {}", to_string(chan_.kind), chan_.label, reason);
+    logger->warn("{} channel ({}) lost: {}", to_string(chan_.kind), chan_.label, reason);
     if (shim_fd_ >= 0) close_shim("the desk's channel went away");
     if (opt_.on_channel_lost) {
       try {
@@ -360,13 +357,13 @@ class WtsRelay::Impl {
       if (fd < 0) {
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNABORTED)
-          logger()->error("accept on {}: {}", opt_.socket_path, errno_text(errno));
+          logger->error("accept on {}: {}", opt_.socket_path, errno_text(errno));
         return;
       }
       ucred cred{};
       socklen_t len = sizeof cred;
       if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.uid != peer_uid_) {
-        logger()->warn("refused a connection from uid {} (pid {}): only uid {} may use this relay",
+        logger->warn("refused a connection from uid {} (pid {}): only uid {} may use this relay",
                        static_cast<long>(cred.uid), cred.pid, peer_uid_);
         ::close(fd);
         continue;
@@ -380,7 +377,7 @@ class WtsRelay::Impl {
       outq_.clear();
       outq_bytes_ = 0;
       out_off_ = 0;
-      logger()->info("shim connected (pid {}){}", cred.pid,
+      logger->info("shim connected (pid {}){}", cred.pid,
                      channel_usable() ? fmt::format("; relaying to the {} channel ({})", to_string(chan_.kind), chan_.label)
                                       : std::string("; no channel yet: its bytes are dropped until one is attached"));
     }
@@ -391,9 +388,9 @@ class WtsRelay::Impl {
     if (shim_fd_ < 0) return;
     if (counted) {
       ++shim_drops_;
-      logger()->info("closing the shim connection: {}", reason);
+      logger->info("closing the shim connection: {}", reason);
     } else {
-      logger()->info("shim connection closed: {}", reason);
+      logger->info("shim connection closed: {}", reason);
     }
     ::shutdown(shim_fd_, SHUT_RDWR);
     close_fd(shim_fd_);

@@ -51,10 +51,7 @@ namespace {
 
 namespace cb = cardbridge;
 
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = cb::log::get("cb-rdp-client");
-  return l;
-}
+cb::log::Channel logger{"cb-rdp-client"};
 
 constexpr char kAddinName[] = "cardbridge";
 
@@ -104,7 +101,7 @@ BOOL on_pre_connect(freerdp* instance) {
   const BOOL added = g_dynamic ? freerdp_client_add_dynamic_channel(s, argv.size(), argv.data())
                                : freerdp_client_add_static_channel(s, argv.size(), argv.data());
   if (!added) {
-    logger()->error("cannot add the {} channel", g_dynamic ? "dynamic" : "static");
+    logger->error("cannot add the {} channel", g_dynamic ? "dynamic" : "static");
     return FALSE;
   }
 #if CARDBRIDGE_FREERDP_MAJOR >= 3
@@ -113,14 +110,14 @@ BOOL on_pre_connect(freerdp* instance) {
 
 BOOL on_load_channels(freerdp* instance) {
   if (!freerdp_client_load_addins(instance->context->channels, instance->context->settings)) {
-    logger()->error("freerdp_client_load_addins failed");
+    logger->error("freerdp_client_load_addins failed");
     return FALSE;
   }
   return TRUE;
 }
 #else
   if (!freerdp_client_load_addins(instance->context->channels, s)) {
-    logger()->error("freerdp_client_load_addins failed");
+    logger->error("freerdp_client_load_addins failed");
     return FALSE;
   }
   return TRUE;
@@ -129,7 +126,7 @@ BOOL on_load_channels(freerdp* instance) {
 
 BOOL on_post_connect(freerdp* instance) {
   if (!gdi_init(instance, PIXEL_FORMAT_XRGB32)) {
-    logger()->error("gdi_init failed");
+    logger->error("gdi_init failed");
     return FALSE;
   }
   return TRUE;
@@ -221,21 +218,21 @@ int main(int argc, char** argv) {
   if (const char* h = std::getenv("HOME"); !h || !*h) {
     char tmpl[] = "/tmp/cb-rdp-client-home-XXXXXX";
     if (!::mkdtemp(tmpl)) {
-      logger()->critical("HOME is unset and no private one can be made");
+      logger->critical("HOME is unset and no private one can be made");
       return 2;
     }
     private_home = tmpl;
     ::setenv("HOME", tmpl, 1);
   }
 
-  cardbridge::testtools::StopOnSignal signals([](int sig) { logger()->info("signal {}: disconnecting", sig); });
+  cardbridge::testtools::StopOnSignal signals([](int sig) { logger->info("signal {}: disconnecting", sig); });
   HANDLE stop = signals.event();
 
   int rc = 0;
   freerdp* instance = nullptr;
   std::string error;
   if (!load_addin(addin_path, &error)) {
-    logger()->critical("cannot load the add-in: {}", error);
+    logger->critical("cannot load the add-in: {}", error);
     rc = 2;
   } else {
     freerdp_register_addin_provider(addin_provider, 0);
@@ -254,7 +251,7 @@ int main(int argc, char** argv) {
 #endif
       instance->VerifyCertificateEx = on_verify_certificate;
       if (!freerdp_context_new(instance)) {
-        logger()->critical("freerdp_context_new failed");
+        logger->critical("freerdp_context_new failed");
         freerdp_free(instance);
         instance = nullptr;
         rc = 2;
@@ -292,11 +289,11 @@ int main(int argc, char** argv) {
     if (!client_name.empty()) freerdp_settings_set_string(s, FreeRDP_ClientHostname, client_name.c_str());
 
     if (!freerdp_connect(instance)) {
-      logger()->error("cannot connect to {}:{}: {}", host, port,
+      logger->error("cannot connect to {}:{}: {}", host, port,
                       freerdp_get_last_error_string(freerdp_get_last_error(instance->context)));
       rc = 1;
     } else {
-      logger()->info("connected to {}:{} ({} channel)", host, port, mode);
+      logger->info("connected to {}:{} ({} channel)", host, port, mode);
       std::printf("CONNECTED\n");
       std::fflush(stdout);
       bool stopped = false;
@@ -307,12 +304,12 @@ int main(int argc, char** argv) {
         HANDLE handles[65];
         DWORD count = freerdp_get_event_handles(instance->context, handles, 64);
         if (count == 0) {
-          logger()->error("freerdp_get_event_handles failed");
+          logger->error("freerdp_get_event_handles failed");
           break;
         }
         handles[count++] = stop;
         if (WaitForMultipleObjects(count, handles, FALSE, 100) == WAIT_FAILED) {
-          logger()->error("WaitForMultipleObjects failed");
+          logger->error("WaitForMultipleObjects failed");
           break;
         }
         if (WaitForSingleObject(stop, 0) == WAIT_OBJECT_0) {
@@ -324,10 +321,10 @@ int main(int argc, char** argv) {
       if (stopped) {
         rc = 0;
       } else if (orderly_end(info)) {
-        logger()->info("the server ended the session ({})", freerdp_get_error_info_string(info));
+        logger->info("the server ended the session ({})", freerdp_get_error_info_string(info));
         rc = 0;
       } else {
-        logger()->error("connection lost: {} / {}", freerdp_get_error_info_string(info),
+        logger->error("connection lost: {} / {}", freerdp_get_error_info_string(info),
                         freerdp_get_last_error_string(freerdp_get_last_error(instance->context)));
         rc = 3;
       }

@@ -60,10 +60,7 @@ using cb::shim::WtsRelay;
 
 constexpr char kChannelName[] = "CBRIDGE";
 
-std::shared_ptr<spdlog::logger> logger() {
-  static auto l = cb::log::get("cb-rdp-host");
-  return l;
-}
+cb::log::Channel logger{"cb-rdp-host"};
 
 enum class Mode { kStatic, kDynamic, kBoth };
 
@@ -145,7 +142,7 @@ class Host {
     std::lock_guard lock(peers_mu_);
     reap_locked();
     auto conn = std::make_unique<PeerConn>(*this, peer, ++next_id_);
-    logger()->info("peer {}: connection from {}", next_id_, peer->hostname);
+    logger->info("peer {}: connection from {}", next_id_, peer->hostname);
     conn->start();
     peers_.push_back(std::move(conn));
   }
@@ -154,7 +151,7 @@ class Host {
   void take_over(PeerConn* p) {
     std::lock_guard lock(session_mu_);
     if (owner_ && owner_ != p) {
-      logger()->info("peer {} takes the session over from peer {}", p->id(), owner_->id());
+      logger->info("peer {} takes the session over from peer {}", p->id(), owner_->id());
       owner_->request_stop(fmt::format("session taken over by peer {}", p->id()));
     }
     owner_ = p;
@@ -233,7 +230,7 @@ BOOL peer_post_connect(freerdp_peer* peer) {
   try {
     return conn_of(peer)->on_post_connect();
   } catch (const std::exception& e) {
-    logger()->error("post-connect: {}", e.what());
+    logger->error("post-connect: {}", e.what());
     return FALSE;
   }
 }
@@ -242,7 +239,7 @@ BOOL peer_activate(freerdp_peer* peer) {
   try {
     return conn_of(peer)->on_activate();
   } catch (const std::exception& e) {
-    logger()->error("activate: {}", e.what());
+    logger->error("activate: {}", e.what());
     return FALSE;
   }
 }
@@ -313,32 +310,32 @@ void PeerConn::setup() {
 BOOL PeerConn::on_post_connect() {
   const char* client_name = freerdp_settings_get_string(peer_->context->settings, FreeRDP_ClientHostname);
   client_name_ = client_name ? client_name : "";
-  logger()->info("{}: connected", describe());
+  logger->info("{}: connected", describe());
   host_.take_over(this);
   // A joined static channel must have a handle before the client sends on it, or the peer's
   // receive path fails and the connection drops: open it now even when it is not relayed.
   if (WTSVirtualChannelManagerIsChannelJoined(vcm_, kChannelName)) {
     svc_ = WTSVirtualChannelOpen(vcm_, WTS_CURRENT_SESSION, const_cast<LPSTR>(kChannelName));
     if (!svc_) {
-      logger()->error("{}: cannot open the static {} channel", describe(), kChannelName);
+      logger->error("{}: cannot open the static {} channel", describe(), kChannelName);
       return FALSE;
     }
     if (host_.config().mode != Mode::kDynamic) {
       attachment_ = host_.relay().attach_channel(svc_, WtsRelay::ChannelKind::kStatic, describe());
       svc_relayed_ = true;
     } else {
-      logger()->warn("{}: the client offers a static {} channel but this host relays the dynamic one only",
+      logger->warn("{}: the client offers a static {} channel but this host relays the dynamic one only",
                      describe(), kChannelName);
     }
   } else if (host_.config().mode == Mode::kStatic) {
-    logger()->warn("{}: the client did not join a static {} channel (is its add-in loaded with /vc?)",
+    logger->warn("{}: the client did not join a static {} channel (is its add-in loaded with /vc?)",
                    describe(), kChannelName);
   }
   return TRUE;
 }
 
 BOOL PeerConn::on_activate() {
-  logger()->debug("{}: activated", describe());
+  logger->debug("{}: activated", describe());
   return TRUE;
 }
 
@@ -351,14 +348,14 @@ void PeerConn::poll_dynamic_channel() {
 #if CARDBRIDGE_FREERDP_MAJOR >= 3
     if (!peer_->activated) return;
     if (WTSVirtualChannelManagerGetDrdynvcState(vcm_) == DRDYNVC_STATE_NONE && !WTSVirtualChannelManagerOpen(vcm_)) {
-      logger()->error("{}: cannot open drdynvc", describe());
+      logger->error("{}: cannot open drdynvc", describe());
       dvc_given_up_ = true;
       return;
     }
 #endif
     const BYTE state = WTSVirtualChannelManagerGetDrdynvcState(vcm_);
     if (state != drdynvc_state_) {
-      logger()->debug("{}: drdynvc state {}", describe(), static_cast<int>(state));
+      logger->debug("{}: drdynvc state {}", describe(), static_cast<int>(state));
       drdynvc_state_ = state;
     }
     if (state != DRDYNVC_STATE_READY) return;
@@ -367,7 +364,7 @@ void PeerConn::poll_dynamic_channel() {
     DWORD session_id = 0;
     if (!WTSQuerySessionInformationA(vcm_, WTS_CURRENT_SESSION, WTSSessionId, &buf, &len) || !buf ||
         len < sizeof(ULONG)) {
-      logger()->error("{}: WTSQuerySessionInformation(WTSSessionId) failed", describe());
+      logger->error("{}: WTSQuerySessionInformation(WTSSessionId) failed", describe());
       dvc_given_up_ = true;
       return;
     }
@@ -377,11 +374,11 @@ void PeerConn::poll_dynamic_channel() {
     session_id = sid;
     dvc_ = WTSVirtualChannelOpenEx(session_id, const_cast<LPSTR>(kChannelName), WTS_CHANNEL_OPTION_DYNAMIC);
     if (!dvc_) {
-      logger()->error("{}: WTSVirtualChannelOpenEx(dynamic {}) failed", describe(), kChannelName);
+      logger->error("{}: WTSVirtualChannelOpenEx(dynamic {}) failed", describe(), kChannelName);
       dvc_given_up_ = true;
       return;
     }
-    logger()->debug("{}: dynamic {} channel requested", describe(), kChannelName);
+    logger->debug("{}: dynamic {} channel requested", describe(), kChannelName);
     return;
   }
   void* buf = nullptr;
@@ -391,7 +388,7 @@ void PeerConn::poll_dynamic_channel() {
   if (buf && len >= sizeof ready) std::memcpy(&ready, buf, sizeof ready);
   if (buf) WTSFreeMemory(buf);
   if (!ok) {
-    logger()->warn("{}: the client refused the dynamic {} channel (is its add-in loaded with /dvc?)", describe(),
+    logger->warn("{}: the client refused the dynamic {} channel (is its add-in loaded with /dvc?)", describe(),
                    kChannelName);
     WTSVirtualChannelClose(dvc_);
     dvc_ = nullptr;
@@ -454,9 +451,9 @@ void PeerConn::run() {
     }
   } catch (const std::exception& e) {
     why = e.what();
-    logger()->error("peer {}: {}", id_, e.what());
+    logger->error("peer {}: {}", id_, e.what());
   }
-  logger()->info("{}: ending ({})", describe(), why);
+  logger->info("{}: ending ({})", describe(), why);
   teardown(closed_by_us);
   done_ = true;
 }
@@ -490,7 +487,7 @@ BOOL on_peer_accepted(freerdp_listener*, freerdp_peer* peer) {
     g_host->accepted(peer);
     return TRUE;
   } catch (const std::exception& e) {
-    logger()->error("cannot serve a new peer: {}", e.what());
+    logger->error("cannot serve a new peer: {}", e.what());
     return FALSE;
   }
 }
@@ -579,15 +576,15 @@ int main(int argc, char** argv) {
   cardbridge::testtools::route_wlog_to_stderr(*lvl);
 
   // Signals go to one thread that turns them into an event for the main loop.
-  cardbridge::testtools::StopOnSignal signals([](int sig) { logger()->info("signal {}: stopping", sig); });
+  cardbridge::testtools::StopOnSignal signals([](int sig) { logger->info("signal {}: stopping", sig); });
   HANDLE stop = signals.event();
 
   int rc = 0;
   if (!cfg.make_cert_dir.empty() && !make_cert(cfg.make_cert_dir, &cfg.cert, &cfg.key)) {
-    logger()->critical("cannot create a certificate in {} (is the openssl CLI installed?)", cfg.make_cert_dir);
+    logger->critical("cannot create a certificate in {} (is the openssl CLI installed?)", cfg.make_cert_dir);
     rc = 1;
   } else if (::access(cfg.cert.c_str(), R_OK) != 0 || ::access(cfg.key.c_str(), R_OK) != 0) {
-    logger()->critical("cannot read the certificate {} or the key {}", cfg.cert, cfg.key);
+    logger->critical("cannot read the certificate {} or the key {}", cfg.cert, cfg.key);
     rc = 2;
   }
 
@@ -597,7 +594,7 @@ int main(int argc, char** argv) {
     ro.socket_path = cfg.relay_path;
     auto r = WtsRelay::start(std::move(ro));
     if (!r) {
-      logger()->critical("relay: {}", r.error());
+      logger->critical("relay: {}", r.error());
       rc = 1;
     } else {
       relay = std::move(*r);
@@ -614,33 +611,33 @@ int main(int argc, char** argv) {
     listener = freerdp_listener_new();
     listener->PeerAccepted = on_peer_accepted;
     if (!listener->Open(listener, cfg.bind.c_str(), static_cast<UINT16>(cfg.port))) {
-      logger()->critical("cannot listen on {}:{}", cfg.bind, cfg.port);
+      logger->critical("cannot listen on {}:{}", cfg.bind, cfg.port);
       rc = 1;
     }
   }
 
   if (rc == 0) {
     const uint16_t port = listener_port();
-    logger()->info("listening on {}:{} (channel {}, relay {})", cfg.bind, port, mode, cfg.relay_path);
+    logger->info("listening on {}:{} (channel {}, relay {})", cfg.bind, port, mode, cfg.relay_path);
     std::printf("READY port=%u\n", static_cast<unsigned>(port));
     std::fflush(stdout);
     for (;;) {
       HANDLE handles[33];
       DWORD count = listener->GetEventHandles(listener, handles, 32);
       if (count == 0) {
-        logger()->error("listener has no event handles");
+        logger->error("listener has no event handles");
         rc = 1;
         break;
       }
       handles[count++] = stop;
       if (WaitForMultipleObjects(count, handles, FALSE, INFINITE) == WAIT_FAILED) {
-        logger()->error("WaitForMultipleObjects failed");
+        logger->error("WaitForMultipleObjects failed");
         rc = 1;
         break;
       }
       if (WaitForSingleObject(stop, 0) == WAIT_OBJECT_0) break;
       if (!listener->CheckFileDescriptor(listener)) {
-        logger()->error("listener failed");
+        logger->error("listener failed");
         rc = 1;
         break;
       }
@@ -654,6 +651,6 @@ int main(int argc, char** argv) {
   }
   relay.reset();
   host.reset();
-  logger()->info("stopped");
+  logger->info("stopped");
   return rc;
 }
