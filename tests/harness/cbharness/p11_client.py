@@ -36,10 +36,16 @@ CLASS_NAMES = {PyKCS11.CKO_CERTIFICATE: "certificate", PyKCS11.CKO_PRIVATE_KEY: 
 def rv_name(e):
     code = getattr(e, "value", None)
     if isinstance(code, int):
+        code &= 0xFFFFFFFF  # PyKCS11 keeps CK_RV signed
         if code == 0x80000001:
             return "CKR_VENDOR_DEFINED+1"
-        return PyKCS11.CKR.get(code, "0x%08X" % code)
+        name = PyKCS11.CKR.get(code)
+        return name if isinstance(name, str) else "0x%08X" % code
     return "error: %s" % e
+
+
+def text(s):
+    return s.replace("\x00", " ").strip()
 
 
 def flags_of(value, names):
@@ -65,16 +71,16 @@ class Client:
         out = []
         for s in self.lib.getSlotList(tokenPresent=False):
             info = self.lib.getSlotInfo(s)
-            out.append({"description": info.slotDescription.strip(),
+            out.append({"description": text(info.slotDescription),
                         "token_present": bool(info.flags & PyKCS11.CKF_TOKEN_PRESENT)})
         return {"slots": out}
 
     def op_token(self, c):
         t = self.lib.getTokenInfo(self.token_slot())
-        return {"label": t.label.strip(), "serial": t.serialNumber.strip(), "manufacturer": t.manufacturerID.strip(),
-                "model": t.model.strip(), "flags": flags_of(t.flags, TOKEN_FLAGS),
+        return {"label": text(t.label), "serial": text(t.serialNumber), "manufacturer": text(t.manufacturerID),
+                "model": text(t.model), "flags": flags_of(t.flags, TOKEN_FLAGS),
                 "pin_min": t.ulMinPinLen, "pin_max": t.ulMaxPinLen,
-                "slot": self.lib.getSlotInfo(self.token_slot()).slotDescription.strip()}
+                "slot": text(self.lib.getSlotInfo(self.token_slot()).slotDescription)}
 
     def op_open(self, c):
         self.session = self.lib.openSession(self.token_slot(), PyKCS11.CKF_SERIAL_SESSION)
