@@ -1,0 +1,256 @@
+"""A stand-in for CDR (Consultation des DRoits) and the real clients that log in to it with
+the card's key, for tests and scripts/demo.
+
+    CdrStandIn   Debian's nginx on 127.0.0.1, HTTPS, a client certificate issued by the card
+                 simulator's CA required; GET /droits answers a rights-lookup page naming the
+                 certificate's holder (its CN)
+    curl_login   OpenSSL-based client: curl with libp11's PKCS#11 engine (libengine-pkcs11-openssl)
+    nss_login    NSS-based client (the TLS stack of Firefox): an NSS database with the PKCS#11
+                 module added by modutil, and NSS's own tstclnt
+
+Both clients take a cbharness.pkcs11.Middleware (OpenSC or the Cryptolib, which then runs in
+its private mount namespace) and the PC/SC socket to use (the desk's pcscd, or a CardBridge
+shim: the session). The PIN goes through files of mode 0600 (an OpenSSL config, an NSS
+password file), never on a command line.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+from urllib.parse import quote
+
+from .ports import reserve_ports
+from .procs import Proc
+from .waiting import HarnessError, wait_until
+
+NGINX = "/usr/sbin/nginx"
+ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
+AUTH_CERT_LABEL = "Certificat d'authentification CPS"
+AUTH_KEY_LABEL = "Cle d'authentification CPS"
+PAGE_TITLE = "Consultation des droits"
+HOLDER_RX = re.compile(r"Professionnel authentifi\S* : ([^<]+)<")
+
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+  access_log {d}/access.log;
+  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+  map $ssl_client_s_dn $holder {{ "~CN=(?<cn>[^,]+)" $cn; default "(inconnu)"; }}
+  map $ssl_client_s_dn $rpps {{ "~serialNumber=(?<sn>[0-9]+)" $sn; default "?"; }}
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {d}/server.pem;
+    ssl_certificate_key {d}/server.key;
+    ssl_client_certificate {d}/client-ca.pem;
+    ssl_verify_client on;
+    ssl_verify_depth 1;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location = /droits {{
+      default_type text/html;
+      return 200 "<html><head><title>{title}</title></head><body><h1>{title} (banc de test CardBridge)</h1>\\n<p>Professionnel authentifie : $holder</p>\\n<p>Identifiant : $rpps</p>\\n<p>Protocole : $ssl_protocol</p>\\n<p>Beneficiaire : droits ouverts (donnees fictives)</p></body></html>\\n";
+    }}
+    location / {{ return 404; }}
+  }}
+}}
+"""
+
+
+def _server_pki(d: Path) -> None:
+    """A CA of the CDR stand-in and its server certificate for 127.0.0.1 / localhost."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.utcnow()
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CDR stand-in test server CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdr.localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (d / "server-ca.pem").write_bytes(ca.public_bytes(pem))
+    (d / "server.pem").write_bytes(cert.public_bytes(pem))
+    (d / "server.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                                     serialization.NoEncryption()))
+    os.chmod(d / "server.key", 0o600)
+
+
+class CdrStandIn:
+    """nginx serving https://127.0.0.1:<port>/droits to holders of a certificate issued by
+    |client_ca| (the card simulator's CA: cb-cardsim --export-dir)."""
+
+    def __init__(self, client_ca: Path, work_dir: Optional[Path] = None):
+        self.dir = Path(work_dir or tempfile.mkdtemp(prefix="cbcdr-"))
+        self._own_dir = work_dir is None
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        shutil.copy(client_ca, self.dir / "client-ca.pem")
+        self.ports = None
+        self.proc: Optional[Proc] = None
+        self.port = 0
+
+    @property
+    def server_ca(self) -> Path:
+        return self.dir / "server-ca.pem"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/droits"
+
+    def start(self) -> "CdrStandIn":
+        if not Path(NGINX).exists():
+            raise HarnessError(f"{NGINX} missing (nginx-light, scripts/install-deps)")
+        _server_pki(self.dir)
+        self.ports = reserve_ports(1)
+        self.port = self.ports.base
+        conf = self.dir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(d=self.dir, port=self.port, title=PAGE_TITLE))
+        # The port lock is ours; nginx binds it (the lock file stays held until stop()).
+        self.proc = Proc([NGINX, "-p", str(self.dir), "-c", str(conf)], name="nginx-cdr",
+                         log_path=self.dir / "nginx.out").start()
+        import socket
+
+        def listening():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+        proc = self.proc
+        wait_until(listening, timeout=15, desc="the CDR stand-in (nginx) listening",
+                   abort=lambda: None if proc.alive() else f"nginx {proc.exit_description()}",
+                   details=lambda: self.error_log())
+        return self
+
+    def error_log(self) -> str:
+        p = self.dir / "error.log"
+        return p.read_text(errors="replace")[-4000:] if p.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(grace=3)
+            self.proc = None
+        if self.ports is not None:
+            self.ports.release()
+            self.ports = None
+        if self._own_dir and os.environ.get("CBHARNESS_KEEP") not in ("1", "true", "yes"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Login:
+    client: str
+    returncode: int
+    page: str
+    stderr: str
+
+    @property
+    def holder(self) -> Optional[str]:
+        m = HOLDER_RX.search(self.page)
+        return m.group(1).strip() if m else None
+
+    @property
+    def protocol(self) -> Optional[str]:
+        m = re.search(r"Protocole : (TLSv[0-9.]+)", self.page)
+        return m.group(1) if m else None
+
+
+def _private_dir(prefix: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(d, 0o700)
+    return d
+
+
+def curl_login(mw, socket: str, cdr: CdrStandIn, pin: str, *, tls: str = "1.2", timeout: float = 60.0) -> Login:
+    """curl + libp11's PKCS#11 engine, the card's authentication certificate and key.
+
+    The client's signature algorithms are limited to RSA PKCS#1 v1.5 in TLS 1.2: OpenSSL would
+    otherwise pick RSA-PSS, which neither OpenSC's CPx driver nor the Cryptolib offers on a CPS3
+    (TLS 1.3 needs PSS: tls="1.3" for the CPS4 with the Cryptolib)."""
+    d = _private_dir("cbcurl-")
+    try:
+        conf = d / "openssl.cnf"
+        lines = ["openssl_conf = openssl_init", "[openssl_init]", "engines = engine_section"]
+        if tls == "1.2":
+            lines.append("ssl_conf = ssl_section")
+        lines += ["[engine_section]", "pkcs11 = pkcs11_section", "[pkcs11_section]", "engine_id = pkcs11",
+                  f"dynamic_path = {ENGINE}", f"MODULE_PATH = {mw.module}", f"PIN = {pin}", "init = 0"]
+        if tls == "1.2":
+            lines += ["[ssl_section]", "system_default = tls_defaults", "[tls_defaults]",
+                      "SignatureAlgorithms = RSA+SHA256:RSA+SHA384:RSA+SHA512"]
+        conf.write_text("\n".join(lines) + "\n")
+        os.chmod(conf, 0o600)
+        argv = ["curl", "-sS", "--max-time", str(int(timeout)), "--engine", "pkcs11",
+                "--cert-type", "ENG", "--cert", f"pkcs11:object={quote(AUTH_CERT_LABEL)};type=cert",
+                "--key-type", "ENG", "--key", f"pkcs11:object={quote(AUTH_KEY_LABEL)};type=private",
+                "--cacert", str(cdr.server_ca), f"--tlsv{tls}", "--tls-max", tls, cdr.url]
+        r = subprocess.run(mw.argv(argv), capture_output=True, text=True, timeout=timeout + 30,
+                           env=mw.env(socket, {"OPENSSL_CONF": str(conf)}))
+        return Login("curl+libp11", r.returncode, r.stdout, r.stderr)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def nss_login(mw, socket: str, cdr: CdrStandIn, pin: str, token_label: str, *, tls: str = "1.2",
+              timeout: float = 60.0) -> Login:
+    """NSS: a fresh database trusting the stand-in's server CA, the PKCS#11 module added with
+    modutil, tstclnt sending GET /droits with the certificate "<token>:<label>" (the way
+    Firefox finds a card's certificate), the PIN from a password file."""
+    d = _private_dir("cbnss-")
+    try:
+        db = f"sql:{d}/db"
+        (d / "db").mkdir()
+        env = mw.env(socket)
+
+        def run(argv, **kw):
+            r = subprocess.run(mw.argv(argv), capture_output=True, text=True, env=env, timeout=timeout, **kw)
+            if r.returncode != 0:
+                raise HarnessError(f"{argv[0]} failed ({r.returncode}): {r.stdout[-1000:]} {r.stderr[-1000:]}")
+            return r
+
+        run(["certutil", "-N", "-d", db, "--empty-password"])
+        run(["certutil", "-A", "-d", db, "-n", "cdr-server-ca", "-t", "C,,", "-a", "-i", str(cdr.server_ca)])
+        run(["modutil", "-dbdir", db, "-add", f"cps-{mw.kind}", "-libfile", str(mw.module), "-force"],
+            input="\n")
+        pw = d / "pin.txt"
+        pw.write_text(pin + "\n")
+        os.chmod(pw, 0o600)
+        request = "GET /droits HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+        argv = ["tstclnt", "-h", "127.0.0.1", "-p", str(cdr.port), "-d", db, "-n", f"{token_label}:{AUTH_CERT_LABEL}",
+                "-W", str(pw), "-V", f"tls{tls}:tls{tls}"]
+        # The request from a file: with a pipe, tstclnt spins on the pipe's POLLHUP once the
+        # server has closed the connection, and never exits.
+        req = d / "request.txt"
+        req.write_text(request)
+        try:
+            with open(req) as stdin:
+                r = subprocess.run(mw.argv(argv), stdin=stdin, capture_output=True, text=True, env=env,
+                                   timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            return Login("nss-tstclnt", -1, out, f"timed out after {timeout:.0f}s; stderr: {err}")
+        return Login("nss-tstclnt", r.returncode, r.stdout, r.stderr)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
