@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 from urllib.parse import quote
 
 from .ports import reserve_ports
@@ -213,10 +213,13 @@ def curl_login(mw, socket: str, cdr: CdrStandIn, pin: str, *, tls: str = "1.2", 
 
 
 def nss_login(mw, socket: str, cdr: CdrStandIn, pin: str, token_label: str, *, tls: str = "1.2",
-              timeout: float = 60.0) -> Login:
+              timeout: float = 60.0, wrap: Sequence[str] = (), before_login=None) -> Login:
     """NSS: a fresh database trusting the stand-in's server CA, the PKCS#11 module added with
     modutil, tstclnt sending GET /droits with the certificate "<token>:<label>" (the way
-    Firefox finds a card's certificate), the PIN from a password file."""
+    Firefox finds a card's certificate), the PIN from a password file. |wrap| prefixes the
+    tstclnt command (e.g. tests/tools/replay/cb-record, to record its PC/SC calls);
+    |before_login| is called once the database is ready (modutil loads the module too: a
+    recording of a cold Cryptolib login empties its cache there)."""
     d = _private_dir("cbnss-")
     try:
         db = f"sql:{d}/db"
@@ -233,6 +236,8 @@ def nss_login(mw, socket: str, cdr: CdrStandIn, pin: str, token_label: str, *, t
         run(["certutil", "-A", "-d", db, "-n", "cdr-server-ca", "-t", "C,,", "-a", "-i", str(cdr.server_ca)])
         run(["modutil", "-dbdir", db, "-add", f"cps-{mw.kind}", "-libfile", str(mw.module), "-force"],
             input="\n")
+        if before_login is not None:
+            before_login()
         pw = d / "pin.txt"
         pw.write_text(pin + "\n")
         os.chmod(pw, 0o600)
@@ -245,7 +250,7 @@ def nss_login(mw, socket: str, cdr: CdrStandIn, pin: str, token_label: str, *, t
         req.write_text(request)
         try:
             with open(req) as stdin:
-                r = subprocess.run(mw.argv(argv), stdin=stdin, capture_output=True, text=True, env=env,
+                r = subprocess.run(mw.argv([*wrap, *argv]), stdin=stdin, capture_output=True, text=True, env=env,
                                    timeout=timeout)
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
