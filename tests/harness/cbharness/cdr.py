@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -259,3 +260,101 @@ def nss_login(mw, socket: str, cdr: CdrStandIn, pin: str, token_label: str, *, t
         return Login("nss-tstclnt", r.returncode, r.stdout, r.stderr)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Command line (scripts/demo):
+#   python3 -m cbharness.cdr desk --env-file F [--profile cps3] [--pin 1234]
+#       an emulated desk with cb-cardsim in its first reader; KEY=VALUE lines (PCSCLITE_CSOCK_NAME,
+#       CBDESK_READER0, CBDESK_CA) in F once ready; runs until SIGINT/SIGTERM/SIGHUP
+#   python3 -m cbharness.cdr login --socket S --ca CA.pem --pin P [--module auto|opensc|cryptolib]
+#       the CDR stand-in, then a curl (OpenSSL) and an NSS login through S with the module;
+#       prints the module used and the pages
+
+def _main(argv=None) -> int:
+    import argparse
+    import signal as _signal
+    import sys as _sys
+
+    from .desk import EmulatedDesk
+    from .pkcs11 import Middleware, SimCard, find_cryptolib
+
+    ap = argparse.ArgumentParser(prog="python3 -m cbharness.cdr")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("desk")
+    d.add_argument("--env-file", required=True)
+    d.add_argument("--profile", default="cps3", choices=["cps3", "cps4"])
+    d.add_argument("--pin", default="1234")
+    lg = sub.add_parser("login")
+    lg.add_argument("--socket", required=True)
+    lg.add_argument("--ca", required=True, type=Path)
+    lg.add_argument("--pin", required=True)
+    lg.add_argument("--module", default="auto", choices=["auto", "opensc", "cryptolib"])
+    a = ap.parse_args(argv)
+
+    if a.cmd == "desk":
+        class Stop(Exception):
+            pass
+
+        def on_signal(signum, frame):
+            raise Stop()
+
+        for s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+            _signal.signal(s, on_signal)
+        desk = EmulatedDesk(slots=2, name="demo")
+        card = None
+        try:
+            desk.start()
+            card = SimCard(desk, 0, profile=a.profile, pin=a.pin).start()  # instant card timing
+            ca = card.export(Path(desk.dir) / "card-export") / "ca.pem"
+            tmp = f"{a.env_file}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(f"PCSCLITE_CSOCK_NAME={desk.socket_path}\nCBDESK_READER0={desk.readers[0]}\nCBDESK_CA={ca}\n")
+            os.replace(tmp, a.env_file)
+            while True:
+                time.sleep(1)
+        except Stop:
+            return 0
+        finally:
+            if card is not None:
+                card.stop()
+            desk.stop()
+            try:
+                os.unlink(a.env_file)
+            except OSError:
+                pass
+
+    # login
+    cryptolib, why = find_cryptolib()
+    kind = a.module
+    if kind == "auto":
+        kind = "cryptolib" if cryptolib else "opensc"
+    if kind == "cryptolib" and not cryptolib:
+        print(f"  {why}", file=_sys.stderr)
+        return 2
+    mw = Middleware(kind)
+    print(f"  module: {'ANS Cryptolib CPS' if kind == 'cryptolib' else 'OpenSC'} ({mw.module})"
+          + ("" if kind == "cryptolib" else f"\n  (the Cryptolib CPS is not here: {why})"))
+    cdr = CdrStandIn(a.ca).start()
+    rc = 0
+    try:
+        print(f"  CDR stand-in: nginx on {cdr.url} (client certificate from the card simulator's CA required)")
+        token = mw.run(a.socket, [{"op": "token"}])[0]
+        for login in (curl_login(mw, a.socket, cdr, a.pin), nss_login(mw, a.socket, cdr, a.pin, token["label"])):
+            if login.holder:
+                print(f"  {login.client:12s} -> page for {login.holder} ({login.protocol}):")
+                body = re.sub(r"<[^>]+>", " ", login.page.split("<body>", 1)[-1])
+                for line in (l.strip() for l in body.splitlines()):
+                    if line:
+                        print(f"      {line}")
+            else:
+                rc = 1
+                print(f"  {login.client:12s} -> FAILED (exit {login.returncode}): {login.stderr.strip()[-300:]}")
+    finally:
+        cdr.stop()
+        mw.cleanup()
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
