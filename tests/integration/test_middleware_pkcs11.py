@@ -29,11 +29,11 @@ import re
 
 import pytest
 
-from cbharness.pkcs11 import (Middleware, SimCard, find_cryptolib, rsa_verify_pkcs1, sha256_digest_info)
+from cbharness.pkcs11 import (MESSAGE, Middleware, SimCard, find_cryptolib, login_scenario, rsa_verify_pkcs1,
+                               sha256_digest_info)
 
 PIN = "73928461"      # distinctive: searched for in the logs
 WRONG_PIN = "19283746"
-MESSAGE = b"Consultation des droits: patient 1 80 01 75 123 456 78" * 3  # > 64 bytes: card-side hash continues a state
 CRYPTOLIB, CRYPTOLIB_MISSING = find_cryptolib()
 
 
@@ -63,26 +63,6 @@ def insert(rig, card: SimCard, profile: str) -> dict:
     card.start(profile=profile)
     rig.wait_synced()
     return card.info()
-
-
-def login_scenario(stack: str, profile: str) -> list:
-    ops = [{"op": "slots"}, {"op": "token"}, {"op": "open"}, {"op": "objects"},
-           {"op": "login", "pin": WRONG_PIN}, {"op": "token"},
-           {"op": "login", "pin": PIN}, {"op": "token"}, {"op": "objects"},
-           {"op": "cert", "label": "Certificat d'authentification CPS"},
-           {"op": "cert", "label": "Certificat de signature CPS"},
-           {"op": "sign", "key": "Cle d'authentification CPS", "mechanism": "RSA_PKCS",
-            "data": sha256_digest_info(MESSAGE).hex()}]
-    if stack == "cryptolib":
-        ops += [{"op": "sign", "key": "Cle de signature CPS", "mechanism": "SHA256_RSA_PKCS", "data": MESSAGE.hex()},
-                {"op": "sign", "key": "Cle de signature CPS", "mechanism": "RSA_PKCS",
-                 "data": sha256_digest_info(MESSAGE).hex()}]
-        if profile == "cps4":
-            ops.append({"op": "sign", "key": "Cle d'authentification CPS", "mechanism": "RSA_PKCS_PSS",
-                        "data": hashlib.sha256(MESSAGE).hexdigest(),
-                        "pss": {"hash": "SHA256", "mgf": "MGF1_SHA256", "salt": 32}})
-    ops.append({"op": "logout"})
-    return ops
 
 
 def run_both(rig, card, stack: str, ops: list, profile: str) -> dict:
@@ -115,7 +95,7 @@ def test_login_and_sign_direct_vs_shim(rig, card, stack, profile):
         assert res["desk"][0]["slots"][0]["token_present"] is True
         assert res["desk"][1]["rv"] == "CKR_TOKEN_NOT_RECOGNIZED", res["desk"]
         return
-    ops = login_scenario(stack, profile)
+    ops = login_scenario(stack, profile, PIN, WRONG_PIN)
     res = run_both(rig, card, stack, ops, profile)
     desk, shim = res["desk"], res["shim"]
 

@@ -177,10 +177,20 @@ class Login:
         return m.group(1) if m else None
 
 
-def _private_dir(prefix: str) -> Path:
+def _private_dir(prefix: str, uid: Optional[int] = None) -> Path:
     d = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(d, 0o700)
+    if uid is not None:
+        os.chown(d, uid, uid)
     return d
+
+
+def _give(path: Path, uid: Optional[int]) -> None:
+    """Files the client reads as the session's user (mw.uid)."""
+    if uid is not None:
+        for root, dirs, files in os.walk(path):
+            for n in dirs + files:
+                os.chown(os.path.join(root, n), uid, uid)
 
 
 def curl_login(mw, socket: str, cdr: CdrStandIn, pin: str, *, tls: str = "1.2", timeout: float = 60.0) -> Login:
@@ -189,7 +199,7 @@ def curl_login(mw, socket: str, cdr: CdrStandIn, pin: str, *, tls: str = "1.2", 
     The client's signature algorithms are limited to RSA PKCS#1 v1.5 in TLS 1.2: OpenSSL would
     otherwise pick RSA-PSS, which neither OpenSC's CPx driver nor the Cryptolib offers on a CPS3
     (TLS 1.3 needs PSS: tls="1.3" for the CPS4 with the Cryptolib)."""
-    d = _private_dir("cbcurl-")
+    d = _private_dir("cbcurl-", mw.uid)
     try:
         conf = d / "openssl.cnf"
         lines = ["openssl_conf = openssl_init", "[openssl_init]", "engines = engine_section"]
@@ -202,10 +212,13 @@ def curl_login(mw, socket: str, cdr: CdrStandIn, pin: str, *, tls: str = "1.2", 
                       "SignatureAlgorithms = RSA+SHA256:RSA+SHA384:RSA+SHA512"]
         conf.write_text("\n".join(lines) + "\n")
         os.chmod(conf, 0o600)
+        server_ca = d / "server-ca.pem"
+        shutil.copy(cdr.server_ca, server_ca)
+        _give(d, mw.uid)
         argv = ["curl", "-sS", "--max-time", str(int(timeout)), "--engine", "pkcs11",
                 "--cert-type", "ENG", "--cert", f"pkcs11:object={quote(AUTH_CERT_LABEL)};type=cert",
                 "--key-type", "ENG", "--key", f"pkcs11:object={quote(AUTH_KEY_LABEL)};type=private",
-                "--cacert", str(cdr.server_ca), f"--tlsv{tls}", "--tls-max", tls, cdr.url]
+                "--cacert", str(server_ca), f"--tlsv{tls}", "--tls-max", tls, cdr.url]
         r = subprocess.run(mw.argv(argv), capture_output=True, text=True, timeout=timeout + 30,
                            env=mw.env(socket, {"OPENSSL_CONF": str(conf)}))
         return Login("curl+libp11", r.returncode, r.stdout, r.stderr)
@@ -221,10 +234,13 @@ def nss_login(mw, socket: str, cdr: CdrStandIn, pin: str, token_label: str, *, t
     tstclnt command (e.g. tests/tools/replay/cb-record, to record its PC/SC calls);
     |before_login| is called once the database is ready (modutil loads the module too: a
     recording of a cold Cryptolib login empties its cache there)."""
-    d = _private_dir("cbnss-")
+    d = _private_dir("cbnss-", mw.uid)
     try:
         db = f"sql:{d}/db"
         (d / "db").mkdir()
+        server_ca = d / "server-ca.pem"
+        shutil.copy(cdr.server_ca, server_ca)
+        _give(d, mw.uid)
         env = mw.env(socket)
 
         def run(argv, **kw):
@@ -234,7 +250,7 @@ def nss_login(mw, socket: str, cdr: CdrStandIn, pin: str, token_label: str, *, t
             return r
 
         run(["certutil", "-N", "-d", db, "--empty-password"])
-        run(["certutil", "-A", "-d", db, "-n", "cdr-server-ca", "-t", "C,,", "-a", "-i", str(cdr.server_ca)])
+        run(["certutil", "-A", "-d", db, "-n", "cdr-server-ca", "-t", "C,,", "-a", "-i", str(server_ca)])
         run(["modutil", "-dbdir", db, "-add", f"cps-{mw.kind}", "-libfile", str(mw.module), "-force"],
             input="\n")
         if before_login is not None:
@@ -242,6 +258,7 @@ def nss_login(mw, socket: str, cdr: CdrStandIn, pin: str, token_label: str, *, t
         pw = d / "pin.txt"
         pw.write_text(pin + "\n")
         os.chmod(pw, 0o600)
+        _give(d, mw.uid)
         request = "GET /droits HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
         argv = ["tstclnt", "-h", "127.0.0.1", "-p", str(cdr.port), "-d", db, "-n", f"{token_label}:{AUTH_CERT_LABEL}",
                 "-W", str(pw), "-V", f"tls{tls}:tls{tls}"]

@@ -14,6 +14,7 @@ the machine is touched.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -158,7 +159,7 @@ class Middleware:
     """A PKCS#11 module run by p11_client.py, one process per run() (one C_Initialize)."""
 
     def __init__(self, kind: str, module: Optional[Path] = None, state_dir: Optional[Path] = None,
-                 traces: bool = False):
+                 traces: bool = False, uid: Optional[int] = None):
         if kind not in ("opensc", "cryptolib"):
             raise ValueError(kind)
         self.kind = kind
@@ -168,6 +169,9 @@ class Middleware:
             raise HarnessError(f"{kind} module not found: {module or find_cryptolib()[1]}")
         self.module = Path(module)
         self.traces = traces
+        # uid: run as that user (a terminal-server session's user; started as root, then
+        # dropped with setpriv after the Cryptolib's mounts).
+        self.uid = uid
         self.state_dir = Path(state_dir) if state_dir else None
         self._own_state = False
         if kind == "cryptolib":
@@ -207,6 +211,14 @@ class Middleware:
         (conf / "cps3_pkcs11.conf").write_text(
             "Traces\n{\n\tactive = %s;\n\tdebug = %d;\n}\n" % (("true", 10) if self.traces else ("false", 0)))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.uid is not None:
+            # The module creates its cache and logs there: the session's user owns them.
+            os.chmod(self.state_dir, 0o755)
+            for d in (self.etc_dir, self.var_dir):
+                for root, dirs, files in os.walk(d):
+                    for n in dirs + files:
+                        os.chown(os.path.join(root, n), self.uid, self.uid)
+                os.chown(d, self.uid, self.uid)
 
     def cache_files(self) -> List[str]:
         return sorted(p.name for p in self.cache_dir.iterdir()) if self.cache_dir.exists() else []
@@ -222,7 +234,10 @@ class Middleware:
 
     # ---- running ---------------------------------------------------------------------------
     def argv(self, program: Sequence[str]) -> List[str]:
-        """|program| wrapped for this module (the Cryptolib: in its private mount namespace)."""
+        """|program| wrapped for this module (the Cryptolib: in its private mount namespace),
+        as self.uid when set."""
+        if self.uid is not None:
+            program = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--", *program]
         if self.kind == "opensc":
             return list(program)
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -233,6 +248,8 @@ class Middleware:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PCSCLITE_", "PYTHON", "LD_PRELOAD", "OPENSC_", "CPS3_"))}
         env["PCSCLITE_CSOCK_NAME"] = str(socket)
+        if self.uid is not None:
+            env["HOME"] = str(self.state_dir or "/tmp")
         if self.kind == "cryptolib" and self.traces:
             env.update(CPS3_PKCS11_TRACES="true", CPS3_DEBUG="10")
         env.update(extra or {})
@@ -276,8 +293,34 @@ def rsa_verify_pkcs1(cert_der: bytes, signature: bytes, digest_info_or_data: byt
 
 
 SHA256_DIGEST_INFO_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
+# What the scenarios sign: more than 64 bytes, so that the IAS card-side hash (CPS3 signature
+# key) continues an intermediate state.
+MESSAGE = b"Consultation des droits: patient 1 80 01 75 123 456 78" * 3
 
 
 def sha256_digest_info(data: bytes) -> bytes:
-    import hashlib
     return SHA256_DIGEST_INFO_PREFIX + hashlib.sha256(data).digest()
+
+
+def login_scenario(stack: str, profile: str, pin: str, wrong_pin: str) -> list:
+    """p11_client operations of a login as tests compare it (desk vs. shim vs. RDP): slots,
+    token, objects before and after C_Login, a wrong PIN, the right one, both certificates, a
+    signature with each key (the mechanisms the stack offers for it; CPS4 with the Cryptolib:
+    RSA-PSS too), logout."""
+    ops = [{"op": "slots"}, {"op": "token"}, {"op": "open"}, {"op": "objects"},
+           {"op": "login", "pin": wrong_pin}, {"op": "token"},
+           {"op": "login", "pin": pin}, {"op": "token"}, {"op": "objects"},
+           {"op": "cert", "label": "Certificat d'authentification CPS"},
+           {"op": "cert", "label": "Certificat de signature CPS"},
+           {"op": "sign", "key": "Cle d'authentification CPS", "mechanism": "RSA_PKCS",
+            "data": sha256_digest_info(MESSAGE).hex()}]
+    if stack == "cryptolib":
+        ops += [{"op": "sign", "key": "Cle de signature CPS", "mechanism": "SHA256_RSA_PKCS", "data": MESSAGE.hex()},
+                {"op": "sign", "key": "Cle de signature CPS", "mechanism": "RSA_PKCS",
+                 "data": sha256_digest_info(MESSAGE).hex()}]
+        if profile == "cps4":
+            ops.append({"op": "sign", "key": "Cle d'authentification CPS", "mechanism": "RSA_PKCS_PSS",
+                        "data": hashlib.sha256(MESSAGE).hexdigest(),
+                        "pss": {"hash": "SHA256", "mgf": "MGF1_SHA256", "salt": 32}})
+    ops.append({"op": "logout"})
+    return ops
