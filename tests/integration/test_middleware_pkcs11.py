@@ -181,6 +181,27 @@ def test_three_wrong_pins_lock(rig, card, stack, profile):
     assert "CKF_USER_PIN_LOCKED" in flags[2] and "CKF_USER_PIN_LOCKED" in flags[3]
 
 
+@pytest.mark.skipif(CRYPTOLIB is None, reason=CRYPTOLIB_MISSING or "no Cryptolib")
+def test_cryptolib_cps3_authentication_key_is_pkcs1_only(rig, card):
+    """The Cryptolib refuses, before the card, everything but CKM_RSA_PKCS on a CPS3's
+    authentication key: no hash-and-sign, no raw RSA (it advertises CKM_RSA_X_509), no RSA-PSS,
+    so no TLS 1.3 with a CPS3. The same answers through CardBridge."""
+    block = "0001" + "ff" * 202 + "00" + sha256_digest_info(MESSAGE).hex()
+    key = "Cle d'authentification CPS"
+    ops = [{"op": "open"}, {"op": "login", "pin": PIN}, {"op": "mechanisms"},
+           {"op": "sign", "key": key, "mechanism": "SHA256_RSA_PKCS", "data": MESSAGE.hex()},
+           {"op": "sign", "key": key, "mechanism": "RSA_X_509", "data": block},
+           {"op": "sign", "key": key, "mechanism": "RSA_PKCS_PSS", "data": hashlib.sha256(MESSAGE).hexdigest(),
+            "pss": {"hash": "SHA256", "mgf": "MGF1_SHA256", "salt": 32}},
+           {"op": "logout"}]
+    res = run_both(rig, card, "cryptolib", ops, "cps3")
+    assert res["desk"] == res["shim"], res
+    r = res["desk"]
+    assert "CKM_RSA_X_509" in r[2]["mechanisms"] and "CKM_RSA_PKCS_PSS" not in r[2]["mechanisms"], r[2]
+    assert [x["rv"] for x in r[3:6]] == ["CKR_KEY_TYPE_INCONSISTENT", "CKR_FUNCTION_NOT_SUPPORTED",
+                                        "CKR_MECHANISM_INVALID"], r
+
+
 def pin_patterns(pin: str) -> list:
     raw = pin.encode()
     hexes = [f"{b:02x}" for b in raw]
