@@ -25,6 +25,7 @@ What each stack can do with these cards (found by running them; docs/middleware.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 import pytest
@@ -179,6 +180,42 @@ def test_three_wrong_pins_lock(rig, card, stack, profile):
     assert "CKF_USER_PIN_COUNT_LOW" in flags[0]
     assert "CKF_USER_PIN_FINAL_TRY" in flags[1]
     assert "CKF_USER_PIN_LOCKED" in flags[2] and "CKF_USER_PIN_LOCKED" in flags[3]
+
+
+def test_opensc_tools_direct_vs_shim(rig, card, tmp_path):
+    """OpenSC's own tools on the CPS3 (where the issue started: pkcs15-tool said "File not
+    found"): pkcs15-tool -D dumps the PKCS#15 structure, pkcs11-tool lists the token and signs
+    with the authentication key; the same output through CardBridge, a valid signature."""
+    import subprocess
+    from cbharness.pkcs11 import OPENSC_MODULE
+    out = {}
+    (tmp_path / "di.bin").write_bytes(sha256_digest_info(MESSAGE))
+    for target in ("desk", "shim"):
+        insert(rig, card, "cps3")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PCSCLITE_", "OPENSC_"))}
+        env["PCSCLITE_CSOCK_NAME"] = rig.sock(target)
+
+        def run(*argv):
+            r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+            assert r.returncode == 0, f"{argv}: {r.stdout[-1500:]} {r.stderr[-1500:]}"
+            return r.stdout
+        sig = tmp_path / f"sig-{target}.bin"
+        out[target] = {
+            "pkcs15-tool -D": run("pkcs15-tool", "-D"),
+            "pkcs11-tool -L": run("pkcs11-tool", "--module", OPENSC_MODULE, "-L"),
+            "sign": run("pkcs11-tool", "--module", OPENSC_MODULE, "--login", "--pin", PIN, "--sign", "--mechanism",
+                        "RSA-PKCS", "--label", "Cle d'authentification CPS", "-i", str(tmp_path / "di.bin"), "-o",
+                        str(sig)),
+            "signature": sig.read_bytes().hex(),
+        }
+    assert out["desk"] == out["shim"]
+    d = out["desk"]
+    assert "PKCS#15 Card [CPS de CLAIRE DUPONT]" in d["pkcs15-tool -D"], d["pkcs15-tool -D"]
+    assert "Private RSA Key [Cle d'authentification CPS]" in d["pkcs15-tool -D"]
+    assert "token label        : CPS de CLAIRE" in d["pkcs11-tool -L"], d["pkcs11-tool -L"]
+    cert = bytes.fromhex(Middleware("opensc").run(rig.sock("desk"), [
+        {"op": "open"}, {"op": "cert", "label": "Certificat d'authentification CPS"}])[1]["der"])
+    assert rsa_verify_pkcs1(cert, bytes.fromhex(d["signature"]), sha256_digest_info(MESSAGE), hashed=False)
 
 
 @pytest.mark.skipif(CRYPTOLIB is None, reason=CRYPTOLIB_MISSING or "no Cryptolib")
