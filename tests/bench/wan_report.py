@@ -500,6 +500,7 @@ def main() -> int:
     p.add_argument("--pin", default="1234")
     p.add_argument("--desk-binary", type=Path, help="cardbridge-desk to use instead of <build>'s (A/B experiments)")
     p.add_argument("--shim-binary", type=Path, help="cardbridge-shim to use instead of <build>'s (A/B experiments)")
+    p.add_argument("--cardsim-binary", type=Path, help="cb-cardsim to use instead of <build>'s (A/B experiments)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     a = p.parse_args()
@@ -529,6 +530,8 @@ def main() -> int:
         bins.desk = a.desk_binary.resolve()
     if a.shim_binary:
         bins.shim = a.shim_binary.resolve()
+    if a.cardsim_binary:
+        bins.cardsim = a.cardsim_binary.resolve()
     if missing := bins.missing():
         print(f"wan-report: missing binaries (build them first): {', '.join(missing)}", file=sys.stderr)
         return 2
