@@ -30,7 +30,7 @@ TOKEN_FLAGS = ["CKF_RNG", "CKF_WRITE_PROTECTED", "CKF_LOGIN_REQUIRED", "CKF_USER
                "CKF_USER_PIN_FINAL_TRY", "CKF_USER_PIN_LOCKED", "CKF_USER_PIN_TO_BE_CHANGED",
                "CKF_SO_PIN_COUNT_LOW", "CKF_SO_PIN_FINAL_TRY", "CKF_SO_PIN_LOCKED"]
 CLASS_NAMES = {PyKCS11.CKO_CERTIFICATE: "certificate", PyKCS11.CKO_PRIVATE_KEY: "private_key",
-               PyKCS11.CKO_PUBLIC_KEY: "public_key", PyKCS11.CKO_DATA: "data"}
+               PyKCS11.CKO_PUBLIC_KEY: "public_key", PyKCS11.CKO_DATA: "data", 9: "profile"}  # CKO_PROFILE (3.0)
 
 
 def rv_name(e):
@@ -163,6 +163,8 @@ def main():
             r["rv"] = rv_name(e)
         except LookupError as e:
             r["rv"] = "not found: %s" % e
+        except Exception as e:  # noqa: BLE001 - e.g. no session after a failed C_OpenSession
+            r["rv"] = "error: %s: %s" % (type(e).__name__, e)
         results.append(r)
     print(json.dumps({"results": results}))
     return 0
