@@ -54,7 +54,9 @@ def cryptolib_candidates() -> List[Path]:
 
 
 def find_cryptolib() -> tuple[Optional[Path], str]:
-    """(module path, "") or (None, one-line reason)."""
+    """(module path, "") or (None, one-line reason). CARDBRIDGE_CRYPTOLIB=none: as if absent."""
+    if os.environ.get("CARDBRIDGE_CRYPTOLIB") == "none":
+        return None, "Cryptolib CPS disabled (CARDBRIDGE_CRYPTOLIB=none)"
     cands = cryptolib_candidates()
     for p in cands:
         if p.is_file():
