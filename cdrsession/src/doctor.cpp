@@ -28,10 +28,95 @@ int exit_code_for(const std::string& id) {
   if (id == "card") return 7;
   if (id == "card-type") return 8;
   if (id == "latency") return 9;
+  if (id == "pkcs11") return 10;
   return 1;
 }
 
 namespace {
+
+std::string base_name(const std::string& path) {
+  const auto slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+// The module's slot for a PC/SC reader: its description is the reader's name, or the start of
+// it (PKCS#11 slot descriptions hold 64 characters).
+const Pkcs11Slot* slot_for(const Pkcs11Facts& m, const std::string& reader) {
+  for (const auto& s : m.slots) {
+    if (s.description == reader) return &s;
+  }
+  for (const auto& s : m.slots) {
+    if (s.description.size() >= 16 && reader.rfind(s.description, 0) == 0) return &s;
+  }
+  return nullptr;
+}
+
+Check pkcs11_check(const Pkcs11Facts& m, const nlohmann::json& readers) {
+  Check c;
+  c.id = "pkcs11";
+  c.title = "PKCS#11 middleware";
+  const std::string name = base_name(m.module);
+  if (!m.exists) {
+    c.result = CheckResult::kFail;
+    c.detail = fmt::format("module missing: there is no PKCS#11 module at {}", m.module);
+    c.advice = m.module == kCryptolibModule
+                   ? fmt::format("install the Cryptolib CPS (ANS's CryptolibCPS package puts its module at {}), or "
+                                 "name the module the published application loads with --pkcs11-module",
+                                 kCryptolibModule)
+                   : "check the path given with --pkcs11-module: it must be the module the published application "
+                     "(browser) loads";
+    return c;
+  }
+  if (!m.load_error.empty()) {
+    c.result = CheckResult::kFail;
+    c.detail = fmt::format("{} does not load: {}", name, m.load_error);
+    c.advice = fmt::format("the browser cannot use it either: check its dependencies and architecture (ldd {}), "
+                           "its configuration and that it runs for this user; reinstall it",
+                           m.module);
+    return c;
+  }
+  std::vector<std::string> with_card, all;
+  for (const auto& rd : readers) {
+    all.push_back(rd.value("name", ""));
+    if (rd.value("card_present", false)) with_card.push_back(rd.value("name", ""));
+  }
+  auto list = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& x : v) s += (s.empty() ? "'" : ", '") + log::printable(x) + "'";
+    return s.empty() ? std::string("none") : s;
+  };
+  std::vector<std::string> slots;
+  for (const auto& s : m.slots) slots.push_back(s.description);
+  std::string unrecognised;
+  for (const auto& r : with_card) {
+    const Pkcs11Slot* s = slot_for(m, r);
+    if (!s) continue;
+    if (s->token_present && s->token_error.empty()) {
+      c.result = CheckResult::kOk;
+      c.detail = fmt::format("{} sees token '{}' (serial {}) in '{}'", name, log::printable(s->token_label),
+                             log::printable(s->token_serial), log::printable(r));
+      return c;
+    }
+    if (unrecognised.empty()) {
+      unrecognised = fmt::format("{} sees the card in '{}' but no token ({})", name, log::printable(r),
+                                 s->token_present ? s->token_error : "slot reported empty");
+    }
+  }
+  c.result = CheckResult::kFail;
+  if (!unrecognised.empty()) {
+    c.detail = "card not recognised: " + unrecognised;
+    c.advice = "the module does not know this card: the Cryptolib reads CPS3/CPS4 (CPx) cards, a Vitale card "
+               "has no PKCS#11 token; a blocked or damaged card shows the same (try it on a local PC with the "
+               "same module)";
+  } else {
+    c.detail = fmt::format("reader not visible to the module: {} lists {} slot(s) ({}), not the desk's {}", name,
+                           m.slots.size(), list(slots), list(with_card.empty() ? all : with_card));
+    c.advice = "the module does not use the session's PC/SC service: it must load the system libpcsclite with "
+               "PCSCLITE_CSOCK_NAME from the session (no bundled PC/SC library, no GALSS or CT-API reader "
+               "configuration); check the module's reader settings";
+  }
+  return c;
+}
 
 Check make(std::string id, std::string title) {
   Check c;
@@ -255,6 +340,9 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
     }
     add(std::move(c));
   }
+  // 9. The PKCS#11 middleware, when asked for (last: a slow link does not hide it, nor does a
+  // module problem hide the link's latency).
+  if (f.pkcs11) add(pkcs11_check(*f.pkcs11, readers));
 
   for (const auto& c : r.checks) {
     if (c.result == CheckResult::kFail) {
@@ -275,6 +363,15 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
   r.verdict = failed ? "broken" : r.first_problem.empty() ? "healthy" : "degraded";
   r.exit_code = exit_code_for(r.first_problem);
   r.details = {{"desk", desk}, {"readers", readers}, {"cards", cards}, {"latency", f.ping ? *f.ping : nullptr}};
+  if (f.pkcs11) {
+    nlohmann::json slots = nlohmann::json::array();
+    for (const auto& s : f.pkcs11->slots) {
+      slots.push_back({{"description", s.description}, {"token_present", s.token_present}, {"token_label", s.token_label},
+                       {"token_serial", s.token_serial}, {"token_error", s.token_error}});
+    }
+    r.details["pkcs11"] = {{"module", f.pkcs11->module}, {"exists", f.pkcs11->exists},
+                           {"load_error", f.pkcs11->load_error}, {"slots", slots}};
+  }
   return r;
 }
 
@@ -309,7 +406,8 @@ nlohmann::json render_json(const DoctorReport& r, const DoctorFacts& f) {
           {"desk", r.details["desk"]},
           {"readers", r.details["readers"]},
           {"cards", r.details["cards"]},
-          {"latency", r.details["latency"]}};
+          {"latency", r.details["latency"]},
+          {"pkcs11", r.details.value("pkcs11", nlohmann::json(nullptr))}};
 }
 
 bool xrdp_ini_allows_channel(const std::string& text) {
@@ -339,7 +437,8 @@ bool xrdp_ini_allows_channel(const std::string& text) {
   return allowed;
 }
 
-DoctorFacts gather(const std::optional<std::string>& socket_override, int pings) {
+DoctorFacts gather(const std::optional<std::string>& socket_override, int pings,
+                   const std::optional<std::string>& pkcs11_module, const std::string& self) {
   DoctorFacts f;
   f.uid = ::geteuid();
   f.session = detect(process_env(), file_exists(), f.uid);
@@ -386,6 +485,7 @@ DoctorFacts gather(const std::optional<std::string>& socket_override, int pings)
       f.ping = p ? *p : nlohmann::json{{"error", p.error().text}};
     }
   }
+  if (pkcs11_module) f.pkcs11 = probe_pkcs11(self, *pkcs11_module, f.socket, std::chrono::seconds(60));
   return f;
 }
 

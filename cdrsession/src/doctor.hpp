@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "control_client.hpp"
+#include "doctor_pkcs11.hpp"
 #include "session.hpp"
 
 namespace cardbridge::session {
@@ -31,6 +32,7 @@ struct DoctorFacts {
   // nullopt when not an xrdp session or the file cannot be read.
   std::optional<bool> xrdp_channel_allowed;
   std::string xrdp_ini = "/etc/xrdp/xrdp.ini";
+  std::optional<Pkcs11Facts> pkcs11;     // only when asked for (--pkcs11, --pkcs11-module)
 };
 
 // [Channels] CBRIDGE=true in an xrdp.ini text (what `cdrsession enable xrdp` sets).
@@ -44,7 +46,7 @@ struct DoctorThresholds {
 enum class CheckResult { kOk, kWarn, kFail, kSkipped };
 
 struct Check {
-  std::string id;      // environment, shim, user, channel, readers, card, card-type, latency
+  std::string id;      // environment, shim, user, channel, readers, card, card-type, pkcs11, latency
   std::string title;
   CheckResult result = CheckResult::kSkipped;
   std::string detail;
@@ -60,13 +62,18 @@ struct DoctorReport {
 };
 
 // Exit codes (documented in docs/admin-guide.md): 0 healthy, 2 session start or environment, 3 no shim,
-// 4 wrong user, 5 no channel, 6 no reader, 7 no card, 8 unknown card, 9 slow link.
+// 4 wrong user, 5 no channel, 6 no reader, 7 no card, 8 unknown card, 9 slow link,
+// 10 PKCS#11 middleware (docs/middleware.md).
 int exit_code_for(const std::string& check_id);
 
 DoctorReport evaluate(const DoctorFacts& facts, const DoctorThresholds& thresholds = {});
 std::string render_text(const DoctorReport& r, const DoctorFacts& facts);
 nlohmann::json render_json(const DoctorReport& r, const DoctorFacts& facts);
 
-DoctorFacts gather(const std::optional<std::string>& socket_override, int pings);
+// |pkcs11_module|: also load that PKCS#11 module (in a child process, "|self| pkcs11-probe")
+// and check that it sees a token in the desk's card.
+DoctorFacts gather(const std::optional<std::string>& socket_override, int pings,
+                   const std::optional<std::string>& pkcs11_module = std::nullopt,
+                   const std::string& self = "/proc/self/exe");
 
 }  // namespace cardbridge::session

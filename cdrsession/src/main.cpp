@@ -5,7 +5,9 @@
 //   cdrsession stop                                    stop this session's shim
 //   cdrsession env                                     print the export line
 //   cdrsession status [--json]                         desk, readers, counters, audit trail
-//   cdrsession doctor [--json]                         check the whole chain, name the broken link
+//   cdrsession doctor [--json] [--pkcs11 | --pkcs11-module PATH]
+//                                                       check the whole chain, name the broken link
+//                                                       (and that the PKCS#11 module sees the card)
 //   cdrsession enable|disable xrdp|systemd             (admin) opt a session type in or out
 #include <fcntl.h>
 #include <signal.h>
@@ -16,6 +18,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -201,6 +204,18 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   doctor->add_option("--slow-p99-ms", thresholds.slow_p99_ms, "p99 round trip above which the link is slow")
       ->capture_default_str();
+  bool pkcs11 = false;
+  std::string pkcs11_module;
+  doctor->add_flag("--pkcs11", pkcs11,
+                   std::string("also check that the Cryptolib CPS (") + cs::kCryptolibModule +
+                       ") loads and sees a token in the desk's card");
+  doctor->add_option("--pkcs11-module", pkcs11_module,
+                     "the same with another PKCS#11 module (the one the published application loads)");
+  // Hidden: the doctor's probe, run in a child process (a crashing module cannot take the
+  // doctor down). Prints one JSON document.
+  auto* probe = app.add_subcommand("pkcs11-probe", "")->group("");
+  std::string probe_module;
+  probe->add_option("--module", probe_module)->required();
   CLI11_PARSE(app, argc, argv);
 
   cardbridge::log::init(cardbridge::log::parse_level(level).value_or(spdlog::level::info), "cdrsession");
@@ -330,8 +345,23 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+  if (*probe) {
+    std::cout << cs::run_pkcs11_probe(probe_module).dump() << std::endl;
+    std::_Exit(0);  // no atexit handlers: a module's own cleanup cannot crash the answer away
+  }
+
   if (*doctor) {
-    auto facts = cs::gather(socket.empty() ? std::nullopt : std::optional<std::string>(socket), pings);
+    std::optional<std::string> module;
+    if (!pkcs11_module.empty()) {
+      module = pkcs11_module;
+    } else if (pkcs11) {
+      module = cs::kCryptolibModule;
+    }
+    char self[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    const std::string self_path = n > 0 ? std::string(self, static_cast<std::size_t>(n)) : std::string(argv[0]);
+    auto facts = cs::gather(socket.empty() ? std::nullopt : std::optional<std::string>(socket), pings, module,
+                            self_path);
     auto report = cs::evaluate(facts, thresholds);
     if (json) {
       std::cout << cs::render_json(report, facts).dump(1) << "\n";

@@ -13,6 +13,13 @@ Desk and server run in two network namespaces joined by a link with the RTT (net
 the card is cb-cardsim behind the desk's pcscd; the traces are replayed with cb-replay,
 which reads the shim's round-trip counter from its control socket.
 
+Traces: the synthetic logins <flavour>-warm/-cold (written from the middleware's sources) and
+the REAL ones, tests/bench/traces/real/*-<flavour>*.trace: the PC/SC calls the Cryptolib CPS
+(cold and warm disk cache) and OpenSC made for an NSS (Firefox) TLS login to the CDR
+stand-in, recorded at the shim (tests/bench/record_traces.py). For every trace the report
+also says whether CardBridge's answers were the desk's (cb-replay's digest of the answers)
+and how many APDUs the card executed that the program never asked for (speculation).
+
 Output: a table (stdout), JSON (--out, default <build>/wan-report.json: one record per
 trace x RTT x mode, plus targets, idle-traffic check and the per-call breakdown of
 CardBridge's round trips) and a PNG next to the JSON.
@@ -182,6 +189,8 @@ def run_mode(stack: Stack, mode: Mode, traces: list[Path], repeat: int, ctx: dic
                 # (a reset the program did not ask for: pcscd released a context that still
                 # held a transaction)
                 "card_apdus": round((a1 - a0) / repeat, 1) if failed == 0 else None,
+                "kind": "real" if trace.parent.name == "real" else "synthetic",
+                "responses_digest": r.get("responses_digest"),
                 "card_resets": z1 - z0,
                 "elapsed_s": round(time.monotonic() - t0, 1),
             }
@@ -231,6 +240,12 @@ def derive(records: list[dict]) -> None:
         p = by_key.get((r["flavour"], r["trace"], r["rtt_ms"], "per-call"))
         direct = d["wall_ms"] if d else None
         r["direct_wall_ms"] = direct
+        if d and r["mode"] != "direct":
+            if d.get("card_apdus") is not None and r.get("card_apdus") is not None and r["mode"] != "relay":
+                # APDUs the card executed that the program did not send: speculation not used.
+                r["speculative_apdus"] = round(r["card_apdus"] - d["card_apdus"], 1)
+            if d.get("responses_digest") and r.get("responses_digest"):
+                r["same_answers"] = r["responses_digest"] == d["responses_digest"]
         if r.get("wall_ms") is None:
             continue
         if direct:
@@ -253,9 +268,16 @@ def derive(records: list[dict]) -> None:
 def evaluate_targets(records: list[dict], idle: Optional[dict]) -> list[dict]:
     out = []
     for r in records:
-        if r["mode"] != "cardbridge" or r["rtt_ms"] not in TARGET_RTTS:
+        if r["mode"] == "cardbridge" and r.get("kind") == "real":
+            out.append({"target": f"REAL {r['trace']}: every run completes, the desk's answers, no unasked card "
+                                  f"reset at RTT {r['rtt_ms']:g}", "trace": r["trace"], "rtt_ms": r["rtt_ms"],
+                        "kind": "faithful", "failed_runs": r.get("failed_runs"), "repeat": r.get("repeat"),
+                        "card_resets": r.get("card_resets"), "error": r.get("error"),
+                        "met": r.get("failed_runs") == 0 and r.get("card_resets") == 0
+                        and r.get("same_answers") is not False})
+        if r["mode"] != "cardbridge" or r["rtt_ms"] not in TARGET_RTTS or r.get("kind") == "real":
             continue
-        kind = "warm" if "warm" in r["trace"] else "cold" if "cold" in r["trace"] else None
+        kind = "warm" if r["trace"].endswith("-warm") else "cold" if r["trace"].endswith("-cold") else None
         if kind is None:
             continue
         peer = next((x for x in records if x["mode"] == "per-call" and x["trace"] == r["trace"]
@@ -297,9 +319,11 @@ def print_table(report: dict) -> None:
     for flavour, trace in keys:
         sample = next((r for r in recs if r["trace"] == trace and r.get("pcsc_calls")), {})
         print()
-        print(f"== {trace}  ({sample.get('pcsc_calls', '?')} PC/SC calls, {sample.get('apdus', '?')} APDUs)")
-        hdr = (f"{'RTT':>4} {'mode':34s} {'wall ms':>9} {'round trips':>11} {'card APDUs':>10} {'resets':>6} "
-               f"{'x direct':>8} {'x per-call':>10} {'model ms':>9} {'vs model':>8}  note")
+        real = sample.get("kind") == "real"
+        print(f"== {'REAL ' if real else ''}{trace}  ({sample.get('pcsc_calls', '?')} PC/SC calls, "
+              f"{sample.get('apdus', '?')} APDUs)")
+        hdr = (f"{'RTT':>4} {'mode':34s} {'wall ms':>9} {'round trips':>11} {'card APDUs':>10} {'spec.':>5} "
+               f"{'same':>4} {'resets':>6} {'x direct':>8} {'x per-call':>10} {'model ms':>9} {'vs model':>8}  note")
         print(hdr)
         print("-" * len(hdr))
         for rtt in sorted({r["rtt_ms"] for r in recs}):
@@ -316,14 +340,20 @@ def print_table(report: dict) -> None:
                 note = ""
                 if r.get("failed_runs"):
                     note = f"{r['failed_runs']}/{r.get('repeat')} runs failed: " + (r.get("error") or "").split(": ", 1)[-1][:60]
+                same = {True: "yes", False: "NO", None: "-"}[r.get("same_answers")]
                 print(f"{rtt:>4g} {r['mode_label']:34s} {fmt(r['wall_ms'], '.1f'):>9} {rt_text:>11} "
-                      f"{fmt(r.get('card_apdus')):>10} {fmt(r.get('card_resets')):>6} {fmt(r.get('x_direct'), '.2f'):>8} "
+                      f"{fmt(r.get('card_apdus')):>10} {fmt(r.get('speculative_apdus'), '+.0f'):>5} {same:>4} "
+                      f"{fmt(r.get('card_resets')):>6} {fmt(r.get('x_direct'), '.2f'):>8} "
                       f"{fmt(r.get('x_per_call'), '.2f'):>10} {fmt(r.get('model_wall_ms'), '.1f'):>9} "
                       f"{(fmt(err, '+.1f') + '%') if err is not None else '-':>8}  {note}")
             print()
     print("  round trips: desk round trips a PC/SC call waited for (shim control socket, stats.round_trips);")
     print("  * relay: vpcd exposes no counter; estimate = APDUs the card saw (one vpcd exchange each).")
     print("  card APDUs: APDUs the simulated card executed per run (speculative ones included);")
+    print("  spec.: of those, APDUs the program never sent (the desk's speculation that was not used);")
+    print("  same: the answers (data and status words, signatures and challenges by status word) were")
+    print("        the desk's (cb-replay digest, same as direct at the same RTT);")
+    print("  REAL: recorded calls of real middleware (tests/bench/traces/real, record_traces.py).")
     print("  resets: warm resets of the card during the cell's runs that no program asked for.")
     print("  wall ms, round trips: median over the runs that completed.")
     print("  model: round trips x RTT + direct wall time, RTT = the measured desk round trip above;")
@@ -456,6 +486,10 @@ def main() -> int:
     p.add_argument("--build", type=Path, default=REPO / "build", help="build directory")
     p.add_argument("--rtts", help="comma-separated RTTs in ms (default 0,5,20,50; quick 0,20)")
     p.add_argument("--flavours", default="cps3", help="trace flavours: cps3, cps4 (traces <flavour>-warm/-cold)")
+    p.add_argument("--real", dest="real", action="store_true", default=None,
+                   help="also replay the real middleware traces (traces/real/*-<flavour>*; default: yes, quick: no)")
+    p.add_argument("--no-real", dest="real", action="store_false", help="synthetic traces only")
+    p.add_argument("--real-only", action="store_true", help="only the real middleware traces")
     p.add_argument("--profile", choices=["auto", "instant"], help="card timing: auto = the flavour's card "
                    "(cps3: ~1.1 ms/byte ...), instant = no card delays (default: auto; quick: instant)")
     p.add_argument("--repeat", type=int, help="runs per cell, median (default 3)")
@@ -466,6 +500,7 @@ def main() -> int:
     p.add_argument("--pin", default="1234")
     p.add_argument("--desk-binary", type=Path, help="cardbridge-desk to use instead of <build>'s (A/B experiments)")
     p.add_argument("--shim-binary", type=Path, help="cardbridge-shim to use instead of <build>'s (A/B experiments)")
+    p.add_argument("--cardsim-binary", type=Path, help="cb-cardsim to use instead of <build>'s (A/B experiments)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     a = p.parse_args()
@@ -495,14 +530,21 @@ def main() -> int:
         bins.desk = a.desk_binary.resolve()
     if a.shim_binary:
         bins.shim = a.shim_binary.resolve()
+    if a.cardsim_binary:
+        bins.cardsim = a.cardsim_binary.resolve()
     if missing := bins.missing():
         print(f"wan-report: missing binaries (build them first): {', '.join(missing)}", file=sys.stderr)
         return 2
     traces_by_flavour = {}
+    with_real = a.real_only or (a.real if a.real is not None else not quick)
     for f in flavours:
-        ts = [TRACES / f"{f}-warm.trace", TRACES / f"{f}-cold.trace"]
+        ts = [] if a.real_only else [TRACES / f"{f}-warm.trace", TRACES / f"{f}-cold.trace"]
         if not all(t.exists() for t in ts):
             p.error(f"no traces for flavour {f} in {TRACES}")
+        if with_real:
+            ts += sorted(t for t in (TRACES / "real").glob("*.trace") if f"-{f}" in t.stem)
+        if not ts:
+            p.error(f"no traces for flavour {f}")
         traces_by_flavour[f] = ts
 
     def on_signal(sig, _frame):

@@ -25,6 +25,8 @@
 
 #include <openssl/evp.h>
 
+#include "hash.hpp"
+
 namespace cardbridge::cardsim {
 
 using Bytes = std::vector<uint8_t>;
@@ -66,18 +68,43 @@ struct EvpKeyFree {
 };
 using EvpKey = std::unique_ptr<EVP_PKEY, EvpKeyFree>;
 
-// Everything generated at start-up from the seed (deterministic for a given seed).
+// The card holder, as written in the certificates and the business-data files.
+struct Holder {
+  std::string id;                  // RPPS-like 11 digits (certificate serialNumber)
+  std::string given_name = "CLAIRE";
+  std::string surname = "DUPONT";
+  std::string title = "Medecin";
+};
+
+// Subject CN of the simulator's certification authority (issuer of every card's certificates).
+inline constexpr const char* kCaName = "AC SIMULEE CARDBRIDGE (TEST)";
+
+// Everything generated at start-up from the seed (deterministic for a given seed), plus the
+// options that change the card's files.
 struct CardContent {
-  EvpKey key;              // RSA-2048, used for both certificates
-  Bytes cert_auth;         // DER, ~1.8 KB
-  Bytes cert_sign;         // DER, ~1.8 KB
-  Bytes serial;            // 5 bytes, part of EF.SN.ICC
+  EvpKey key_auth;         // RSA-2048, authentication key (TLS client authentication)
+  EvpKey key_sign;         // RSA-2048, signature (non-repudiation) key
+  EvpKey ca_key;           // the simulator's CA (same for every seed)
+  Bytes cert_auth;         // DER, 1812 bytes, issued by the CA
+  Bytes cert_sign;         // DER, 1796 bytes, issued by the CA
+  Bytes ca_cert;           // DER, self-signed
+  Bytes serial;            // 5 bytes of BCD digits, part of EF.SN.ICC
+  Holder holder;
+  // EF_ACTUA start date, 14 digits YYYYMMDDhhmmss (BCD in the file); "" = an empty
+  // EF_ACTUA (what the Cryptolib calls a bad EF_ACTUA).
+  std::string actua = "20250115080000";
+  // Revision of the situation (activity) data: changes their content, as a card update does.
+  unsigned data_revision = 1;
 };
 CardContent make_content(uint64_t seed);
 
 class CardSim {
  public:
   static constexpr uint8_t kMaxTries = 3;
+  static constexpr uint8_t kPinRef = 0x01;      // the PIN ("code porteur"); 0x81 is accepted as an alias
+  static constexpr uint8_t kAuthKeyRefCps3 = 0x81;  // authentication key (keyReference in the PrKDF)
+  static constexpr uint8_t kAuthKeyRefCps4 = 0x20;  // CPS4: what the Cryptolib expects (CPS4_AUTH_PRIV_KEY_ID)
+  static constexpr uint8_t kSignKeyRef = 0x82;      // signature key
 
   CardSim(Profile profile, CardContent content, std::string pin);
 
@@ -91,6 +118,10 @@ class CardSim {
   std::map<std::string, std::size_t> file_sizes() const;
   // Contents of the EFs: path (hex) -> bytes.
   std::map<std::string, Bytes> files() const;
+  // TokenInfo label, and the serial digits of EF.SN.ICC (after the issuer number).
+  std::string token_label() const;
+  std::string serial_digits() const;
+  const CardContent& content() const { return content_; }
 
  private:
   struct Node {
@@ -110,7 +141,7 @@ class CardSim {
   Node& add(std::vector<uint16_t> path, bool df, Bytes data = {}, Bytes aid = {});
   Node* find(const std::vector<uint16_t>& path);
   Node* child(const std::vector<uint16_t>& dir, uint16_t fid);
-  Bytes fcp(const Node& n) const;
+  Bytes fcp(const Node& n, uint8_t tag = 0x62) const;  // 62 FCP, 6F FCI
 
   Answer dispatch(const Command& c);
   Answer select(const Command& c);
@@ -121,11 +152,16 @@ class CardSim {
   Answer mse(const Command& c);
   Answer internal_authenticate(const Command& c);
   Answer pso(const Command& c);
+  Answer pso_hash(const Command& c);
   Answer get_challenge(const Command& c);
   // Data for a case-4 command: directly (T=1) or as 61xx with data kept for GET RESPONSE.
   Answer with_data(Bytes data, const Command& c, double fixed_ms, std::string note);
   Answer sw(uint16_t sw, double fixed_ms, std::string note);
+  // RSA with the key that MSE SET selected (the authentication key by default).
   std::optional<Bytes> rsa_private(const Bytes& in, bool pkcs1_type1);
+  std::optional<Bytes> rsa_pss(const Bytes& hash);
+  uint8_t auth_key_ref() const;
+  EVP_PKEY* selected_key() const;
   bool pin_matches(const Bytes& given) const;
 
   Profile profile_;
@@ -137,6 +173,9 @@ class CardSim {
   bool verified_ = false;
   uint8_t tries_ = kMaxTries;
   std::optional<uint8_t> se_key_;   // MSE SET key reference
+  std::optional<uint8_t> se_alg_;   // MSE SET algorithm (CPS4 tag 91: bit 04 = RSA-PSS)
+  std::optional<HashAlg> hash_alg_; // MSE SET hash template (P2 AA) algorithm
+  std::optional<Bytes> hash_;       // PSO HASH result, signed by the next PSO CDS without data
   Bytes pending_;                   // data waiting for GET RESPONSE (T=0)
   std::optional<uint8_t> chain_ins_;
   Bytes chain_data_;

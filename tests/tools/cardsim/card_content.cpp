@@ -97,11 +97,11 @@ EvpKey seeded_rsa_key(uint64_t seed) {
   return EvpKey(key);
 }
 
-void add_ext(X509* cert, int nid, const std::string& value) {
+void add_ext(X509* cert, EVP_PKEY* /*issuer_key*/, X509* issuer, int nid, const std::string& value) {
   // An empty config database: some extensions (certificatePolicies) insist on one.
   CONF* conf = NCONF_new(nullptr);
   X509V3_CTX v3;
-  X509V3_set_ctx(&v3, cert, cert, nullptr, nullptr, 0);
+  X509V3_set_ctx(&v3, issuer, cert, nullptr, nullptr, 0);
   X509V3_set_nconf(&v3, conf);
   X509_EXTENSION* ext = X509V3_EXT_nconf_nid(conf, &v3, nid, value.c_str());
   NCONF_free(conf);
@@ -119,9 +119,36 @@ Bytes der_of(X509* cert) {
   return out;
 }
 
-// A CPS-looking self-signed certificate of about |target| bytes (a comment extension
-// fills the difference).
-Bytes make_cert(EVP_PKEY* key, long serial, bool signature_cert, const std::string& holder, std::size_t target) {
+// The simulator's certification authority: a self-signed CA certificate over |ca_key|.
+Bytes make_ca_cert(EVP_PKEY* ca_key) {
+  X509* c = X509_new();
+  X509_set_version(c, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(c), 0x0CA1);
+  ASN1_TIME_set_string(X509_getm_notBefore(c), "20240101000000Z");
+  ASN1_TIME_set_string(X509_getm_notAfter(c), "20340101000000Z");
+  X509_NAME* name = X509_get_subject_name(c);
+  auto add = [&](const char* field, const std::string& v) {
+    X509_NAME_add_entry_by_txt(name, field, MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(v.c_str()), -1, -1,
+                               0);
+  };
+  add("C", "FR");
+  add("O", "CardBridge test PKI (not ANS)");
+  add("CN", kCaName);
+  X509_set_issuer_name(c, name);
+  X509_set_pubkey(c, ca_key);
+  add_ext(c, ca_key, c, NID_basic_constraints, "critical,CA:TRUE,pathlen:0");
+  add_ext(c, ca_key, c, NID_key_usage, "critical,keyCertSign,cRLSign");
+  add_ext(c, ca_key, c, NID_subject_key_identifier, "hash");
+  if (X509_sign(c, ca_key, EVP_sha256()) <= 0) throw std::runtime_error("OpenSSL: X509_sign (CA)");
+  Bytes der = der_of(c);
+  X509_free(c);
+  return der;
+}
+
+// A CPS-looking certificate of about |target| bytes for |key|, issued by the CA (a comment
+// extension fills the difference).
+Bytes make_cert(EVP_PKEY* key, EVP_PKEY* ca_key, X509* ca, long serial, bool signature_cert, const Holder& h,
+                std::size_t target) {
   auto build = [&](std::size_t comment_len) {
     X509* c = X509_new();
     X509_set_version(c, 2);
@@ -135,31 +162,32 @@ Bytes make_cert(EVP_PKEY* key, long serial, bool signature_cert, const std::stri
     };
     add("C", "FR");
     add("O", "CardBridge test card (not a real CPS)");
-    add("OU", "CPS simulator " + holder.substr(0, 10));
-    add("title", "Medecin");
-    add("SN", "DUPONT");
-    add("GN", "CLAIRE");
-    add("serialNumber", holder);
-    add("CN", holder + (signature_cert ? "/Signature" : "/Authentification"));
-    X509_set_issuer_name(c, name);
+    add("OU", signature_cert ? "CPS simulator, signature" : "CPS simulator, authentication");
+    add("title", h.title);
+    add("SN", h.surname);
+    add("GN", h.given_name);
+    add("serialNumber", h.id);
+    add("CN", h.given_name + " " + h.surname);
+    X509_set_issuer_name(c, X509_get_subject_name(ca));
     X509_set_pubkey(c, key);
-    add_ext(c, NID_basic_constraints, "critical,CA:FALSE");
-    add_ext(c, NID_key_usage, signature_cert ? "critical,nonRepudiation" : "critical,digitalSignature");
-    if (!signature_cert) add_ext(c, NID_ext_key_usage, "clientAuth,emailProtection");
-    add_ext(c, NID_subject_key_identifier, "hash");
-    add_ext(c, NID_authority_key_identifier, "keyid:always");
-    add_ext(c, NID_certificate_policies,
+    add_ext(c, ca_key, ca, NID_basic_constraints, "critical,CA:FALSE");
+    add_ext(c, ca_key, ca, NID_key_usage,
+            signature_cert ? "critical,nonRepudiation" : "critical,digitalSignature,keyEncipherment");
+    if (!signature_cert) add_ext(c, ca_key, ca, NID_ext_key_usage, "clientAuth,emailProtection");
+    add_ext(c, ca_key, ca, NID_subject_key_identifier, "hash");
+    add_ext(c, ca_key, ca, NID_authority_key_identifier, "keyid:always");
+    add_ext(c, ca_key, ca, NID_certificate_policies,
             signature_cert ? "1.2.250.1.71.2.6.5.2,1.2.250.1.71.1.2.5" : "1.2.250.1.71.2.6.5.1,1.2.250.1.71.1.2.5");
-    add_ext(c, NID_crl_distribution_points,
+    add_ext(c, ca_key, ca, NID_crl_distribution_points,
             "URI:http://crl.cardbridge.invalid/cps3/simulated-professional-ca-crl-1.crl,"
             "URI:ldap://ldap.cardbridge.invalid/cn=ac-simulee%2Cou=cardbridge%2Co=test%2Cc=FR"
             "?certificateRevocationList;binary");
-    add_ext(c, NID_info_access,
+    add_ext(c, ca_key, ca, NID_info_access,
             "OCSP;URI:http://ocsp.cardbridge.invalid/simulated,"
             "caIssuers;URI:http://pki.cardbridge.invalid/simulated-professional-ca.cer");
-    add_ext(c, NID_subject_alt_name, "email:claire.dupont@test.cardbridge.invalid");
-    if (comment_len > 0) add_ext(c, NID_netscape_comment, std::string(comment_len, 'x'));
-    if (X509_sign(c, key, EVP_sha256()) <= 0) throw std::runtime_error("OpenSSL: X509_sign");
+    add_ext(c, ca_key, ca, NID_subject_alt_name, "email:claire.dupont@test.cardbridge.invalid");
+    if (comment_len > 0) add_ext(c, ca_key, ca, NID_netscape_comment, std::string(comment_len, 'x'));
+    if (X509_sign(c, ca_key, EVP_sha256()) <= 0) throw std::runtime_error("OpenSSL: X509_sign");
     return c;
   };
   X509* base = build(0);
@@ -183,18 +211,29 @@ Bytes make_cert(EVP_PKEY* key, long serial, bool signature_cert, const std::stri
 
 CardContent make_content(uint64_t seed) {
   CardContent c;
-  c.key = seeded_rsa_key(seed);
+  // Seeds of the three keys: distinct generators derived from the card's seed. The CA's
+  // does not depend on the card (every simulated card has the same issuer).
+  c.key_auth = seeded_rsa_key(seed);
+  c.key_sign = seeded_rsa_key(seed ^ 0x5167A7u);
+  c.ca_key = seeded_rsa_key(0xCA0CA0CA0ull);
+  c.ca_cert = make_ca_cert(c.ca_key.get());
   std::mt19937_64 rng(seed ^ 0xC0FFEEull);
   const uint64_t number = 10000000000ull + rng() % 89999999999ull;  // RPPS-like 11 digits
-  const std::string holder = "8" + std::to_string(number).substr(1);
-  c.serial.resize(5);
-  uint64_t v = rng();
-  for (auto& b : c.serial) {
-    b = static_cast<uint8_t>(v & 0xFF);
-    v >>= 8;
-  }
-  c.cert_auth = make_cert(c.key.get(), static_cast<long>(rng() % 0x7FFFFFFF) + 1, false, holder, 1812);
-  c.cert_sign = make_cert(c.key.get(), static_cast<long>(rng() % 0x7FFFFFFF) + 1, true, holder, 1796);
+  c.holder.id = "8" + std::to_string(number).substr(1);
+  // EF.SN.ICC serial: 10 BCD digits (5 bytes), the last digit a check digit as on real cards.
+  const uint64_t sn = rng() % 10000000000ull;
+  char digits[11];
+  std::snprintf(digits, sizeof digits, "%010llu", static_cast<unsigned long long>(sn));
+  c.serial.clear();
+  for (int i = 0; i < 10; i += 2) c.serial.push_back(static_cast<uint8_t>(((digits[i] - '0') << 4) | (digits[i + 1] - '0')));
+  const unsigned char* p = c.ca_cert.data();
+  X509* ca = d2i_X509(nullptr, &p, static_cast<long>(c.ca_cert.size()));
+  if (!ca) throw std::runtime_error("OpenSSL: d2i_X509 (CA)");
+  c.cert_auth = make_cert(c.key_auth.get(), c.ca_key.get(), ca, static_cast<long>(rng() % 0x7FFFFFFF) + 1, false,
+                          c.holder, 1812);
+  c.cert_sign = make_cert(c.key_sign.get(), c.ca_key.get(), ca, static_cast<long>(rng() % 0x7FFFFFFF) + 1, true,
+                          c.holder, 1796);
+  X509_free(ca);
   return c;
 }
 

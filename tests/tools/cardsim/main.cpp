@@ -21,6 +21,8 @@
 #include <thread>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <openssl/evp.h>
 
 #include "card.hpp"
 
@@ -131,6 +133,40 @@ void sleep_until(Clock::time_point t) {
   }
 }
 
+std::string pem(const cs::Bytes& der) {
+  std::string b64(4 * ((der.size() + 2) / 3) + 1, '\0');
+  const int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(b64.data()), der.data(), static_cast<int>(der.size()));
+  b64.resize(static_cast<std::size_t>(n));
+  std::string out = "-----BEGIN CERTIFICATE-----\n";
+  for (std::size_t i = 0; i < b64.size(); i += 64) out += b64.substr(i, 64) + "\n";
+  return out + "-----END CERTIFICATE-----\n";
+}
+
+bool write_file(const std::string& path, const std::string& text) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) return false;
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  return std::fclose(f) == 0 && ok;
+}
+
+// What tests compare the middleware's view with: the token label and serial, the holder, the ATR.
+nlohmann::json card_info(const cs::CardSim& card) {
+  const auto& c = card.content();
+  return {{"profile", card.profile().name},
+          {"atr", hex(card.atr())},
+          {"token_label", card.token_label()},
+          {"serial_digits", card.serial_digits()},
+          // The Cryptolib's token serial: EF.SN.ICC's digits after the issuer number, without
+          // the last byte (a check digit and padding on real cards).
+          {"cryptolib_serial", card.serial_digits().substr(0, card.serial_digits().size() - 2)},
+          {"holder", {{"id", c.holder.id}, {"given_name", c.holder.given_name}, {"surname", c.holder.surname},
+                      {"common_name", c.holder.given_name + " " + c.holder.surname}}},
+          {"ca_common_name", cs::kCaName},
+          {"actua", c.actua},
+          {"data_revision", c.data_revision},
+          {"pin_reference", cs::CardSim::kPinRef}};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -143,7 +179,11 @@ int main(int argc, char** argv) {
   std::string pin = "1234";
   double time_scale = 1.0;
   bool print_files = false;
+  bool print_info = false;
   std::string dump_dir;
+  std::string export_dir;
+  std::string actua = "20250115080000";
+  unsigned data_revision = 1;
   app.add_option("--profile", profile_name, "cps3 (T=0, slow), cps4 (T=1, 12x faster I/O), instant (cps3 without delays)")
       ->check(CLI::IsMember({"cps3", "cps4", "instant"}))
       ->capture_default_str();
@@ -155,6 +195,16 @@ int main(int argc, char** argv) {
   app.add_option("--time-scale", time_scale, "multiply every card delay (0 = instant)")->capture_default_str();
   app.add_flag("--print-files", print_files, "print the file system (path, size) and exit");
   app.add_option("--dump-dir", dump_dir, "write every EF to DIR/<path>.bin and exit");
+  app.add_option("--export-dir", export_dir,
+                 "write ca.pem (the simulator's CA), auth.pem, sign.pem (the card's certificates) and "
+                 "info.json to DIR and exit");
+  app.add_flag("--print-info", print_info, "print the card's identity as JSON (label, serial, holder, ATR) and exit");
+  app.add_option("--actua", actua,
+                 "EF_ACTUA start date YYYYMMDDhhmmss (the Cryptolib's cache check; a new date = a card update); "
+                 "'empty' for an empty EF_ACTUA")
+      ->capture_default_str();
+  app.add_option("--data-revision", data_revision, "revision of the situation data (changes their content)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   auto profile = cs::Profile::named(profile_name);
@@ -165,7 +215,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   auto t_gen = Clock::now();
-  cs::CardSim card(*profile, cs::make_content(seed), pin);
+  if (actua == "empty") {
+    actua.clear();
+  } else if (actua.size() != 14 || actua.find_first_not_of("0123456789") != std::string::npos) {
+    std::cerr << "cb-cardsim: --actua: 14 digits YYYYMMDDhhmmss or 'empty'\n";
+    return 2;
+  }
+  auto content = cs::make_content(seed);
+  content.actua = actua;
+  content.data_revision = data_revision;
+  cs::CardSim card(*profile, std::move(content), pin);
   const double gen_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_gen).count();
   if (!dump_dir.empty()) {
     for (const auto& [path, data] : card.files()) {
@@ -177,6 +236,20 @@ int main(int argc, char** argv) {
       std::fwrite(data.data(), 1, data.size(), f);
       std::fclose(f);
     }
+    return 0;
+  }
+  if (print_info || !export_dir.empty()) {
+    const auto info = card_info(card);
+    if (!export_dir.empty()) {
+      const auto& c = card.content();
+      if (!write_file(export_dir + "/ca.pem", pem(c.ca_cert)) || !write_file(export_dir + "/auth.pem", pem(c.cert_auth)) ||
+          !write_file(export_dir + "/sign.pem", pem(c.cert_sign)) ||
+          !write_file(export_dir + "/info.json", info.dump(2) + "\n")) {
+        std::cerr << "cb-cardsim: cannot write to " << export_dir << "\n";
+        return 1;
+      }
+    }
+    if (print_info) std::cout << info.dump(2) << "\n";
     return 0;
   }
   if (print_files) {
