@@ -467,20 +467,13 @@ bool DeskCore::speculate(Lane& lane, Task& task, const CallResult* last) {
   if (!task.spec_reads_planned) {
     task.spec_reads_planned = true;
     if (!want_ra) return false;
-    // Read-ahead: after a full READ BINARY chunk, or once a SELECT told us the file size.
-    uint32_t next = 0;
-    uint8_t cla = track.read_cla;
-    if (auto rb = parse_read_binary(q.data)) {
-      const auto& first = task.reply.data;
-      const bool full = first.size() == rb->le + 2 && is_9000(first);
-      if (!full || !track.ef_size) return false;
-      next = rb->offset + rb->le;
-      cla = rb->cla;
-    } else if (!track.size_fresh) {
-      return false;  // neither a READ BINARY nor a SELECT that just told us the file size
-    }
-    if (!track.ef_size) return false;
-    auto reads = predict_reads(cla, next, *track.ef_size, track.chunk);
+    // Read-ahead: after a full READ BINARY chunk of a file whose size its FCP gave.
+    auto rb = parse_read_binary(q.data);
+    if (!rb) return false;
+    const auto& first = task.reply.data;
+    const bool full = first.size() == rb->le + 2 && is_9000(first);
+    if (!full || !track.ef_size) return false;
+    auto reads = predict_reads(rb->cla, rb->offset + rb->le, *track.ef_size, track.chunk);
     task.spec_reads.assign(std::make_move_iterator(reads.begin()), std::make_move_iterator(reads.end()));
   }
   if (task.spec_reads.empty()) return false;

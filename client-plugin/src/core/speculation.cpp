@@ -86,16 +86,7 @@ Apdu get_response_for(std::span<const uint8_t> command, uint8_t sw2) {
 
 std::vector<Apdu> predict_reads(uint8_t cla, uint32_t offset, uint32_t size, uint16_t chunk) {
   std::vector<Apdu> out;
-  if (chunk > 256) return out;
-  if (chunk == 0) {
-    // Chunk size not known yet: a program reads a small file in one piece of exactly its
-    // size (OpenSC's sc_read_binary: min(max_recv_size, left); no middleware we know reads
-    // less than kFirstReadMax bytes at a time). Larger files are not guessed at: with a
-    // 231-byte chunk (the Cryptolib's) a 248-byte guess would cost the card ~0.3 s of
-    // CPS3 I/O for nothing, more than the round trip it could save.
-    if (offset != 0 || size == 0 || size > kFirstReadMax) return out;
-    chunk = static_cast<uint16_t>(size);
-  }
+  if (chunk == 0 || chunk > 256) return out;
   std::size_t bytes = 0;
   while (offset < size && offset <= 0x7FFF && out.size() < kMaxSpeculativeReads && bytes < kMaxSpeculativeBytes) {
     const uint32_t n = std::min<uint32_t>(chunk, size - offset);
@@ -113,20 +104,17 @@ void observe(CardTrack& t, std::span<const uint8_t> command, std::span<const uin
   const uint8_t ins = command[1];
   const bool was_select = t.last_was_select;
   t.last_was_select = false;
-  t.size_fresh = false;
   if (ins == 0xA4) {
     t.ef_size.reset();
     t.last_was_select = true;
     if (is_ok(response) && response.size() > 2) {
       t.ef_size = fcp_file_size(response.first(response.size() - 2));
-      t.size_fresh = t.ef_size.has_value();
       t.last_was_select = false;
     }
     return;
   }
   if (ins == 0xC0 && was_select && is_ok(response) && response.size() > 2) {
     t.ef_size = fcp_file_size(response.first(response.size() - 2));
-    t.size_fresh = t.ef_size.has_value();
     return;
   }
   if (auto rb = parse_read_binary(command); rb && from_program) {

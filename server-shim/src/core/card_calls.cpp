@@ -129,6 +129,17 @@ void ShimCore::on_connect(Client& c, const wire::ConnectStruct& s) {
     parked_connects_.emplace_back(c.id, s);
     return;
   }
+  const uint32_t desk_state = readers_.slot(*slot).desk_state;
+  if (s.share_mode != sc::kShareDirect && !(desk_state & sc::kStatePresent) && (desk_state & sc::kStateEmpty) &&
+      !(desk_state & (sc::kStateExclusive | sc::kStateUnavailable | sc::kStateUnknown)) &&
+      !handles_.exclusive_on_slot(*slot)) {
+    // pcscd's answer for an empty reader, after the same checks (winscard.c SCardConnect:
+    // reader status, exclusive holder, transaction, then SCARD_E_NO_SMARTCARD): the desk
+    // pushed that the reader is empty, so no round trip. Middleware that connects to every
+    // reader on each poll (the Cryptolib) asks this of the empty slot of a two-slot reader.
+    ++stats_.local_answers;
+    return answer(c, r, sc::kENoSmartcard);
+  }
   pr::Request q;
   q.op = pr::Op::kConnect;
   q.reader = name;

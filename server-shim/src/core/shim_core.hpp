@@ -116,6 +116,7 @@ struct ShimStats {
   uint64_t prefetch_hits = 0;     // transmits answered from prefetched responses
   uint64_t prefetch_discarded = 0;
   uint64_t attribute_cache_hits = 0;
+  uint64_t local_answers = 0;     // card calls answered from pushed state (Connect to an empty reader)
   uint64_t protocol_errors = 0;   // client connections closed for malformed input
   uint64_t desk_sessions = 0;     // desk hellos accepted
   uint64_t desk_bytes_in = 0;

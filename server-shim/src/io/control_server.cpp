@@ -111,6 +111,7 @@ nlohmann::json ControlServer::status(const ShimCore& core, const nlohmann::json&
                 {"prefetch_hits", st.prefetch_hits},
                 {"prefetch_discarded", st.prefetch_discarded},
                 {"attribute_cache_hits", st.attribute_cache_hits},
+                {"local_answers", st.local_answers},
                 {"protocol_errors", st.protocol_errors},
                 {"desk_sessions", st.desk_sessions},
                 {"desk_bytes_in", st.desk_bytes_in},

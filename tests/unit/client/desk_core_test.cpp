@@ -675,7 +675,7 @@ TEST_F(DeskCoreTest, AFullReadBinaryChunkIsFollowedByTheRestOfTheFile) {
   CallResult fcp;
   fcp.data = {0x62, 0x04, 0x80, 0x02, 0x01, 0xF4, 0x90, 0x00};
   answer(edge.calls.back().lane, fcp);
-  EXPECT_TRUE(edge.calls.empty()) << "500 bytes in an unknown chunk size are not guessed at";
+  EXPECT_TRUE(edge.calls.empty()) << "a SELECT alone reads nothing ahead: middleware selects files it never reads";
 
   const Bytes read0{0x00, 0xB0, 0x00, 0x00, 0xE7};
   auto r1 = transmit_req(1, h, read0);
@@ -713,9 +713,17 @@ TEST_F(DeskCoreTest, ReadAheadStopsAtTheFirstErrorAnswer) {
   s1.flags = pr::request_flags::kReadAhead;
   submit(s1);
   CallResult fcp;
-  fcp.data = {0x62, 0x04, 0x80, 0x02, 0x00, 0x40, 0x90, 0x00};  // 64 bytes: read at once
+  fcp.data = {0x62, 0x04, 0x80, 0x02, 0x01, 0xF4, 0x90, 0x00};  // 500 bytes
   answer(edge.calls.back().lane, fcp);
-  ASSERT_EQ(edge.calls.size(), 1u);
+  auto r1 = transmit_req(1, h, {0x00, 0xB0, 0x00, 0x00, 0x80});
+  r1.flags = pr::request_flags::kReadAhead;
+  submit(r1);
+  CallResult chunk;
+  chunk.data.assign(0x80, 7);
+  chunk.data.push_back(0x90);
+  chunk.data.push_back(0x00);
+  answer(edge.calls.back().lane, chunk);
+  ASSERT_EQ(edge.calls.size(), 1u) << "the next chunk is read ahead";
   CallResult denied;
   denied.data = {0x69, 0x82};
   answer(edge.calls.back().lane, denied);
