@@ -51,7 +51,8 @@ class Le {
     return *this;
   }
   const Bytes& get() const { return v_; }
-  operator Bytes() const { return v_; }  // NOLINT(google-explicit-constructor)
+  operator Bytes() const { return v_; }                        // NOLINT(google-explicit-constructor)
+  operator std::span<const uint8_t>() const { return v_; }    // NOLINT(google-explicit-constructor)
   std::size_t size() const { return v_.size(); }
 
  private:
