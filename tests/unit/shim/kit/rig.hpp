@@ -44,8 +44,11 @@ inline ShimConfig optimized_config() {
   c.optimizations = Optimizations::all();
   return c;
 }
+// The benchmark baseline: a round trip per PC/SC call, no capability beyond reader push
+// (as cardbridge-shim --mode per-call).
 inline ShimConfig per_call_config() {
   auto c = rig_config();
+  c.capabilities = protocol::caps::kReaderPush;
   c.one_round_trip_per_call = true;
   return c;
 }
