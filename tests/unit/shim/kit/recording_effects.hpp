@@ -7,8 +7,9 @@
 //  * bytes go only to a client that is open (opened, not gone, not closed by the core), and
 //    are never empty; the core closes a client at most once, and only an open one;
 //  * bytes go to the desk only while its transport is up, as whole frames (a 4-byte
-//    big-endian length equal to the payload's), each one a message that decodes and is of
-//    a kind a server sends (Hello, Request, Error: never a Reply or a ReaderSnapshot).
+//    big-endian length equal to the payload's, within the frame limit), each one a message
+//    that decodes and is of a kind a server sends (Hello, Request, Error: never a Reply or
+//    a ReaderSnapshot).
 //
 // What it keeps: per client, everything written, in order, as one stream a reader consumes
 // (consume()), plus the write count; every message sent to the desk, decoded (|desk|); the
@@ -54,6 +55,7 @@ inline CheckedFrame check_server_frame(std::span<const uint8_t> frame) {
     return {std::nullopt, "a desk frame whose header says " + std::to_string(len) + " bytes for a payload of " +
                               std::to_string(frame.size() - pr::kFrameHeaderSize)};
   }
+  if (len > pr::kDefaultMaxFrame) return {std::nullopt, "a desk frame larger than a desk accepts"};
   auto m = pr::decode(frame.subspan(pr::kFrameHeaderSize));
   if (!m) return {std::nullopt, "an undecodable desk frame: " + m.error().what};
   if (std::holds_alternative<pr::Reply>(m->body) || std::holds_alternative<pr::ReaderSnapshot>(m->body)) {
@@ -85,7 +87,7 @@ class RecordingEffects final : public ShimEffects {
              (closed_.contains(id) ? " after the core closed it" : " that is not open"));
     }
     if (bytes.empty()) breach("an empty write to client " + std::to_string(id));
-    events.push_back(Event{Event::kClientBytes, id, bytes.size()});
+    log(Event{Event::kClientBytes, id, bytes.size()});
     if (on_client_write) on_client_write(id, bytes);
     auto& s = streams_[id];
     ++s.writes;
@@ -99,22 +101,24 @@ class RecordingEffects final : public ShimEffects {
     }
     closed_.insert(id);
     open_.erase(id);
-    events.push_back(Event{Event::kClose, id, 0});
+    log(Event{Event::kClose, id, 0});
   }
   void send_to_desk(std::vector<uint8_t> frame) override {
     if (!desk_up_) breach("a frame for the desk while its transport is down");
-    events.push_back(Event{Event::kDesk, 0, frame.size()});
+    log(Event{Event::kDesk, 0, frame.size()});
     auto checked = check_server_frame(frame);
     if (!checked.message) return breach(checked.error);
     if (on_desk_message) on_desk_message(*checked.message);
     if (keep_desk_messages) desk.push_back(std::move(*checked.message));
   }
   void reset_desk_link(const std::string& reason) override {
-    resets.push_back(reason);
     reset_asked_ = true;
-    events.push_back(Event{Event::kReset, 0, 0});
+    if (keep_log) resets.push_back(reason);
+    log(Event{Event::kReset, 0, 0});
   }
-  void audit(ClientId client, const std::string& event) override { audits.emplace_back(client, event); }
+  void audit(ClientId client, const std::string& event) override {
+    if (keep_log) audits.emplace_back(client, event);
+  }
 
   // ---- reading ----
   // Bytes written to |id| and not consumed yet.
@@ -156,6 +160,7 @@ class RecordingEffects final : public ShimEffects {
   // ---- for a fuzz harness ----
   bool keep_client_bytes = true;
   bool keep_desk_messages = true;
+  bool keep_log = true;  // |events|, |resets|, |audits|
   // Called for each write / desk message, after the contract checks.
   std::function<void(ClientId, std::span<const uint8_t>)> on_client_write;
   std::function<void(const pr::Message&)> on_desk_message;
@@ -167,6 +172,9 @@ class RecordingEffects final : public ShimEffects {
     std::size_t writes = 0;
   };
   void breach(const std::string& what) { on_breach_(what); }
+  void log(const Event& e) {
+    if (keep_log) events.push_back(e);
+  }
 
   Breach on_breach_;
   std::map<ClientId, Stream> streams_;
