@@ -6,20 +6,14 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
 
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
 TEST(ShimCoreAttrib, GetAttribReturns280BytesWithTheDataAndItsLength) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   c.send_get_attrib(card, kAttrAtrString);
   auto req = r.desk.expect(pr::Op::kGetAttrib);
   EXPECT_EQ(req.q.code, kAttrAtrString);
@@ -37,10 +31,8 @@ TEST(ShimCoreAttrib, GetAttribReturns280BytesWithTheDataAndItsLength) {
 }
 
 TEST(ShimCoreAttrib, SetAttribForwardsTheValueAndEchoesTheStruct) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   c.send_set_attrib(card, kAttrAtrString, Bytes{0x00});  // testpcsc step 11: "", 1
   auto req = r.desk.expect(pr::Op::kSetAttrib);
   EXPECT_EQ(req.q.handle.value, 1u);
@@ -58,10 +50,9 @@ TEST(ShimCoreAttrib, SetAttribForwardsTheValueAndEchoesTheStruct) {
 }
 
 TEST(ShimCoreAttrib, TheCacheServesStaticAttributesAndDropsTheAtrOnACardEvent) {
-  Rig r(optimized_config());
-  r.standard_desk();
+  Rig r(kStandardDesk, optimized_config());
   auto a = r.client();
-  const uint32_t h = r.connect(a);
+  const uint32_t h = r.connect(a);  // a named variable: the lambda below captures it
   auto get = [&](uint32_t attr) {
     a.send_get_attrib(h, attr);
     return a.get_attrib_reply();
@@ -97,4 +88,4 @@ TEST(ShimCoreAttrib, TheCacheServesStaticAttributesAndDropsTheAtrOnACardEvent) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

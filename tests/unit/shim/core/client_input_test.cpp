@@ -6,24 +6,16 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
-
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
-const Bytes kSelectMf = {0x00, 0xA4, 0x00, 0x00, 0x02, 0x3F, 0x00};
 
 // §2.1: the header and the struct come in separate writes, but the shim must reassemble
 // any split (and any batching) of the stream.
 TEST(ShimCoreStream, RequestsCutAnywhereOrBatchedAreAnsweredInOrder) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   // One TRANSMIT, byte by byte.
   pcsclite::TransmitFields t;
   t.card = card;
@@ -53,10 +45,8 @@ TEST(ShimCoreStream, RequestsCutAnywhereOrBatchedAreAnsweredInOrder) {
 }
 
 TEST(ShimCoreHandles, AHandleNotOwnedByTheConnectionClosesItAndOnlyIt) {
-  Rig r;
-  r.standard_desk();
-  auto owner = r.client();
-  const uint32_t card = r.connect(owner);
+  Rig r(kStandardDesk);
+  auto [owner, card] = r.connected_client();
   const std::size_t desk_before = r.fx.desk.size();
   const auto errors = r.core.stats().protocol_errors;
   // TRANSMIT and STATUS on another connection's handle.
@@ -89,8 +79,7 @@ TEST(ShimCoreHandles, AHandleNotOwnedByTheConnectionClosesItAndOnlyIt) {
 }
 
 TEST(ShimCoreMalformed, MalformedInputClosesOnlyThatClient) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto good = r.client();
   // Half a request from the good client first: it must survive the others' errors.
   const Bytes good_header = pcsclite::header(0, cmd::kGetReadersState);
@@ -147,12 +136,9 @@ TEST(ShimCoreMalformed, UnknownOrUnusedOpcodesCloseTheConnection) {
 }
 
 TEST(ShimCoreMalformed, OversizedTransmitOrAttributeClosesTheConnection) {
-  Rig r;
-  r.standard_desk();
-  auto owner = r.client();
-  const uint32_t owner_card = r.connect(owner);
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [owner, owner_card] = r.connected_client();
+  auto [c, card] = r.connected_client();
   // cbSendLength 65549: closed on the struct, before any data arrives.
   c.send(cmd::kTransmit, Le().u32(card).u32(kT1).u32(16).u32(65549).u32(3).u32(16).u32(258).u32(0));
   EXPECT_TRUE(c.closed_by_shim());
@@ -168,8 +154,7 @@ TEST(ShimCoreMalformed, OversizedTransmitOrAttributeClosesTheConnection) {
 
 // CMD_GET_READER_EVENTS is a protocol 4.5 command: pcscd 1.9.9 does not know it.
 TEST(ShimCoreMalformed, GetReaderEventsFromA44ClientClosesTheConnection) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto old = r.client(4);
   auto other = r.client(5);
   const auto errors = r.core.stats().protocol_errors;
@@ -182,4 +167,4 @@ TEST(ShimCoreMalformed, GetReaderEventsFromA44ClientClosesTheConnection) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

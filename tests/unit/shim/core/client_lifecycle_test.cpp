@@ -7,21 +7,13 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
 
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
-const Bytes kSelectMf = {0x00, 0xA4, 0x00, 0x00, 0x02, 0x3F, 0x00};
-const Bytes kSw9000 = {0x90, 0x00};
-
 TEST(ShimCoreClients, CloseOrReleaseContextReleasesTheDeskContext) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto a = r.client();
   auto idle = r.client();
   pr::Request connect_req;
@@ -52,12 +44,9 @@ TEST(ShimCoreClients, CloseOrReleaseContextReleasesTheDeskContext) {
 }
 
 TEST(ShimCoreClients, ReplyForAClientThatWentAwayGoesNowhereAndTheOthersAreOrderedAfterItsRelease) {
-  Rig r;
-  r.standard_desk();
-  auto a = r.client();
-  auto b = r.client();
-  const uint32_t ha = r.connect(a);
-  const uint32_t hb = r.connect(b);
+  Rig r(kStandardDesk);
+  auto [a, ha] = r.connected_client();
+  auto [b, hb] = r.connected_client();
   a.send_transmit(ha, kSelectMf);
   const auto tx_a = r.desk.expect(pr::Op::kTransmit);
   a.close();  // RecordingEffects fails the test if anything is sent to it from now on
@@ -75,12 +64,9 @@ TEST(ShimCoreClients, ReplyForAClientThatWentAwayGoesNowhereAndTheOthersAreOrder
 }
 
 TEST(ShimCoreClients, WithADeskWithoutOrderingTheReplyForAClosedClientIsIgnoredAndTheOthersWaitForItsRelease) {
-  Rig r;
-  r.standard_desk(pr::caps::kAll & ~pr::caps::kDeskOrdering);
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
-  auto other = r.client();
-  const uint32_t card2 = r.connect(other);
+  Rig r(kStandardDesk, rig_config(), pr::caps::kAll & ~pr::caps::kDeskOrdering);
+  auto [c, card] = r.connected_client();
+  auto [other, card2] = r.connected_client();
   c.send_transmit(card, kSelectMf);
   auto req = r.desk.expect(pr::Op::kTransmit);
   const ClientId gone = c.id();
@@ -105,12 +91,9 @@ TEST(ShimCoreClients, WithADeskWithoutOrderingTheReplyForAClosedClientIsIgnoredA
 // §5.7: a client that dies holding the transaction gets its card reset (others see
 // W_RESET_CARD); one that held nothing leaves the card alone.
 TEST(ShimCoreClients, DeathWithATransactionResetsTheCardForTheOthers) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
-  auto c2 = r.client();
-  const uint32_t card2 = r.connect(c2);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
+  auto [c2, card2] = r.connected_client();
   auto c3 = r.client();
   r.connect(c3);
   // c3 dies holding nothing: no reset.
@@ -131,4 +114,4 @@ TEST(ShimCoreClients, DeathWithATransactionResetsTheCardForTheOthers) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

@@ -7,20 +7,13 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
 
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
-const Bytes kSelectMf = {0x00, 0xA4, 0x00, 0x00, 0x02, 0x3F, 0x00};
-
 TEST(ShimCoreConnect, ForwardedToTheDeskAndAnsweredWithANewHandleNeverTheDesks) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto c = r.client();
   auto waiter = r.client();
   r.wait(waiter);
@@ -109,8 +102,7 @@ TEST(ShimCoreConnect, HandlesAreUniqueSharingCountsThemAndExclusiveIsMinusOne) {
 }
 
 TEST(ShimCoreConnect, ArgumentChecksInPcscdOrder) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto c = r.client();
   auto expect_rv = [&](const std::string& reader, uint32_t share, uint32_t protocols, uint32_t rv) {
     c.send_connect(reader, share, protocols);
@@ -155,8 +147,7 @@ TEST(ShimCoreConnect, UnknownReaderOrNoDeskIsAnsweredLocally) {
 }
 
 TEST(ShimCoreConnect, WrongContextIsInvalidValue) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto c = r.client();
   auto other = r.client();
   c.send_connect(other.context(), kReaderA, kShareShared, kT0T1);
@@ -169,12 +160,9 @@ TEST(ShimCoreConnect, WrongContextIsInvalidValue) {
 }
 
 TEST(ShimCoreDisconnect, UnpowerLeavesThePresentBitAndResetsTheOthers) {
-  Rig r;
-  r.standard_desk();
-  auto a = r.client();
-  auto b = r.client();
-  const uint32_t ha = r.connect(a);
-  const uint32_t hb = r.connect(b);
+  Rig r(kStandardDesk);
+  auto [a, ha] = r.connected_client();
+  auto [b, hb] = r.connected_client();
   a.send_disconnect(ha, kUnpowerCard);
   EXPECT_TRUE(a.nothing_pending());
   r.desk.answer_next(pr::Op::kDisconnect);
@@ -188,4 +176,4 @@ TEST(ShimCoreDisconnect, UnpowerLeavesThePresentBitAndResetsTheOthers) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

@@ -7,13 +7,10 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
-
-using namespace kit;
-using namespace kit::pcsc;
 
 // =====================================================================================
 // CMD_VERSION
@@ -128,8 +125,7 @@ TEST(ShimCoreContext, IdsAreDeterministicForASeed) {
 // libpcsclite sends ESTABLISH again on the same socket when the value collides with a
 // context the process holds (§2.3): the newest replaces the old one.
 TEST(ShimCoreContext, RepeatedEstablishOnOneConnectionReplacesTheContext) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto c = r.client();
   const uint32_t first = c.context();
   auto again = c.establish();
@@ -173,4 +169,4 @@ TEST(ShimCoreContext, ReleaseChecksTheContext) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

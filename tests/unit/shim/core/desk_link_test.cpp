@@ -9,18 +9,10 @@
 #include <gtest/gtest.h>
 
 #include "cardbridge/protocol/codec.hpp"
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
-
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
-const Bytes kSelectMf = {0x00, 0xA4, 0x00, 0x00, 0x02, 0x3F, 0x00};
-const Bytes kSw9000 = {0x90, 0x00};
-const Bytes kZeroArray(kArraySize, 0);
 
 // =====================================================================================
 // Hello and sessions
@@ -62,10 +54,8 @@ TEST(ShimCoreDeskLink, ADeskHelloIsAnsweredWithAHelloReplyAndAReplyIsNot) {
 }
 
 TEST(ShimCoreDeskLink, ARepeatedHelloWithTheSameInstanceChangesNothing) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   auto waiter = r.client();
   r.wait(waiter);
   const auto generation = r.core.desk_generation();
@@ -91,10 +81,8 @@ TEST(ShimCoreDeskLink, ARepeatedHelloWithTheSameInstanceChangesNothing) {
 }
 
 TEST(ShimCoreDeskLink, AHelloWithANewInstanceIsANewSession) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   const auto generation = r.core.desk_generation();
   uint64_t sessions = r.core.stats().desk_sessions;
   for (bool reply : {true, false}) {
@@ -131,10 +119,8 @@ TEST(ShimCoreDeskLink, APeerThatIsNotADeskResetsTheLink) {
 }
 
 TEST(ShimCoreDeskLink, AReplyForAnUnknownRequestIdIsIgnored) {
-  Rig r;
-  r.standard_desk();
-  auto a = r.client();
-  const uint32_t ha = r.connect(a);
+  Rig r(kStandardDesk);
+  auto [a, ha] = r.connected_client();
   const auto effects = r.fx.events.size();
   r.desk.reply(987654, ok_reply(kSw9000));
   EXPECT_EQ(r.fx.events.size(), effects) << "no effect at all";
@@ -202,8 +188,7 @@ TEST(ShimCoreDeskLink, HelloIsRetriedUntilTheDeskAnswers) {
 // Liveness
 
 TEST(ShimCoreLiveness, AProbeOnlyWhileRequestsAreOutstanding) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto a = r.client();
   const uint32_t ha = r.connect(a);  // the desk's last frame arrives at r.now
   const auto t = r.now;
@@ -227,10 +212,8 @@ TEST(ShimCoreLiveness, AProbeOnlyWhileRequestsAreOutstanding) {
 }
 
 TEST(ShimCoreLiveness, AnUnansweredProbeLosesTheDesk) {
-  Rig r;
-  r.standard_desk();
-  auto a = r.client();
-  const uint32_t ha = r.connect(a);
+  Rig r(kStandardDesk);
+  auto [a, ha] = r.connected_client();
   const auto t = r.now;
   a.send_transmit(ha, kSelectMf);
   r.desk.expect(pr::Op::kTransmit);
@@ -252,10 +235,8 @@ TEST(ShimCoreLiveness, AnUnansweredProbeLosesTheDesk) {
 TEST(ShimCoreDeskLink, AMalformedDeskFrameResetsTheLinkAndFailsTheCallsInFlight) {
   for (const Bytes& garbage : {Bytes{0xFF, 0xFF, 0xFF, 0x01, 0x02}, Bytes{0x0A, 0xFF, 0xFF, 0x01}}) {
     ASSERT_FALSE(pr::decode(garbage).ok()) << "precondition: not a valid message";
-    Rig r;
-    r.standard_desk();
-    auto a = r.client();
-    const uint32_t ha = r.connect(a);
+    Rig r(kStandardDesk);
+    auto [a, ha] = r.connected_client();
     a.send_transmit(ha, kSelectMf);
     r.desk.expect(pr::Op::kTransmit);
     r.desk.payload(garbage);
@@ -271,10 +252,8 @@ TEST(ShimCoreDeskLink, AMalformedDeskFrameResetsTheLinkAndFailsTheCallsInFlight)
 // Desk lost, desk back
 
 TEST(ShimCoreDeskLoss, InFlightTransmitFailsAtOnceReadersVanishAndWaitersAreSignalled) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   auto waiter = r.client();
   r.wait(waiter);
   c.send_transmit(card, kSelectMf);
@@ -297,15 +276,11 @@ TEST(ShimCoreDeskLoss, InFlightTransmitFailsAtOnceReadersVanishAndWaitersAreSign
 }
 
 TEST(ShimCoreDeskLoss, OrphanHandlesAnswerInvalidValueDisconnectCleanlyAndStayOrphanedInANewSession) {
-  Rig r;
-  r.standard_desk();
-  auto a = r.client();
-  const uint32_t ha = r.connect(a);
+  Rig r(kStandardDesk);
+  auto [a, ha] = r.connected_client();
   const uint32_t hb = r.connect(a);
-  auto early = r.client();
-  const uint32_t early_card = r.connect(early);
-  auto c2 = r.client();
-  const uint32_t card2 = r.connect(c2);
+  auto [early, early_card] = r.connected_client();
+  auto [c2, card2] = r.connected_client();
   r.desk.transport_down();
   const std::size_t desk_before = r.fx.desk.size();
 
@@ -361,8 +336,7 @@ TEST(ShimCoreDeskLoss, OrphanHandlesAnswerInvalidValueDisconnectCleanlyAndStayOr
 }
 
 TEST(ShimCoreDeskLoss, AnUnpluggedReaderOrphansItsHandlesEvenIfItComesBack) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto a = r.client();
   auto b = r.client();
   const uint32_t ha = r.connect(a);
@@ -382,4 +356,4 @@ TEST(ShimCoreDeskLoss, AnUnpluggedReaderOrphansItsHandlesEvenIfItComesBack) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

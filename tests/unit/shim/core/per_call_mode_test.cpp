@@ -6,18 +6,13 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
 
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
 TEST(ShimCorePerCall, LocalCallsCostOneRoundTripEach) {
-  Rig r(per_call_config());
-  r.standard_desk();
+  Rig r(kStandardDesk, per_call_config());
   auto c = r.raw_client();
   c.version(4, 4);
   EXPECT_TRUE(r.desk.idle()) << "CMD_VERSION stays local";
@@ -66,10 +61,8 @@ TEST(ShimCorePerCall, StatusAndListReadersCostOnePingEachAndAnswerAsTheNormalMod
   };
   auto run = [](bool per_call) {
     Answers out;
-    Rig r(per_call ? per_call_config() : rig_config());
-    r.standard_desk();
-    auto c = r.client();
-    const uint32_t card = r.connect(c);
+    Rig r(kStandardDesk, per_call ? per_call_config() : rig_config());
+    auto [c, card] = r.connected_client();
     r.desk.log.clear();
     // SCardStatus: CMD_GET_READERS_STATE then STATUS [traced].
     auto rt0 = r.core.stats().round_trips;
@@ -158,4 +151,4 @@ TEST(ShimCorePerCall, A46ClientsStatusListReadersAndWaitCostOnePingEach) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

@@ -10,13 +10,11 @@
 #include <gtest/gtest.h>
 
 #include "core/optimized_fixture.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
 
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
 namespace rf = cardbridge::protocol::request_flags;
 
 // ---- pipelining -------------------------------------------------------------------------
@@ -43,7 +41,7 @@ TEST_F(ShimCoreOptimized, PipelinedEndAnsweredAtOnceAndStillSent) {
   auto a = rig.client();
   const uint32_t ha = rig.connect(a, kReaderA, kShareShared, {.handle = 0x77});
   deferred_begin(a, ha);
-  transmit(a, ha, kSelect);
+  transmit(a, ha, kSelectMf);
   a.send_end(ha, kLeaveCard);
   EXPECT_EQ(a.take_all(), Bytes(Le().u32(ha).u32(kLeaveCard).u32(kSuccess)));
   auto end = rig.desk.expect(pr::Op::kEndTransaction);
@@ -60,7 +58,7 @@ TEST_F(ShimCoreOptimized, OtherClientsCardOperationGoesAtOnceOrderedAfterThePipe
   const uint32_t hb = rig.connect(b, kReaderA, kShareShared, {.handle = 0xB0B});
   const uint32_t end_id = pipelined_end(a, ha);
   const auto rt = rig.core.stats().round_trips;
-  b.send_transmit(hb, kSelect);
+  b.send_transmit(hb, kSelectMf);
   auto tx = rig.desk.expect(pr::Op::kTransmit);
   EXPECT_EQ(tx.q.handle.value, 0xB0Bu);
   EXPECT_EQ(tx.q.after, std::vector<uint32_t>{end_id}) << "the desk runs it after A's END";
@@ -69,7 +67,7 @@ TEST_F(ShimCoreOptimized, OtherClientsCardOperationGoesAtOnceOrderedAfterThePipe
   EXPECT_EQ(b.transmit_reply().data, (Bytes{0x61, 0x02}));
   rig.desk.reply(end_id, {});
   // Once the END is done, nothing is waited for any more.
-  b.send_transmit(hb, kSelect);
+  b.send_transmit(hb, kSelectMf);
   EXPECT_TRUE(rig.desk.expect(pr::Op::kTransmit).q.after.empty());
 }
 
@@ -79,22 +77,20 @@ TEST_F(ShimCoreOptimizedOldDesk, OtherClientsCardOperationIsFencedBehindAPipelin
   const uint32_t ha = rig.connect(a);
   const uint32_t hb = rig.connect(b, kReaderA, kShareShared, {.handle = 0xB0B});
   const uint32_t end_id = pipelined_end(a, ha);
-  b.send_transmit(hb, kSelect);
+  b.send_transmit(hb, kSelectMf);
   EXPECT_TRUE(rig.desk.idle()) << "held until the pipelined END is done at the desk";
   EXPECT_TRUE(b.nothing_pending());
   rig.desk.reply(end_id, {});
   auto tx = rig.desk.expect(pr::Op::kTransmit);
   EXPECT_EQ(tx.q.handle.value, 0xB0Bu);
-  EXPECT_EQ(tx.q.data, kSelect);
+  EXPECT_EQ(tx.q.data, kSelectMf);
   rig.desk.reply(tx.id, ok_reply({0x61, 0x02}));
   EXPECT_EQ(b.transmit_reply().data, (Bytes{0x61, 0x02}));
 }
 
 TEST_F(ShimCoreOptimizedOldDesk, FenceAlsoHoldsBehindAPipelinedDisconnect) {
-  auto a = rig.client();
-  auto b = rig.client();
-  const uint32_t ha = rig.connect(a);
-  const uint32_t hb = rig.connect(b);
+  auto [a, ha] = rig.connected_client();
+  auto [b, hb] = rig.connected_client();
   a.send_disconnect(ha, kResetCard);
   EXPECT_EQ(a.disconnect_reply().rv, kSuccess);
   const auto disc = rig.desk.expect(pr::Op::kDisconnect);
@@ -105,13 +101,12 @@ TEST_F(ShimCoreOptimizedOldDesk, FenceAlsoHoldsBehindAPipelinedDisconnect) {
 }
 
 TEST_F(ShimCoreOptimized, OwnPipelinedRequestsAreNotWaitedFor) {
-  auto a = rig.client();
-  const uint32_t ha = rig.connect(a);
+  auto [a, ha] = rig.connected_client();
   const uint32_t ha2 = rig.connect(a);
   a.send_disconnect(ha, kLeaveCard);
   a.take_all();
   rig.desk.expect(pr::Op::kDisconnect);
-  a.send_transmit(ha2, kSelect);  // same context: the desk runs its requests in order anyway
+  a.send_transmit(ha2, kSelectMf);  // same context: the desk runs its requests in order anyway
   EXPECT_TRUE(rig.desk.expect(pr::Op::kTransmit).q.after.empty());
 }
 
@@ -123,57 +118,50 @@ TEST_F(ShimCoreOptimized, ConnectBehindAPipelinedEndGoesAtOnceOrdered) {
   c.send_connect(kReaderA);
   auto conn = rig.desk.expect(pr::Op::kConnect);
   EXPECT_EQ(conn.q.after, std::vector<uint32_t>{end_id});
-  pr::Reply r = ok_reply({}, kT1);
-  r.handle = pr::DeskHandle{0xC0C};
-  rig.desk.reply(conn.id, r);
-  EXPECT_EQ(c.connect_reply().rv, kSuccess);
+  EXPECT_EQ(answer_connect(c, conn).rv, kSuccess);
 }
 
 // ---- deferred Begin ---------------------------------------------------------------------
 
 TEST_F(ShimCoreOptimized, DeferredBeginIsCarriedByTheNextTransmit) {
-  auto a = rig.client();
-  const uint32_t ha = rig.connect(a);
+  auto [a, ha] = rig.connected_client();
   deferred_begin(a, ha);
   EXPECT_EQ(rig.core.stats().deferred_begins, 1u);
   pr::Request q;
-  transmit(a, ha, kSelect, &q);
+  transmit(a, ha, kSelectMf, &q);
   EXPECT_TRUE(q.flags & rf::kBeginFirst);
-  transmit(a, ha, kSelect, &q);
+  transmit(a, ha, kSelectMf, &q);
   EXPECT_FALSE(q.flags & rf::kBeginFirst) << "carried once";
 }
 
 TEST_F(ShimCoreOptimized, BeginThenEndLeaveSendsNothing) {
-  auto a = rig.client();
-  const uint32_t ha = rig.connect(a);
+  auto [a, ha] = rig.connected_client();
   const std::size_t before = rig.fx.desk.size();
   deferred_begin(a, ha);
   a.send_end(ha, kLeaveCard);
   EXPECT_EQ(a.take_all(), Bytes(Le().u32(ha).u32(kLeaveCard).u32(kSuccess)));
   EXPECT_EQ(rig.fx.desk.size(), before);
   pr::Request q;
-  transmit(a, ha, kSelect, &q);
+  transmit(a, ha, kSelectMf, &q);
   EXPECT_FALSE(q.flags & rf::kBeginFirst);
 }
 
 TEST_F(ShimCoreOptimized, OtherClientGetsSharingViolationLocallyWhileATransactionIsDeferredOrHeld) {
-  auto a = rig.client();
-  auto b = rig.client();
-  const uint32_t ha = rig.connect(a);
-  const uint32_t hb = rig.connect(b);
+  auto [a, ha] = rig.connected_client();
+  auto [b, hb] = rig.connected_client();
   deferred_begin(a, ha);
   const std::size_t before = rig.fx.desk.size();
   b.send_begin(hb);
   EXPECT_EQ(b.take_all(), Bytes(Le().u32(hb).u32(kESharingViolation)));
-  b.send_transmit(hb, kSelect);
+  b.send_transmit(hb, kSelectMf);
   EXPECT_EQ(b.transmit_reply().rv, kESharingViolation);
   EXPECT_TRUE(b.nothing_pending());
   EXPECT_EQ(b.scard_status(hb), kESharingViolation);
   EXPECT_EQ(rig.fx.desk.size(), before);
-  transmit(a, ha, kSelect);  // the transaction is now held at the desk
+  transmit(a, ha, kSelectMf);  // the transaction is now held at the desk
   b.send_begin(hb);
   EXPECT_EQ(b.begin_reply().rv, kESharingViolation);
-  b.send_transmit(hb, kSelect);
+  b.send_transmit(hb, kSelectMf);
   EXPECT_EQ(b.transmit_reply().rv, kESharingViolation);
   EXPECT_EQ(rig.fx.desk.size(), before + 1) << "only A's transmit went out";
   a.send_end(ha, kLeaveCard);
@@ -194,10 +182,7 @@ TEST_F(ShimCoreOptimized, ConnectIsParkedWhileATransactionIsDeferred) {
   EXPECT_EQ(a.end_reply().rv, kSuccess);
   auto conn = rig.desk.expect(pr::Op::kConnect);
   EXPECT_EQ(conn.q.reader, kReaderA);
-  pr::Reply r = ok_reply({}, kT1);
-  r.handle = pr::DeskHandle{0xC0C};
-  rig.desk.reply(conn.id, r);
-  auto rep = c.connect_reply();
+  auto rep = answer_connect(c, conn);
   EXPECT_EQ(rep.rv, kSuccess);
   EXPECT_NE(rep.card, 0u);
 }
@@ -207,7 +192,7 @@ TEST_F(ShimCoreOptimizedOldDesk, ConnectIsParkedWhileATransactionIsHeldAndProcee
   auto c = rig.client();
   const uint32_t ha = rig.connect(a);
   deferred_begin(a, ha);
-  transmit(a, ha, kSelect);
+  transmit(a, ha, kSelectMf);
   c.send_connect(kReaderA);
   EXPECT_TRUE(rig.desk.idle());
   a.send_end(ha, kLeaveCard);
@@ -216,17 +201,12 @@ TEST_F(ShimCoreOptimizedOldDesk, ConnectIsParkedWhileATransactionIsHeldAndProcee
   EXPECT_TRUE(rig.desk.idle()) << "the Connect also waits behind the pipelined END";
   rig.desk.reply(end.id, {});
   const auto conn = rig.desk.expect(pr::Op::kConnect);
-  pr::Reply r = ok_reply({}, kT1);
-  r.handle = pr::DeskHandle{0xC0C};
-  rig.desk.reply(conn.id, r);
-  EXPECT_EQ(c.connect_reply().rv, kSuccess);
+  EXPECT_EQ(answer_connect(c, conn).rv, kSuccess);
 }
 
 TEST_F(ShimCoreOptimized, CardRemovalClearsADeferredBegin) {
-  auto a = rig.client();
-  auto b = rig.client();
-  const uint32_t ha = rig.connect(a);
-  const uint32_t hb = rig.connect(b);
+  auto [a, ha] = rig.connected_client();
+  auto [b, hb] = rig.connected_client();
   deferred_begin(a, ha);
   EXPECT_EQ(b.scard_status(hb), kESharingViolation);
   rig.desk.push({empty_reader(kReaderA, 2), empty_reader(kReaderB)});
@@ -236,7 +216,7 @@ TEST_F(ShimCoreOptimized, CardRemovalClearsADeferredBegin) {
   c.send_connect(kReaderA);
   rig.desk.expect(pr::Op::kConnect);  // not parked
   // A's transaction is gone: its next operation carries no Begin.
-  a.send_transmit(ha, kSelect);
+  a.send_transmit(ha, kSelectMf);
   EXPECT_FALSE(rig.desk.expect(pr::Op::kTransmit).q.flags & rf::kBeginFirst);
 }
 
@@ -279,12 +259,10 @@ TEST_F(ShimCoreOptimized, ClientDyingWithoutATransactionResetsNothing) {
 // pcscd: SCardDisconnect(RESET/UNPOWER) waits while another handle holds the transaction
 // (winscard.c: while (hLockId != 0) sleep); the card is reset only after that handle's End.
 TEST_F(ShimCoreOptimized, DisconnectResetWaitsForAnotherClientsTransaction) {
-  auto a = rig.client();
-  auto b = rig.client();
-  const uint32_t ha = rig.connect(a);
-  const uint32_t hb = rig.connect(b);
+  auto [a, ha] = rig.connected_client();
+  auto [b, hb] = rig.connected_client();
   deferred_begin(a, ha);
-  transmit(a, ha, kSelect);  // the transaction is held at the desk
+  transmit(a, ha, kSelectMf);  // the transaction is held at the desk
   b.send_disconnect(hb, kResetCard);
   EXPECT_EQ(a.scard_status(ha), kSuccess) << "no reset can happen inside A's transaction";
   a.send_end(ha, kLeaveCard);
@@ -301,10 +279,8 @@ TEST_F(ShimCoreOptimized, DisconnectResetWaitsForAnotherClientsTransaction) {
 }
 
 TEST_F(ShimCoreOptimized, DisconnectResetDoesNotResetTheCardUnderADeferredTransaction) {
-  auto a = rig.client();
-  auto b = rig.client();
-  const uint32_t ha = rig.connect(a);
-  const uint32_t hb = rig.connect(b);
+  auto [a, ha] = rig.connected_client();
+  auto [b, hb] = rig.connected_client();
   deferred_begin(a, ha);
   b.send_disconnect(hb, kResetCard);
   while (!rig.desk.idle()) {
@@ -315,7 +291,7 @@ TEST_F(ShimCoreOptimized, DisconnectResetDoesNotResetTheCardUnderADeferredTransa
   }
   EXPECT_EQ(a.scard_status(ha), kSuccess);
   pr::Request q;
-  transmit(a, ha, kSelect, &q);
+  transmit(a, ha, kSelectMf, &q);
   EXPECT_TRUE(q.flags & rf::kBeginFirst);
   a.send_end(ha, kLeaveCard);
   EXPECT_EQ(a.end_reply().rv, kSuccess);
@@ -325,4 +301,4 @@ TEST_F(ShimCoreOptimized, DisconnectResetDoesNotResetTheCardUnderADeferredTransa
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

@@ -7,13 +7,11 @@
 #include <gtest/gtest.h>
 
 #include "core/optimized_fixture.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
 
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
 namespace rf = cardbridge::protocol::request_flags;
 namespace caps = cardbridge::protocol::caps;
 
@@ -95,60 +93,51 @@ TEST_F(ShimCoreOptimized, ReadAheadOnlyInsideATransactionOrExclusive) {
   auto x = rig.client();
   const uint32_t ha = rig.connect(a);
   pr::Request q;
-  transmit(a, ha, kSelect, &q);
+  transmit(a, ha, kSelectMf, &q);
   EXPECT_EQ(q.flags, rf::kPrefetchGetResponse) << "shared, no transaction: no read-ahead";
   deferred_begin(a, ha);
-  transmit(a, ha, kSelect, &q);
+  transmit(a, ha, kSelectMf, &q);
   EXPECT_EQ(q.flags, rf::kBeginFirst | rf::kPrefetchGetResponse | rf::kReadAhead);
-  transmit(a, ha, kSelect, &q);
+  transmit(a, ha, kSelectMf, &q);
   EXPECT_EQ(q.flags, rf::kPrefetchGetResponse | rf::kReadAhead);
   a.send_end(ha, kLeaveCard);
   a.take_all();
   rig.desk.answer_next(pr::Op::kEndTransaction);
-  transmit(a, ha, kSelect, &q);
+  transmit(a, ha, kSelectMf, &q);
   EXPECT_EQ(q.flags, rf::kPrefetchGetResponse);
 
   rig.desk.push({card_in(kReaderA, 1), empty_reader(kReaderB), card_in(kReaderC, 1, kAtr2)});
   const uint32_t hx = rig.connect(x, kReaderC, kShareExclusive);
-  transmit(x, hx, kSelect, &q);
+  transmit(x, hx, kSelectMf, &q);
   EXPECT_EQ(q.flags, rf::kPrefetchGetResponse | rf::kReadAhead) << "exclusive access";
 }
 
-const Bytes kSelect = {0x00, 0xA4, 0x04, 0x00, 0x02, 0x3F, 0x00};
-const Bytes kSw9000 = {0x90, 0x00};
-
 TEST(ShimCoreFlags, NothingWhenTheDeskDoesNotAnnounceTheCapabilities) {
-  Rig r(optimized_config());
-  r.standard_desk(caps::kReaderPush);
-  auto a = r.client();
-  const uint32_t ha = r.connect(a);
+  Rig r(kStandardDesk, optimized_config(), caps::kReaderPush);
+  auto [a, ha] = r.connected_client();
   a.send_begin(ha);
   r.desk.answer_next(pr::Op::kBeginTransaction);  // not deferred
   EXPECT_EQ(a.begin_reply().rv, kSuccess);
-  a.send_transmit(ha, kSelect);
+  a.send_transmit(ha, kSelectMf);
   EXPECT_EQ(r.desk.answer_next(pr::Op::kTransmit, ok_reply(kSw9000)).q.flags, 0u);
   a.transmit_reply();
   EXPECT_EQ(r.core.stats().deferred_begins, 0u);
 }
 
 TEST(ShimCoreFlags, OnlyTheAnnouncedCapabilityIsUsed) {
-  Rig r(optimized_config());
-  r.standard_desk(caps::kReaderPush | caps::kPrefetchGetResponse);
-  auto a = r.client();
-  const uint32_t ha = r.connect(a);
+  Rig r(kStandardDesk, optimized_config(), caps::kReaderPush | caps::kPrefetchGetResponse);
+  auto [a, ha] = r.connected_client();
   r.begin_at_desk(a, ha);
-  a.send_transmit(ha, kSelect);
+  a.send_transmit(ha, kSelectMf);
   EXPECT_EQ(r.desk.answer_next(pr::Op::kTransmit, ok_reply(kSw9000)).q.flags, rf::kPrefetchGetResponse)
       << "no read-ahead without the capability, even in a transaction";
 }
 
 TEST(ShimCoreFlags, NothingWhenTheShimHasNoOptimizations) {
-  Rig r;  // Optimizations{}: none
-  r.standard_desk(caps::kAll);
-  auto a = r.client();
-  const uint32_t ha = r.connect(a);
+  Rig r(kStandardDesk);  // Optimizations{}: none; the desk announces everything
+  auto [a, ha] = r.connected_client();
   r.begin_at_desk(a, ha);
-  a.send_transmit(ha, kSelect);
+  a.send_transmit(ha, kSelectMf);
   EXPECT_EQ(r.desk.answer_next(pr::Op::kTransmit, ok_reply(kSw9000)).q.flags, 0u);
   a.transmit_reply();
   // END goes to the desk and is answered only after it (no pipelining).
@@ -166,4 +155,4 @@ TEST(ShimCoreFlags, NothingWhenTheShimHasNoOptimizations) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

@@ -7,16 +7,10 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
-
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
-const Bytes kZeroArray(kArraySize, 0);
 
 // =====================================================================================
 // The array
@@ -84,8 +78,7 @@ TEST(ShimCoreArray, ReadersKeepTheirSlotAndNewOnesTakeTheFirstFreeSlot) {
     EXPECT_EQ(slots[2].atr(), kAtr);
   }
   {
-    Rig r;
-    r.standard_desk();
+    Rig r(kStandardDesk);
     auto c = r.client();
     r.desk.push({empty_reader(kReaderB)});  // A unplugged
     auto array = c.readers_state();
@@ -108,10 +101,8 @@ TEST(ShimCoreArray, ReadersKeepTheirSlotAndNewOnesTakeTheFirstFreeSlot) {
 // card in pcscd (winscard.c@1.9.9: "the protocol is unset after a power on").
 TEST(ShimCoreArray, CardProtocolIsZeroAfterAResetByDisconnectOrEndTransaction) {
   {
-    Rig r;
-    r.standard_desk();
-    auto c = r.client();
-    const uint32_t card = r.connect(c);
+    Rig r(kStandardDesk);
+    auto [c, card] = r.connected_client();
     auto c2 = r.client();
     r.connect(c2);
     ASSERT_EQ(r.readers()[0].protocol, kT1);
@@ -121,10 +112,8 @@ TEST(ShimCoreArray, CardProtocolIsZeroAfterAResetByDisconnectOrEndTransaction) {
     EXPECT_EQ(r.readers()[0].protocol, 0u) << "after DISCONNECT(RESET)";
   }
   {
-    Rig r;
-    r.standard_desk();
-    auto c = r.client();
-    const uint32_t card = r.connect(c);
+    Rig r(kStandardDesk);
+    auto [c, card] = r.connected_client();
     ASSERT_EQ(r.readers()[0].protocol, kT1);
     r.begin_at_desk(c, card);
     r.end_at_desk(c, card, kResetCard);
@@ -174,8 +163,7 @@ TEST(ShimCoreEvents, WaitAnswersTheArrayAndAChangeSignalsEveryWaiterOnce) {
 }
 
 TEST(ShimCoreEvents, StopWhileRegisteredRepliesZeroZero) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto c = r.client(4);
   r.wait(c);
   c.send_cmd(cmd::kStopWait);
@@ -198,8 +186,7 @@ TEST(ShimCoreEvents, StopAfterTheSignalSendsNothingAndTheStreamStaysInStep) {
 }
 
 TEST(ShimCoreEvents, ASnapshotThatChangesNothingSendsNoSignal) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto c = r.client(4);
   r.wait(c);
   r.desk.push({card_in(kReaderA, 1), empty_reader(kReaderB)});  // same content, new sequence
@@ -252,8 +239,7 @@ TEST(ShimCoreEvents, ReaderEventsStartAtOneAndCountReaderAddRemoveNotCards) {
 // Protocol 4.6: WAIT without data, 0x16/0x17 (§2.3, §4 "What the shim should do" 3)
 
 TEST(ShimCoreEvents, Protocol46WaitSendsNothingSizeIs16AndTheArrayIs16Slots) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto legacy = r.client(4);
   const Bytes array = legacy.readers_state();
   auto c = r.client(6);
@@ -311,8 +297,7 @@ TEST(ShimCoreCancel, CancelOfAWaitingContextSignalsTheTargetAndSucceeds) {
 }
 
 TEST(ShimCoreCancel, TargetsNotWaitingAndUnknownContexts) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto t44 = r.client(4);
   auto t45 = r.client(5);
   auto t46 = r.client(6);
@@ -360,4 +345,4 @@ TEST(ShimCoreCancel, CancelOfA46WaiterBeforeItsArrayComesAfterTheArray) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

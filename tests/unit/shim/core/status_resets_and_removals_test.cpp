@@ -6,20 +6,14 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
 
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
 TEST(ShimCoreStatus, AnsweredLocallyWithSuccess) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   const auto requests = r.core.stats().desk_requests;
   c.send_status(card);
   EXPECT_EQ(c.take_all(), Bytes(Le().u32(card).u32(kSuccess)));
@@ -28,12 +22,9 @@ TEST(ShimCoreStatus, AnsweredLocallyWithSuccess) {
 }
 
 TEST(ShimCoreStatus, RemovedCardAfterTheCardWasTakenOut) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
-  auto c2 = r.client();
-  const uint32_t card2 = r.connect(c2);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
+  auto [c2, card2] = r.connected_client();
   r.desk.push({empty_reader(kReaderA, 2), empty_reader(kReaderB)});
   for (int i = 0; i < 2; ++i) {  // each time, until reconnected or disconnected
     EXPECT_EQ(c.status(card), kWRemovedCard);
@@ -43,20 +34,16 @@ TEST(ShimCoreStatus, RemovedCardAfterTheCardWasTakenOut) {
 }
 
 TEST(ShimCoreStatus, RemovedCardAfterTheCardWasSwapped) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   r.desk.push({card_in(kReaderA, 3, {0x3B, 0x00}), empty_reader(kReaderB)});  // out and in again: counter +2
   EXPECT_EQ(c.status(card), kWRemovedCard);
 }
 
 // §5.4: Reconnect clears a pending removal.
 TEST(ShimCoreStatus, ReconnectAfterTheCardCameBackClearsRemovedCard) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   r.desk.push({card_in(kReaderA, 3), empty_reader(kReaderB)});  // out and in again
   EXPECT_EQ(c.status(card), kWRemovedCard);
   c.send_reconnect(card, kShareShared, kT0T1, kLeaveCard, kT1);
@@ -69,12 +56,9 @@ TEST(ShimCoreStatus, ReconnectAfterTheCardCameBackClearsRemovedCard) {
 }
 
 TEST(ShimCoreStatus, ResetCardForTheOtherHandlesAfterReconnectWithReset) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
-  auto c2 = r.client();
-  const uint32_t card2 = r.connect(c2);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
+  auto [c2, card2] = r.connected_client();
   c.send_reconnect(card, kShareShared, kT0T1, kResetCard, kT1);
   auto req = r.desk.expect(pr::Op::kReconnect);
   EXPECT_EQ(req.q.handle.value, 1u) << "the desk's handle";
@@ -99,12 +83,9 @@ TEST(ShimCoreStatus, ResetCardForTheOtherHandlesAfterReconnectWithReset) {
 }
 
 TEST(ShimCoreStatus, ResetCardForTheOtherHandlesAfterDisconnectWithReset) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
-  auto c2 = r.client();
-  const uint32_t card2 = r.connect(c2);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
+  auto [c2, card2] = r.connected_client();
   c.send_disconnect(card, kResetCard);
   auto req = r.desk.expect(pr::Op::kDisconnect);
   EXPECT_EQ(req.q.disposition, kResetCard);
@@ -119,12 +100,9 @@ TEST(ShimCoreStatus, ResetCardForTheOtherHandlesAfterDisconnectWithReset) {
 }
 
 TEST(ShimCoreStatus, RemovedBeforeReset) {
-  Rig r;
-  r.standard_desk();
-  auto a = r.client();
-  auto b = r.client();
-  const uint32_t ha = r.connect(a);
-  const uint32_t hb = r.connect(b);
+  Rig r(kStandardDesk);
+  auto [a, ha] = r.connected_client();
+  auto [b, hb] = r.connected_client();
   r.reconnect_at_desk(b, hb, kResetCard, 1);
   EXPECT_EQ(a.scard_status(ha), kWResetCard);
   EXPECT_EQ(b.scard_status(hb), kSuccess) << "the resetting handle itself is clean";
@@ -133,12 +111,9 @@ TEST(ShimCoreStatus, RemovedBeforeReset) {
 }
 
 TEST(ShimCoreStatus, ResetBeforeReaderUnavailable) {
-  Rig r;
-  r.standard_desk();
-  auto a = r.client();
-  auto b = r.client();
-  const uint32_t ha = r.connect(a);
-  const uint32_t hb = r.connect(b);
+  Rig r(kStandardDesk);
+  auto [a, ha] = r.connected_client();
+  auto [b, hb] = r.connected_client();
   r.reconnect_at_desk(b, hb, kResetCard, 1);
   r.desk.push({pr::ReaderInfo{kReaderA, kStateUnavailable, 1, {}}, empty_reader(kReaderB)});
   EXPECT_EQ(entry(a.readers_state(), 0).reader_state, kReaderUnknown);
@@ -147,12 +122,9 @@ TEST(ShimCoreStatus, ResetBeforeReaderUnavailable) {
 }
 
 TEST(ShimCoreStatus, SharingViolationBeforeRemoved) {
-  Rig r;
-  r.standard_desk();
-  auto a = r.client();
-  auto b = r.client();
-  const uint32_t ha = r.connect(a);
-  const uint32_t hb = r.connect(b);
+  Rig r(kStandardDesk);
+  auto [a, ha] = r.connected_client();
+  auto [b, hb] = r.connected_client();
   EXPECT_EQ(a.scard_status(ha), kSuccess);
   r.begin_at_desk(b, hb);
   EXPECT_EQ(a.scard_status(ha), kESharingViolation);
@@ -170,8 +142,7 @@ TEST(ShimCoreStatus, SharingViolationBeforeRemoved) {
 }
 
 TEST(ShimCoreStatus, DirectHandleInsertionIsNotARemoval) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto c = r.client();
   const uint32_t h = r.connect(c, kReaderB, kShareDirect, {.protocol = 0, .counter = 0, .reader_state = kReaderAbsent});
   EXPECT_EQ(c.scard_status(h), kSuccess) << "DIRECT on an empty reader";
@@ -183,4 +154,4 @@ TEST(ShimCoreStatus, DirectHandleInsertionIsNotARemoval) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

@@ -6,24 +6,15 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
 
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
-const Bytes kSelectMf = {0x00, 0xA4, 0x00, 0x00, 0x02, 0x3F, 0x00};
-
 TEST(ShimCoreTransaction, SharingViolationForTheOthersWhileAHandleHoldsATransaction) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
-  auto c2 = r.client();
-  const uint32_t card2 = r.connect(c2);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
+  auto [c2, card2] = r.connected_client();
   c.send_begin(card);
   r.desk.serve();
   EXPECT_EQ(c.begin_reply(), (PairReply{card, kSuccess}));
@@ -40,12 +31,9 @@ TEST(ShimCoreTransaction, SharingViolationForTheOthersWhileAHandleHoldsATransact
 }
 
 TEST(ShimCoreTransaction, EndTransactionWithResetMarksEveryHandleIncludingTheCaller) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
-  auto c2 = r.client();
-  const uint32_t card2 = r.connect(c2);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
+  auto [c2, card2] = r.connected_client();
   r.begin_at_desk(c, card);
   c.send_end(card, kResetCard);
   auto req = r.desk.expect(pr::Op::kEndTransaction);
@@ -64,10 +52,8 @@ TEST(ShimCoreTransaction, EndTransactionWithResetMarksEveryHandleIncludingTheCal
 // §5.2: "Connect when another handle holds a transaction: pcscd blocks inside Connect
 // (polling every 100 ms) until the lock is released. It does not return an error."
 TEST(ShimCoreTransaction, ConnectWaitsWhileAnotherHandleHoldsATransaction) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   r.begin_at_desk(c, card);
   auto c2 = r.client();
   c2.send_connect(kReaderA);
@@ -85,12 +71,9 @@ TEST(ShimCoreTransaction, ConnectWaitsWhileAnotherHandleHoldsATransaction) {
 // pcscd: SCardDisconnect(RESET/UNPOWER) waits while another handle holds the transaction
 // (winscard.c: while (hLockId != 0) sleep); the card is reset only after that handle's End.
 TEST(ShimCoreTransaction, DisconnectWithResetWaitsForAnotherHandlesTransaction) {
-  Rig r;
-  r.standard_desk();
-  auto a = r.client();
-  auto b = r.client();
-  const uint32_t ha = r.connect(a);
-  const uint32_t hb = r.connect(b);
+  Rig r(kStandardDesk);
+  auto [a, ha] = r.connected_client();
+  auto [b, hb] = r.connected_client();
   r.begin_at_desk(a, ha);
   b.send_disconnect(hb, kResetCard);
   EXPECT_TRUE(b.nothing_pending()) << "pcscd blocks it while A holds the transaction";
@@ -103,4 +86,4 @@ TEST(ShimCoreTransaction, DisconnectWithResetWaitsForAnotherHandlesTransaction) 
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

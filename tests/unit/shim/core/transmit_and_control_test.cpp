@@ -10,21 +10,13 @@
 
 #include <gtest/gtest.h>
 
-#include "kit/rig.hpp"
+#include "core/shim_core_test.hpp"
 
-namespace cardbridge::shim {
+namespace cardbridge::shim::core_test {
 namespace {
 
-using namespace kit;
-using namespace kit::pcsc;
-namespace pr = cardbridge::protocol;
-
-const Bytes kSelectMf = {0x00, 0xA4, 0x00, 0x00, 0x02, 0x3F, 0x00};  // testpcsc step 8
-const Bytes kSw9000 = {0x90, 0x00};
-
 TEST(ShimCoreTransmit, ForwardedAndAnsweredWithTheStructThenTheDataByteForByte) {
-  Rig r;
-  r.standard_desk();
+  Rig r(kStandardDesk);
   auto c = r.client();
   pr::Request connect;
   const uint32_t card = r.connect(c, kReaderA, kShareShared, {}, &connect);
@@ -70,10 +62,8 @@ TEST(ShimCoreTransmit, ForwardedAndAnsweredWithTheStructThenTheDataByteForByte) 
 }
 
 TEST(ShimCoreTransmit, ReceiveLengthIsClampedTo65548) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   for (uint32_t asked : {65548u, 65549u, 100000u, 0xFFFFFFFFu}) {
     c.send_transmit(card, kSelectMf, asked);
     auto req = r.desk.expect(pr::Op::kTransmit);
@@ -90,10 +80,8 @@ TEST(ShimCoreTransmit, ReceiveLengthIsClampedTo65548) {
 }
 
 TEST(ShimCoreTransmit, ADeskErrorIsPassedOnWithNoData) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   r.desk.handler = [](const FakeDesk::Req& q) -> std::optional<pr::Reply> {
     if (q.q.op != pr::Op::kTransmit) return std::nullopt;
     return rv_reply(kWRemovedCard);
@@ -124,10 +112,8 @@ TEST(ShimCoreTransmit, ADeskErrorIsPassedOnWithNoData) {
 }
 
 TEST(ShimCoreTransmit, ResponseLargerThanTheBufferIsInsufficientBufferWithTheNeededLengthAndKeepsTheStreamInStep) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   r.desk.transmit_response = {1, 2, 3, 4, 5, 6, 7, 8, 0x90, 0x00};
   c.send_transmit(card, kSelectMf, 4);
   r.desk.serve();
@@ -221,10 +207,8 @@ TEST(ShimCoreTransmit, InterleavedTransmitsAreAnsweredToTheRightClient) {
 }
 
 TEST(ShimCoreControl, ForwardedWithTrailingDataAndAnsweredWithBytesReturned) {
-  Rig r;
-  r.standard_desk();
-  auto c = r.client();
-  const uint32_t card = r.connect(c);
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
   const uint32_t code = ctl_code(1);
   c.send_control(card, code, Bytes{0x02}, 100);  // testpcsc step 9
   auto req = r.desk.expect(pr::Op::kControl);
@@ -275,4 +259,4 @@ TEST(ShimCoreControl, ForwardedWithTrailingDataAndAnsweredWithBytesReturned) {
 }
 
 }  // namespace
-}  // namespace cardbridge::shim
+}  // namespace cardbridge::shim::core_test

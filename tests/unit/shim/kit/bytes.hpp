@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -19,7 +20,9 @@ static_assert(std::endian::native == std::endian::little,
 
 using Bytes = std::vector<uint8_t>;
 
-// Builds a byte string field by field: Le().u32(12).u32(0x11).get().
+// Builds a byte string field by field: Le().u32(12).u32(0x11).get(). A literal that does
+// not fit its field or is not hex is a mistake in the test: it throws (GoogleTest reports
+// the exception as the test's failure).
 class Le {
  public:
   Le& u32(uint32_t v) {
@@ -35,19 +38,36 @@ class Le {
     v_.insert(v_.end(), n, 0);
     return *this;
   }
-  // |s| in a NUL-padded char field of |field| bytes (cut to the field: callers that care
-  // about the length check it themselves).
+  // |s| in a NUL-padded char field of |field| bytes.
   Le& text(std::string_view s, std::size_t field) {
-    const std::size_t n = std::min(s.size(), field);
-    v_.insert(v_.end(), s.begin(), s.begin() + static_cast<std::ptrdiff_t>(n));
-    v_.insert(v_.end(), field - n, 0);
+    if (s.size() > field) throw std::length_error("Le::text: " + std::string(s) + " does not fit its field");
+    v_.insert(v_.end(), s.begin(), s.end());
+    v_.insert(v_.end(), field - s.size(), 0);
     return *this;
   }
-  // |b| in a zero-padded field of |field| bytes (cut likewise).
+  // |b| in a zero-padded field of |field| bytes.
   Le& padded(std::span<const uint8_t> b, std::size_t field) {
-    const std::size_t n = std::min(b.size(), field);
-    v_.insert(v_.end(), b.begin(), b.begin() + static_cast<std::ptrdiff_t>(n));
-    v_.insert(v_.end(), field - n, 0);
+    if (b.size() > field) throw std::length_error("Le::padded: the bytes do not fit their field");
+    v_.insert(v_.end(), b.begin(), b.end());
+    v_.insert(v_.end(), field - b.size(), 0);
+    return *this;
+  }
+  // Hex digits as bytes, in the order written ("0c000000 11000000"); spaces are ignored.
+  Le& hex(std::string_view h) {
+    auto digit = [&h](char c) -> uint8_t {
+      if (c >= '0' && c <= '9') return static_cast<uint8_t>(c - '0');
+      if (c >= 'a' && c <= 'f') return static_cast<uint8_t>(c - 'a' + 10);
+      if (c >= 'A' && c <= 'F') return static_cast<uint8_t>(c - 'A' + 10);
+      throw std::invalid_argument("Le::hex: not hex: " + std::string(h));
+    };
+    std::string digits;
+    for (char c : h) {
+      if (c != ' ') digits += c;
+    }
+    if (digits.size() % 2 != 0) throw std::invalid_argument("Le::hex: odd digit count: " + std::string(h));
+    for (std::size_t i = 0; i < digits.size(); i += 2) {
+      v_.push_back(static_cast<uint8_t>(digit(digits[i]) << 4 | digit(digits[i + 1])));
+    }
     return *this;
   }
   const Bytes& get() const { return v_; }

@@ -304,23 +304,17 @@ class PcscClient {
   // SCARD_RELEASE_CONTEXT answered locally; returns rv (checks the echoed hContext).
   uint32_t release(uint32_t ctx) {
     send_release(ctx);
-    auto r = release_reply();
-    EXPECT_EQ(r.first, ctx) << "RELEASE_CONTEXT: hContext echoed";
-    return r.rv;
+    return echoed_rv(release_reply(), ctx, "RELEASE_CONTEXT");
   }
   // SCARD_CANCEL; returns rv (checks the echoed hContext).
   uint32_t cancel(uint32_t ctx) {
     send_cancel(ctx);
-    auto r = cancel_reply();
-    EXPECT_EQ(r.first, ctx) << "CANCEL: hContext echoed";
-    return r.rv;
+    return echoed_rv(cancel_reply(), ctx, "CANCEL");
   }
   // SCARD_STATUS alone (the daemon's part of SCardStatus); returns rv (checks the echo).
   uint32_t status(uint32_t card) {
     send_status(card);
-    auto r = status_reply();
-    EXPECT_EQ(r.first, card) << "STATUS: hCard echoed";
-    return r.rv;
+    return echoed_rv(status_reply(), card, "STATUS");
   }
   // SCardStatus as libpcsclite 1.9.9 does it: CMD_GET_READERS_STATE, look the handle's
   // reader up by name (missing: SCARD_E_READER_UNAVAILABLE and SCARD_STATUS is not sent),
@@ -370,6 +364,11 @@ class PcscClient {
   }
   void expect_end_of_reply(const char* what) {
     EXPECT_EQ(available(), 0u) << what << ": bytes after the reply (client " << id_ << "): the stream is out of step";
+  }
+  // The rv of an 8-byte reply whose first field echoes |sent|.
+  static uint32_t echoed_rv(const PairReply& r, uint32_t sent, const char* what) {
+    EXPECT_EQ(r.first, sent) << what << ": the handle is echoed";
+    return r.rv;
   }
   PairReply pair_reply(const char* what) {
     Bytes b = reply(8, what);

@@ -53,6 +53,16 @@ inline ShimConfig per_call_config() {
   return c;
 }
 
+// Rig(kStandardDesk): a rig whose desk is up with the standard readers (standard_desk()).
+inline constexpr struct StandardDesk {
+} kStandardDesk;
+
+// A client with a context and one handle.
+struct ConnectedClient {
+  PcscClient client;
+  uint32_t card = 0;
+};
+
 // What the desk answers a Connect with, when a test wants something else than the model.
 struct DeskConnectAnswer {
   uint32_t handle = 0;  // 0: the desk model's next handle
@@ -64,6 +74,10 @@ struct DeskConnectAnswer {
 class Rig {
  public:
   explicit Rig(ShimConfig config = rig_config()) : core(fx, quiet_logs(std::move(config))), desk(core, fx, now) {}
+  explicit Rig(StandardDesk, ShimConfig config = rig_config(), uint64_t desk_caps = protocol::caps::kAll)
+      : Rig(std::move(config)) {
+    standard_desk(desk_caps);
+  }
   Rig(const Rig&) = delete;
   Rig& operator=(const Rig&) = delete;
 
@@ -125,6 +139,14 @@ class Rig {
     auto rep = c.connect_reply();
     EXPECT_EQ(rep.rv, pcsc::kSuccess);
     return rep.card;
+  }
+
+  // A client(minor) with a handle from connect() on |reader|.
+  ConnectedClient connected_client(const std::string& reader = kReaderA, uint32_t share = pcsc::kShareShared,
+                                   int32_t minor = 4) {
+    auto c = client(minor);
+    const uint32_t card = connect(c, reader, share);
+    return {std::move(c), card};
   }
 
   // SCardListReaders as a bystander sees it: a fresh connection, CMD_GET_READERS_STATE,
