@@ -16,12 +16,15 @@
 #include "cardbridge/protocol/framing.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "fuzz_util.hpp"
-#include "pcscd_wire/wire.hpp"
+#include "kit/bytes.hpp"
+#include "kit/libpcsclite.hpp"
 #include "shim_script.hpp"
 
 namespace fs = std::filesystem;
 namespace pr = cardbridge::protocol;
-namespace wire = cardbridge::shim::wire;
+namespace pcsclite = cardbridge::shim::kit::pcsclite;
+namespace cmd = cardbridge::shim::kit::pcsclite::cmd;
+using cardbridge::shim::kit::Le;
 namespace script = cardbridge::fuzz::shim_script;
 using cardbridge::fuzz::ByteWriter;
 using Bytes = std::vector<uint8_t>;
@@ -39,11 +42,6 @@ void write(const std::string& target, const std::string& name, const Bytes& data
     std::cerr << "cannot write " << (dir / name) << "\n";
     std::exit(1);
   }
-}
-
-template <typename T>
-Bytes raw(const T& s) {
-  return wire::bytes_of(s);
 }
 
 // ---- protocol messages ----------------------------------------------------------------
@@ -119,47 +117,34 @@ void codec_seeds() {
   for (const auto& [name, m] : sample_messages()) write("codec_decode", name, pr::encode(m));
 }
 
-// ---- pcscd wire -------------------------------------------------------------------------
+// ---- pcscd wire (requests as libpcsclite 1.9.9 writes them: tests/unit/shim/kit) ----------
 
-Bytes request(wire::Command c, const Bytes& body, const Bytes& trailing = {}) {
-  return wire::encode_request(c, body, trailing);
-}
+Bytes request(uint32_t c, const Bytes& body, const Bytes& trailing = {}) { return pcsclite::request(c, body, trailing); }
 
 constexpr uint32_t kContext = 0x5a80a339;
-constexpr int32_t kCard = 0x4953d442;
+constexpr uint32_t kCard = 0x4953d442;
 
 // A 1.9.9 client's whole session (EstablishContext .. ReleaseContext).
 Bytes client_session() {
   Bytes s;
   auto add = [&s](const Bytes& b) { s.insert(s.end(), b.begin(), b.end()); };
-  add(request(wire::Command::kVersion, raw(wire::VersionStruct{4, 4, 0})));
-  add(request(wire::Command::kEstablishContext, raw(wire::EstablishStruct{2, 0, 0})));
-  add(request(wire::Command::kGetReadersState, {}));
-  add(request(wire::Command::kWaitReaderStateChange, {}));
-  add(request(wire::Command::kStopWaitingReaderStateChange, {}));
-  wire::ConnectStruct c{};
-  c.context = kContext;
-  wire::copy_name(c.reader, "Virtual PCD 00 00");
-  c.share_mode = 2;
-  c.preferred_protocols = 3;
-  add(request(wire::Command::kConnect, raw(c)));
-  add(request(wire::Command::kBeginTransaction, raw(wire::BeginStruct{kCard, 0})));
+  add(request(cmd::kVersion, pcsclite::version(4, 4)));
+  add(request(cmd::kEstablish, pcsclite::establish(2)));
+  add(request(cmd::kGetReadersState, {}));
+  add(request(cmd::kWait, {}));
+  add(request(cmd::kStopWait, {}));
+  add(request(cmd::kConnect, pcsclite::connect(kContext, "Virtual PCD 00 00", 2, 3)));
+  add(request(cmd::kBegin, pcsclite::begin(kCard)));
   Bytes apdu = {0x00, 0xA4, 0x04, 0x00, 0x02, 0x3F, 0x00};
-  add(request(wire::Command::kTransmit, raw(wire::TransmitStruct{kCard, 2, 16, 7, 3, 16, 300, 0}), apdu));
-  add(request(wire::Command::kControl, raw(wire::ControlStruct{kCard, 0x42000D48, 1, 100, 0, 0}), Bytes{0x02}));
-  wire::GetSetStruct g{};
-  g.card = kCard;
-  g.attr_id = 0x00090303;
-  g.attr_length = 264;
-  g.rv = 0x8010001D;
-  add(request(wire::Command::kGetAttrib, raw(g)));
-  g.attr_length = 1;
-  add(request(wire::Command::kSetAttrib, raw(g)));
-  add(request(wire::Command::kStatus, raw(wire::StatusStruct{kCard, 0})));
-  add(request(wire::Command::kEndTransaction, raw(wire::EndStruct{kCard, 0, 0})));
-  add(request(wire::Command::kReconnect, raw(wire::ReconnectStruct{kCard, 2, 3, 1, 2, 0})));
-  add(request(wire::Command::kDisconnect, raw(wire::DisconnectStruct{kCard, 2, 0})));
-  add(request(wire::Command::kReleaseContext, raw(wire::ReleaseStruct{kContext, 0})));
+  add(request(cmd::kTransmit, pcsclite::transmit({kCard, 2, 16, 7, 3, 16, 300}), apdu));
+  add(request(cmd::kControl, pcsclite::control(kCard, 0x42000D48, 1, 100), Bytes{0x02}));
+  add(request(cmd::kGetAttrib, pcsclite::get_attrib(kCard, 0x00090303)));
+  add(request(cmd::kSetAttrib, pcsclite::set_attrib(kCard, 0x00090303, Bytes{0x00})));
+  add(request(cmd::kStatus, pcsclite::status(kCard)));
+  add(request(cmd::kEnd, pcsclite::end(kCard, 0)));
+  add(request(cmd::kReconnect, pcsclite::reconnect(kCard, 2, 3, 1, 2)));
+  add(request(cmd::kDisconnect, pcsclite::disconnect(kCard, 2)));
+  add(request(cmd::kRelease, pcsclite::release(kContext)));
   return s;
 }
 
@@ -171,15 +156,15 @@ void pcscd_wire_seeds() {
     write("pcscd_wire", "session-chunk" + std::to_string(chunk), w.data());
   }
   ByteWriter cancel;
-  cancel.u8(0).bytes(request(wire::Command::kCancel, raw(wire::CancelStruct{static_cast<int32_t>(kContext), 0})));
+  cancel.u8(0).bytes(request(cmd::kCancel, pcsclite::cancel(kContext)));
   write("pcscd_wire", "cancel", cancel.data());
   ByteWriter v26;
   v26.u8(3)
-      .bytes(request(wire::Command::kVersion, raw(wire::VersionStruct{4, 6, 0})))
-      .bytes(request(wire::Command::kGetReaderEvents, {}))
-      .bytes(request(wire::Command::kWaitReaderStateChange, {}))
-      .bytes(request(wire::Command::kGetReadersStateSize, {}))
-      .bytes(request(wire::Command::kGetReadersStateArray, {}));
+      .bytes(request(cmd::kVersion, pcsclite::version(4, 6)))
+      .bytes(request(cmd::kGetReaderEvents, {}))
+      .bytes(request(cmd::kWait, {}))
+      .bytes(request(cmd::kStateSize, {}))
+      .bytes(request(cmd::kStateArray, {}));
   write("pcscd_wire", "protocol-4.6", v26.data());
 }
 
@@ -249,16 +234,12 @@ const Bytes kAtr = {0x3B, 0x80, 0x80, 0x01, 0x01};
 // VERSION + ESTABLISH for client |c| (minor 4 + pick % 3).
 Script& hello_client(Script& s, uint8_t c, uint8_t minor_pick = 0) {
   return s.open()
-      .call(c, 0x11, raw(wire::VersionStruct{4, 4, 0}), {}, minor_pick)
-      .call(c, 0x01, raw(wire::EstablishStruct{2, 0, 0}));
+      .call(c, 0x11, pcsclite::version(4, 4), {}, minor_pick)
+      .call(c, 0x01, pcsclite::establish(2));
 }
 
-wire::ConnectStruct connect_body(uint32_t share = 2) {
-  wire::ConnectStruct c{};
-  c.share_mode = share;
-  c.preferred_protocols = 3;
-  return c;
-}
+// CONNECT with no context and no reader (the script patches both in).
+Bytes connect_body(uint32_t share = 2) { return pcsclite::connect(0, "", share, 3); }
 
 void shim_core_seeds() {
   // 1. A whole card session: connect, transaction, transmit, control, attributes, status.
@@ -266,24 +247,21 @@ void shim_core_seeds() {
     Script s(script::kFlagDeskReady);
     hello_client(s, 0);
     s.call(0, 0x12, {});
-    s.call(0, 0x04, raw(connect_body()), {}, 0).reply(0, 0, 5, 2, 0x00010034, {}, kAtr);
-    s.call(0, 0x07, raw(wire::BeginStruct{0, 0})).reply(0, 0, 0, 0, 0);
-    s.call(0, 0x09, raw(wire::TransmitStruct{0, 2, 16, 0, 3, 16, 300, 0}), {0x00, 0xA4, 0x04, 0x00, 0x02, 0x3F, 0x00})
+    s.call(0, 0x04, connect_body(), {}, 0).reply(0, 0, 5, 2, 0x00010034, {}, kAtr);
+    s.call(0, 0x07, pcsclite::begin(0)).reply(0, 0, 0, 0, 0);
+    s.call(0, 0x09, pcsclite::transmit({0, 2, 16, 0, 3, 16, 300}), {0x00, 0xA4, 0x04, 0x00, 0x02, 0x3F, 0x00})
         .reply(0, 0, 0, 2, 0, {0x6F, 0x00, 0x90, 0x00});
-    s.call(0, 0x09, raw(wire::TransmitStruct{0, 2, 16, 0, 3, 16, 2, 0}), {0x00, 0xB0, 0x00, 0x00, 0x00})
+    s.call(0, 0x09, pcsclite::transmit({0, 2, 16, 0, 3, 16, 2}), {0x00, 0xB0, 0x00, 0x00, 0x00})
         .reply(0, 0, 0, 2, 0, Bytes(40, 0x11));  // longer than the client's buffer
-    s.call(0, 0x0A, raw(wire::ControlStruct{0, 0x42000D48, 0, 100, 0, 0}), {}).reply(0, 0, 0, 0, 0, {0x01, 0x02});
-    wire::GetSetStruct g{};
-    g.attr_id = 0x00090303;
-    g.attr_length = 264;
-    s.call(0, 0x0F, raw(g)).reply(0, 0, 0, 0, 0, kAtr);
-    g.attr_length = 1;
-    s.call(0, 0x10, raw(g)).reply(0, 0, 0, 0, 0);
-    s.call(0, 0x0B, raw(wire::StatusStruct{0, 0}));
-    s.call(0, 0x08, raw(wire::EndStruct{0, 1, 0})).reply(0, 0, 0, 0, 0);
-    s.call(0, 0x05, raw(wire::ReconnectStruct{0, 2, 3, 1, 2, 0})).reply(0, 0, 0, 2, 0x00010034);
-    s.call(0, 0x06, raw(wire::DisconnectStruct{0, 0, 0})).reply(0, 0, 0, 0, 0);
-    s.call(0, 0x02, raw(wire::ReleaseStruct{0, 0}));
+    s.call(0, 0x0A, pcsclite::control(0, 0x42000D48, 0, 100), {}).reply(0, 0, 0, 0, 0, {0x01, 0x02});
+    // GET/SET_ATTRIB of the ATR, rv left 0.
+    s.call(0, 0x0F, Le().u32(0).u32(0x00090303).zeros(264).u32(264).u32(0)).reply(0, 0, 0, 0, 0, kAtr);
+    s.call(0, 0x10, Le().u32(0).u32(0x00090303).zeros(264).u32(1).u32(0)).reply(0, 0, 0, 0, 0);
+    s.call(0, 0x0B, pcsclite::status(0));
+    s.call(0, 0x08, pcsclite::end(0, 1)).reply(0, 0, 0, 0, 0);
+    s.call(0, 0x05, pcsclite::reconnect(0, 2, 3, 1, 2)).reply(0, 0, 0, 2, 0x00010034);
+    s.call(0, 0x06, pcsclite::disconnect(0, 0)).reply(0, 0, 0, 0, 0);
+    s.call(0, 0x02, pcsclite::release(0));
     write("shim_core", "card-session", s.data());
   }
   // 2. Event wait, card removal signal, cancel from a second connection.
@@ -294,7 +272,7 @@ void shim_core_seeds() {
     s.snapshot({{0, 0x10, 2, {}}, {1, 0x10, 0, {}}});  // card removed: signal
     s.call(0, 0x14, {});
     s.call(0, 0x13, {});
-    s.open().call(1, 0x0D, raw(wire::CancelStruct{0, 0}));
+    s.open().call(1, 0x0D, pcsclite::cancel(0));
     s.close(1);
     s.call(0, 0x15, {});
     write("shim_core", "events-and-cancel", s.data());
@@ -315,12 +293,12 @@ void shim_core_seeds() {
     s.desk_up().tick(600).hello(1, static_cast<uint32_t>(pr::caps::kAll), 1);
     s.snapshot({{0, 0x20, 1, kAtr}, {2, 0x10, 0, {}}});
     hello_client(s, 0);
-    s.call(0, 0x04, raw(connect_body(1)), {}, 0).reply(0, 0, 9, 1, 0);
-    s.call(0, 0x09, raw(wire::TransmitStruct{0, 1, 16, 0, 3, 16, 258, 0}), {0x00, 0x20, 0x00, 0x81, 0x02, 0x31, 0x32});
+    s.call(0, 0x04, connect_body(1), {}, 0).reply(0, 0, 9, 1, 0);
+    s.call(0, 0x09, pcsclite::transmit({0, 1, 16, 0, 3, 16, 258}), {0x00, 0x20, 0x00, 0x81, 0x02, 0x31, 0x32});
     s.hello(1, 0, 2);  // another instance: the desk restarted
-    s.call(0, 0x0B, raw(wire::StatusStruct{0, 0}));
+    s.call(0, 0x0B, pcsclite::status(0));
     s.desk_down().desk_up().hello(1, 0, 3);
-    s.call(0, 0x06, raw(wire::DisconnectStruct{0, 0, 0}));
+    s.call(0, 0x06, pcsclite::disconnect(0, 0));
     write("shim_core", "desk-restart", s.data());
   }
   // 5. Baseline mode (one round trip per call), exclusive connect, two clients.
@@ -331,9 +309,9 @@ void shim_core_seeds() {
     s.call(0, 0x12, {}).reply(0, 0, 0, 0, 0);
     hello_client(s, 1);
     s.reply(0, 0, 0, 0, 0);
-    s.call(0, 0x04, raw(connect_body(1)), {}, 1).reply(0, 0, 7, 2, 0);
-    s.call(1, 0x04, raw(connect_body(2)), {}, 1).reply(0, 2, 0, 0, 0);
-    s.call(0, 0x0B, raw(wire::StatusStruct{0, 0})).reply(0, 0, 0, 0, 0);
+    s.call(0, 0x04, connect_body(1), {}, 1).reply(0, 0, 7, 2, 0);
+    s.call(1, 0x04, connect_body(2), {}, 1).reply(0, 2, 0, 0, 0);
+    s.call(0, 0x0B, pcsclite::status(0)).reply(0, 0, 0, 0, 0);
     s.close(0);
     write("shim_core", "baseline-two-clients", s.data());
   }
@@ -341,7 +319,7 @@ void shim_core_seeds() {
   {
     Script s(script::kFlagDeskReady);
     hello_client(s, 0);
-    s.req(0, 0x09, 0, 0, raw(wire::TransmitStruct{0x1234, 2, 16, 0, 3, 16, 258, 0}));
+    s.req(0, 0x09, 0, 0, pcsclite::transmit({0x1234, 2, 16, 0, 3, 16, 258}));
     hello_client(s, 1);
     s.req(1, 0x01, 0, 0, Bytes(9, 0));
     hello_client(s, 2);

@@ -4,30 +4,38 @@
 // The harness plays the I/O layer the way ShimService does: client ids are never reused,
 // a closed client gets no more bytes, desk bytes go to the core as they come (its link
 // session frames them), reset_desk_link() drops the link after the current call returns.
-// Oracle (besides ASan/UBSan): the core never writes to a client it closed or that went
-// away, never closes a client twice, never talks to a desk link that is down, and every
-// frame it sends the desk is well formed and of a kind a server may send.
+// It is built from the shim test kit (tests/unit/shim/kit): RecordingEffects holds the
+// oracle (besides ASan/UBSan) and aborts on a breach: the core never writes to a client it
+// closed or that went away, never closes a client twice, never talks to a desk link that
+// is down, and every frame it sends the desk is well formed and of a kind a server may
+// send. DeskEnd carries the desk's side of the link; requests are patched with the kit's
+// libpcsclite layouts.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <map>
-#include <set>
+#include <iterator>
+#include <optional>
+#include <span>
 #include <string>
+#include <variant>
 #include <vector>
 
-#include "cardbridge/protocol/codec.hpp"
-#include "cardbridge/protocol/framing.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
 #include "core/shim_core.hpp"
 #include "fuzz_util.hpp"
+#include "kit/bytes.hpp"
+#include "kit/desk_end.hpp"
+#include "kit/libpcsclite.hpp"
+#include "kit/recording_effects.hpp"
 #include "shim_script.hpp"
 
 namespace pr = cardbridge::protocol;
 namespace shim = cardbridge::shim;
-namespace wire = cardbridge::shim::wire;
+namespace kit = cardbridge::shim::kit;
+namespace pcsclite = cardbridge::shim::kit::pcsclite;
 namespace script = cardbridge::fuzz::shim_script;
 using cardbridge::fuzz::ByteReader;
 
@@ -35,41 +43,6 @@ namespace {
 
 constexpr std::size_t kMaxActions = 4000;
 constexpr std::size_t kMaxRemembered = 64;
-
-std::size_t body_size(uint32_t command) {
-  switch (command) {
-    case 0x01: return sizeof(wire::EstablishStruct);
-    case 0x02: return sizeof(wire::ReleaseStruct);
-    case 0x04: return sizeof(wire::ConnectStruct);
-    case 0x05: return sizeof(wire::ReconnectStruct);
-    case 0x06: return sizeof(wire::DisconnectStruct);
-    case 0x07: return sizeof(wire::BeginStruct);
-    case 0x08: return sizeof(wire::EndStruct);
-    case 0x09: return sizeof(wire::TransmitStruct);
-    case 0x0A: return sizeof(wire::ControlStruct);
-    case 0x0B: return sizeof(wire::StatusStruct);
-    case 0x0D: return sizeof(wire::CancelStruct);
-    case 0x0F:
-    case 0x10: return sizeof(wire::GetSetStruct);
-    case 0x11: return sizeof(wire::VersionStruct);
-    default: return 0;
-  }
-}
-
-bool has_card_field(uint32_t c) {
-  return c == 0x05 || c == 0x06 || c == 0x07 || c == 0x08 || c == 0x09 || c == 0x0A || c == 0x0B ||
-         c == 0x0F || c == 0x10;
-}
-bool has_context_field(uint32_t c) { return c == 0x02 || c == 0x04 || c == 0x0D; }
-
-void put32(std::vector<uint8_t>& b, std::size_t off, uint32_t v) {
-  if (b.size() >= off + 4) std::memcpy(b.data() + off, &v, 4);
-}
-uint32_t get32(const std::vector<uint8_t>& b, std::size_t off) {
-  uint32_t v = 0;
-  if (b.size() >= off + 4) std::memcpy(&v, b.data() + off, 4);
-  return v;
-}
 
 template <typename T>
 void remember(std::vector<T>& v, T x) {
@@ -82,56 +55,35 @@ T recent(const std::vector<T>& v, uint8_t pick) {
   return v[v.size() - 1 - pick % v.size()];
 }
 
-class Harness final : public shim::ShimEffects {
+[[noreturn]] void breach(const std::string& what) {
+  cardbridge::fuzz::invariant_failed(("effects contract: " + what).c_str(), __FILE__, __LINE__);
+}
+
+class Harness {
  public:
-  explicit Harness(uint8_t flags) : core_(*this, config(flags)) {}
+  explicit Harness(uint8_t flags) : core_(fx_, config(flags)), desk_(core_, fx_, now_) {
+    // Read the effects as they happen instead of keeping them.
+    fx_.keep_client_bytes = false;
+    fx_.keep_desk_messages = false;
+    fx_.keep_log = false;
+    fx_.on_client_write = [this](shim::ClientId id, std::span<const uint8_t> bytes) { learn(id, bytes); };
+    fx_.on_desk_message = [this](const pr::Message& m) {
+      if (std::holds_alternative<pr::Request>(m.body)) remember(pending_, m.id);
+    };
+    desk_.instance = 1;
+    desk_.name = "fuzz";
+    desk_.software = "fuzz-desk";
+  }
 
-  // ---- ShimEffects ----
-  void send_to_client(shim::ClientId id, std::vector<uint8_t> bytes) override {
-    FUZZ_ASSERT(open_.contains(id));  // never to a closed or vanished client
-    FUZZ_ASSERT(!bytes.empty());
-    client_bytes_ += bytes.size();
-    // Learn ids the way a client would, to aim later requests at live handles.
-    const auto last = last_command_.find(id);
-    if (bytes.size() == sizeof(wire::ConnectStruct) && get32(bytes, 148) == 0) {
-      remember(cards_, get32(bytes, 140));
-    } else if (bytes.size() == sizeof(wire::EstablishStruct) && last != last_command_.end() &&
-               last->second == 0x01 && get32(bytes, 8) == 0) {
-      remember(contexts_, get32(bytes, 4));
-    }
-  }
-  void close_client(shim::ClientId id) override {
-    FUZZ_ASSERT(open_.erase(id) == 1);  // exactly once, and only an open client
-  }
-  void send_to_desk(std::vector<uint8_t> frame) override {
-    FUZZ_ASSERT(desk_up_);
-    FUZZ_ASSERT(frame.size() > pr::kFrameHeaderSize);
-    pr::FrameDecoder d;
-    FUZZ_ASSERT(d.feed(frame));
-    auto payload = d.next();
-    FUZZ_ASSERT(payload.has_value() && d.buffered() == 0);
-    auto m = pr::decode(*payload);
-    FUZZ_ASSERT(m.ok());
-    FUZZ_ASSERT(!std::holds_alternative<pr::Reply>(m->body) &&
-                !std::holds_alternative<pr::ReaderSnapshot>(m->body));
-    if (std::holds_alternative<pr::Request>(m->body)) remember(pending_, m->id);
-    desk_bytes_ += frame.size();
-  }
-  void reset_desk_link(const std::string&) override { reset_requested_ = true; }
-
-  // ---- the script ----
   void run(ByteReader& in, uint8_t flags) {
     if (flags & script::kFlagDeskReady) {
       desk_connect();
-      pr::Hello h;
-      h.version_major = pr::kVersionMajor;
-      h.role = pr::Role::kDesk;
+      auto h = desk_.make_hello(/*reply=*/false);
+      h.version_minor = 0;
       h.capabilities = pr::caps::kAll;
-      h.instance = 1;
-      to_desk_message(pr::Message{0, h});
-      pr::ReaderSnapshot s{1, {pr::ReaderInfo{script::kReaderNames[0], 0x20, 1, {0x3B, 0x80, 0x80, 0x01, 0x01}},
-                               pr::ReaderInfo{script::kReaderNames[1], 0x10, 0, {}}}};
-      to_desk_message(pr::Message{0, s});
+      to_desk(pr::Message{0, h});
+      desk_.snapshot({pr::ReaderInfo{script::kReaderNames[0], 0x20, 1, {0x3B, 0x80, 0x80, 0x01, 0x01}},
+                      pr::ReaderInfo{script::kReaderNames[1], 0x10, 0, {}}});
       after_action();
     }
     for (std::size_t n = 0; n < kMaxActions && !in.empty(); ++n) {
@@ -140,14 +92,11 @@ class Harness final : public shim::ShimEffects {
       (void)core_.next_deadline();
     }
     // Everybody leaves: exercises the cleanup paths.
-    for (auto id : std::vector<shim::ClientId>(open_.begin(), open_.end())) {
-      open_.erase(id);
+    for (auto id : std::vector<shim::ClientId>(fx_.open_clients().begin(), fx_.open_clients().end())) {
+      fx_.client_gone(id);
       core_.client_closed(id, now_);
     }
-    if (desk_up_) {
-      desk_up_ = false;
-      core_.desk_disconnected(now_);
-    }
+    if (desk_.transport_is_up()) desk_.transport_down();
     FUZZ_ASSERT(core_.client_count() == 0);
     FUZZ_ASSERT(core_.handle_count() == 0);
   }
@@ -163,50 +112,56 @@ class Harness final : public shim::ShimEffects {
     return c;
   }
 
-  std::optional<shim::ClientId> pick_client(uint8_t pick) {
-    if (open_.empty()) return std::nullopt;
-    auto it = open_.begin();
-    std::advance(it, pick % open_.size());
+  // Learns ids the way a client would, to aim later requests at live handles.
+  void learn(shim::ClientId id, std::span<const uint8_t> bytes) {
+    const auto last = last_command_.find(id);
+    if (bytes.size() == pcsclite::kConnectSize && kit::le32(bytes, 148) == 0) {
+      remember(cards_, kit::le32(bytes, 140));
+    } else if (bytes.size() == pcsclite::kEstablishSize && last != last_command_.end() &&
+               last->second == pcsclite::cmd::kEstablish && kit::le32(bytes, 8) == 0) {
+      remember(contexts_, kit::le32(bytes, 4));
+    }
+  }
+
+  std::optional<shim::ClientId> pick_client(uint8_t pick) const {
+    const auto& open = fx_.open_clients();
+    if (open.empty()) return std::nullopt;
+    auto it = open.begin();
+    std::advance(it, pick % open.size());
     return *it;
   }
 
   void client_send(shim::ClientId id, const std::vector<uint8_t>& bytes) { core_.client_data(id, bytes, now_); }
 
   void desk_connect() {
-    if (desk_up_) return;
-    desk_up_ = true;
-    core_.desk_connected(now_);
+    if (!desk_.transport_is_up()) desk_.transport_up();
   }
-
+  // What the desk sends goes nowhere while its transport is down; a framing or protocol
+  // error asks for the link to be reset, which happens once the call has returned.
   void desk_bytes(std::span<const uint8_t> bytes) {
-    if (!desk_up_) return;
-    core_.desk_bytes(bytes, now_);
-    after_action();  // a framing or protocol error asks for the link to be reset
+    desk_.bytes(bytes);
+    after_action();
   }
-
-  void to_desk_message(const pr::Message& m) { desk_bytes(pr::encode_frame(m)); }
+  void to_desk(const pr::Message& m) {
+    desk_.send(m);
+    after_action();
+  }
 
   void after_action() {
-    if (reset_requested_) {
-      reset_requested_ = false;
-      if (desk_up_) {
-        desk_up_ = false;
-        core_.desk_disconnected(now_);
-      }
-    }
+    if (fx_.take_reset_request() && desk_.transport_is_up()) desk_.transport_down();
   }
 
   void step(ByteReader& in) {
     switch (in.u8() % script::kActionCount) {
       case script::kOpen: {
         const shim::ClientId id = next_client_++;
-        open_.insert(id);
+        fx_.client_opened(id);
         core_.client_opened(id, now_);
         break;
       }
       case script::kClose: {
         if (auto id = pick_client(in.u8())) {
-          open_.erase(*id);
+          fx_.client_gone(*id);
           core_.client_closed(*id, now_);
         }
         break;
@@ -222,16 +177,13 @@ class Harness final : public shim::ShimEffects {
       case script::kSnapshot: snapshot(in); break;
       case script::kHello: {
         const uint8_t f = in.u8();
-        pr::Hello h;
+        auto h = desk_.make_hello(/*reply=*/(f & 4) != 0);
         h.role = static_cast<pr::Role>(f & 3);
-        h.reply = (f & 4) != 0;
         h.version_major = (f & 8) ? pr::kVersionMajor + 1 : pr::kVersionMajor;
         h.version_minor = f >> 4;
         h.capabilities = in.u32();
         h.instance = in.u8();
-        h.software = "fuzz-desk";
-        h.peer_name = "fuzz";
-        to_desk_message(pr::Message{0, h});
+        to_desk(pr::Message{0, h});
         break;
       }
       case script::kDeskBytes: {
@@ -241,20 +193,20 @@ class Harness final : public shim::ShimEffects {
       }
       case script::kDeskPayload: {
         auto payload = in.bytes(in.u16());
-        if (!payload.empty()) desk_bytes(pr::frame(payload));
+        if (!payload.empty()) {
+          desk_.payload(payload);
+          after_action();
+        }
         break;
       }
       case script::kDeskError: {
         const uint8_t code = in.u8();
         auto text = in.bytes(in.u8());
-        to_desk_message(pr::Message{0, pr::Error{static_cast<pr::ErrorCode>(code), std::string(text.begin(), text.end())}});
+        to_desk(pr::Message{0, pr::Error{static_cast<pr::ErrorCode>(code), std::string(text.begin(), text.end())}});
         break;
       }
       case script::kDeskDown:
-        if (desk_up_) {
-          desk_up_ = false;
-          core_.desk_disconnected(now_);
-        }
+        if (desk_.transport_is_up()) desk_.transport_down();
         break;
       case script::kDeskUp: desk_connect(); break;
       case script::kTick:
@@ -272,37 +224,32 @@ class Harness final : public shim::ShimEffects {
     const uint8_t pick = in.u8();
     auto body = in.bytes(in.u16());
     auto trailing = in.bytes(in.u16());
-    const std::size_t size = body_size(command);
+    const std::size_t size = pcsclite::body_size(command);
     if (fix & script::kFixHeader) body.resize(size);
     if (fix & script::kFixHandle) {
-      if (has_card_field(command) && !cards_.empty()) put32(body, 0, recent(cards_, pick));
-      if (has_context_field(command) && !contexts_.empty()) put32(body, 0, recent(contexts_, pick));
+      if (pcsclite::starts_with_card(command) && !cards_.empty()) kit::put_le32(body, 0, recent(cards_, pick));
+      if (pcsclite::starts_with_context(command) && !contexts_.empty()) kit::put_le32(body, 0, recent(contexts_, pick));
     }
-    if ((fix & script::kFixReader) && command == 0x04 && body.size() >= 4 + 128) {
+    if ((fix & script::kFixReader) && command == pcsclite::cmd::kConnect && body.size() >= 4 + pcsclite::kReaderNameField) {
       const std::string name = script::kReaderNames[pick % script::kReaderNames.size()];
-      std::memset(body.data() + 4, 0, 128);
-      std::memcpy(body.data() + 4, name.data(), std::min<std::size_t>(name.size(), 127));
+      const kit::Bytes field = kit::Le().text(name.substr(0, pcsclite::kReaderNameField - 1), pcsclite::kReaderNameField);
+      std::copy(field.begin(), field.end(), body.begin() + 4);
     }
-    if ((fix & script::kFixVersion) && command == 0x11) {
-      put32(body, 0, 4);
-      put32(body, 4, 4u + pick % 3u);
+    if ((fix & script::kFixVersion) && command == pcsclite::cmd::kVersion) {
+      kit::put_le32(body, 0, 4);
+      kit::put_le32(body, 4, 4u + pick % 3u);
     }
     if (fix & script::kFixLength) {
-      if (command == 0x09) put32(body, 12, static_cast<uint32_t>(trailing.size()));
-      if (command == 0x0A) put32(body, 8, static_cast<uint32_t>(trailing.size()));
+      if (command == pcsclite::cmd::kTransmit) kit::put_le32(body, 12, static_cast<uint32_t>(trailing.size()));
+      if (command == pcsclite::cmd::kControl) kit::put_le32(body, 8, static_cast<uint32_t>(trailing.size()));
     }
     const uint32_t header_size = (fix & script::kFixHeader) ? static_cast<uint32_t>(size)
                                                             : static_cast<uint32_t>(body.size());
-    std::vector<uint8_t> bytes(8);
-    put32(bytes, 0, header_size);
-    put32(bytes, 4, command);
-    bytes.insert(bytes.end(), body.begin(), body.end());
-    bytes.insert(bytes.end(), trailing.begin(), trailing.end());
     if (!id) return;
     last_command_[*id] = command;
-    // Like the real client: header and body in separate writes.
-    client_send(*id, std::vector<uint8_t>(bytes.begin(), bytes.begin() + 8));
-    if (open_.contains(*id) && bytes.size() > 8) client_send(*id, std::vector<uint8_t>(bytes.begin() + 8, bytes.end()));
+    // Like the real client: header and body (with any trailing data) in separate writes.
+    client_send(*id, pcsclite::header(header_size, command));
+    if (fx_.is_open(*id) && !(body.empty() && trailing.empty())) client_send(*id, kit::cat(body, trailing));
   }
 
   void reply(ByteReader& in) {
@@ -325,12 +272,11 @@ class Harness final : public shim::ShimEffects {
     const uint32_t rv = script::kReplyRvs[rv_pick % script::kReplyRvs.size()];
     r.rv = rv == 0xFFFFFFFF ? r.handle.value : rv;
     const uint32_t id = pending_.empty() ? which : recent(pending_, which);
-    to_desk_message(pr::Message{id, r});
+    to_desk(pr::Message{id, r});
   }
 
   void snapshot(ByteReader& in) {
-    pr::ReaderSnapshot s;
-    s.sequence = ++sequence_;
+    std::vector<pr::ReaderInfo> readers;
     const uint8_t count = in.u8() % 24;
     for (uint8_t i = 0; i < count; ++i) {
       const uint8_t name = in.u8();
@@ -340,21 +286,19 @@ class Harness final : public shim::ShimEffects {
       r.state = in.u16();
       r.event_count = in.u16();
       r.atr = in.bytes(in.u8() % 40);
-      s.readers.push_back(std::move(r));
+      readers.push_back(std::move(r));
     }
-    to_desk_message(pr::Message{0, s});
+    desk_.snapshot(std::move(readers));
+    after_action();
   }
 
+  shim::TimePoint now_ = shim::TimePoint{} + std::chrono::hours(1000);
+  kit::RecordingEffects fx_{breach};
   shim::ShimCore core_;
-  std::set<shim::ClientId> open_;
+  kit::DeskEnd desk_;
   shim::ClientId next_client_ = 1;
   std::map<shim::ClientId, uint32_t> last_command_;
   std::vector<uint32_t> cards_, contexts_, pending_;
-  bool desk_up_ = false;
-  bool reset_requested_ = false;
-  uint64_t sequence_ = 0;
-  shim::Clock::time_point now_ = shim::Clock::time_point{} + std::chrono::hours(1000);
-  std::size_t client_bytes_ = 0, desk_bytes_ = 0;
 };
 
 }  // namespace

@@ -6,7 +6,6 @@
 // the real client does two send() calls ([traced] in §2.1).
 #include "pcscd_wire/wire.hpp"
 
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -15,53 +14,15 @@
 #include <gtest/gtest.h>
 
 #include "cardbridge/support/hex.hpp"
+#include "kit/bytes.hpp"
 
 namespace cardbridge::shim::wire {
 namespace {
 
-static_assert(std::endian::native == std::endian::little,
-              "the hand-written byte arrays below are little-endian (x86-64, aarch64)");
+using Bytes = kit::Bytes;
+using kit::Le;
 
-using Bytes = std::vector<uint8_t>;
-
-// Little-endian byte builder.
-class B {
- public:
-  B& u32(uint32_t v) {
-    for (int i = 0; i < 4; ++i) v_.push_back(static_cast<uint8_t>(v >> (8 * i)));
-    return *this;
-  }
-  B& hex(std::string_view h) {
-    auto b = from_hex(h);
-    EXPECT_TRUE(b.has_value()) << h;
-    if (b) v_.insert(v_.end(), b->begin(), b->end());
-    return *this;
-  }
-  B& bytes(const Bytes& b) {
-    v_.insert(v_.end(), b.begin(), b.end());
-    return *this;
-  }
-  B& zeros(std::size_t n) {
-    v_.insert(v_.end(), n, 0);
-    return *this;
-  }
-  // A NUL-padded fixed char field.
-  B& text(std::string_view s, std::size_t field) {
-    EXPECT_LE(s.size(), field);
-    v_.insert(v_.end(), s.begin(), s.end());
-    v_.insert(v_.end(), field - s.size(), 0);
-    return *this;
-  }
-  Bytes get() const { return v_; }
-  operator Bytes() const { return v_; }                                         // NOLINT
-  operator std::span<const uint8_t>() const { return {v_.data(), v_.size()}; }  // NOLINT
-  std::size_t size() const { return v_.size(); }
-
- private:
-  Bytes v_;
-};
-
-Bytes header(uint32_t size, uint32_t command) { return B().u32(size).u32(command); }
+Bytes header(uint32_t size, uint32_t command) { return Le().u32(size).u32(command); }
 
 // Feeds |hdr| then |body| (then |trailing|), checking that nothing is decoded early.
 DecodedRequest decode_two_sends(const Bytes& hdr, const Bytes& body, const Bytes& trailing = {}) {
@@ -95,7 +56,7 @@ void expect_error(const Bytes& stream, const std::string& what_contains = "") {
     EXPECT_NE(r->error().what.find(what_contains), std::string::npos) << r->error().what;
   }
   // Sticky: more bytes, even a valid request, do not revive the decoder.
-  d.feed(B().hex("0c000000 11000000 04000000 04000000 00000000"));
+  d.feed(Le().hex("0c000000 11000000 04000000 04000000 00000000"));
   for (int i = 0; i < 3; ++i) {
     auto again = d.next();
     ASSERT_TRUE(again.has_value());
@@ -110,7 +71,7 @@ constexpr char kReader[] = "Virtual PCD 00 00";
 // ---- one test per command -------------------------------------------------------------
 
 TEST(WireRequest, VersionTraced) {
-  auto r = decode_two_sends(B().hex("0c000000 11000000"), B().hex("04000000 04000000 00000000"));
+  auto r = decode_two_sends(Le().hex("0c000000 11000000"), Le().hex("04000000 04000000 00000000"));
   EXPECT_EQ(r.command, Command::kVersion);
   const auto& v = std::get<VersionStruct>(r.body);
   EXPECT_EQ(v.major, 4);
@@ -119,7 +80,7 @@ TEST(WireRequest, VersionTraced) {
 }
 
 TEST(WireRequest, EstablishContext) {
-  auto r = decode_two_sends(header(12, 0x01), B().u32(scard::kScopeSystem).u32(0).u32(0));
+  auto r = decode_two_sends(header(12, 0x01), Le().u32(scard::kScopeSystem).u32(0).u32(0));
   EXPECT_EQ(r.command, Command::kEstablishContext);
   const auto& e = std::get<EstablishStruct>(r.body);
   EXPECT_EQ(e.scope, 2u);
@@ -127,15 +88,15 @@ TEST(WireRequest, EstablishContext) {
 }
 
 TEST(WireRequest, ReleaseContext) {
-  auto r = decode_two_sends(B().hex("08000000 02000000"), B().hex("39a3805a 00000000"));
+  auto r = decode_two_sends(Le().hex("08000000 02000000"), Le().hex("39a3805a 00000000"));
   EXPECT_EQ(r.command, Command::kReleaseContext);
   EXPECT_EQ(std::get<ReleaseStruct>(r.body).context, kTracedContext);
 }
 
 TEST(WireRequest, ConnectTraced) {
-  Bytes body = B().u32(kTracedContext).text(kReader, 128).u32(2).u32(3).u32(0).u32(0).u32(0);
+  Bytes body = Le().u32(kTracedContext).text(kReader, 128).u32(2).u32(3).u32(0).u32(0).u32(0);
   ASSERT_EQ(body.size(), 152u);
-  auto r = decode_two_sends(B().hex("98000000 04000000"), body);
+  auto r = decode_two_sends(Le().hex("98000000 04000000"), body);
   EXPECT_EQ(r.command, Command::kConnect);
   const auto& c = std::get<ConnectStruct>(r.body);
   EXPECT_EQ(c.context, kTracedContext);
@@ -146,7 +107,7 @@ TEST(WireRequest, ConnectTraced) {
 }
 
 TEST(WireRequest, ConnectReaderByte127ForcedToNul) {
-  Bytes body = B().u32(1).text(std::string(128, 'A'), 128).u32(1).u32(2).u32(0).u32(0).u32(0);
+  Bytes body = Le().u32(1).text(std::string(128, 'A'), 128).u32(1).u32(2).u32(0).u32(0).u32(0);
   auto r = decode_two_sends(header(152, 0x04), body);
   const auto& c = std::get<ConnectStruct>(r.body);
   EXPECT_EQ(c.reader[127], '\0');
@@ -157,8 +118,8 @@ TEST(WireRequest, ConnectReaderByte127ForcedToNul) {
 }
 
 TEST(WireRequest, Reconnect) {
-  auto r = decode_two_sends(B().hex("18000000 05000000"),
-                            B().u32(kTracedCard).u32(2).u32(3).u32(scard::kResetCard).u32(2).u32(0));
+  auto r = decode_two_sends(Le().hex("18000000 05000000"),
+                            Le().u32(kTracedCard).u32(2).u32(3).u32(scard::kResetCard).u32(2).u32(0));
   EXPECT_EQ(r.command, Command::kReconnect);
   const auto& s = std::get<ReconnectStruct>(r.body);
   EXPECT_EQ(static_cast<uint32_t>(s.card), kTracedCard);
@@ -169,7 +130,7 @@ TEST(WireRequest, Reconnect) {
 }
 
 TEST(WireRequest, Disconnect) {
-  auto r = decode_two_sends(B().hex("0c000000 06000000"), B().u32(kTracedCard).u32(scard::kUnpowerCard).u32(0));
+  auto r = decode_two_sends(Le().hex("0c000000 06000000"), Le().u32(kTracedCard).u32(scard::kUnpowerCard).u32(0));
   EXPECT_EQ(r.command, Command::kDisconnect);
   const auto& s = std::get<DisconnectStruct>(r.body);
   EXPECT_EQ(static_cast<uint32_t>(s.card), kTracedCard);
@@ -177,13 +138,13 @@ TEST(WireRequest, Disconnect) {
 }
 
 TEST(WireRequest, BeginTransaction) {
-  auto r = decode_two_sends(B().hex("08000000 07000000"), B().u32(kTracedCard).u32(0));
+  auto r = decode_two_sends(Le().hex("08000000 07000000"), Le().u32(kTracedCard).u32(0));
   EXPECT_EQ(r.command, Command::kBeginTransaction);
   EXPECT_EQ(static_cast<uint32_t>(std::get<BeginStruct>(r.body).card), kTracedCard);
 }
 
 TEST(WireRequest, EndTransaction) {
-  auto r = decode_two_sends(B().hex("0c000000 08000000"), B().u32(kTracedCard).u32(scard::kResetCard).u32(0));
+  auto r = decode_two_sends(Le().hex("0c000000 08000000"), Le().u32(kTracedCard).u32(scard::kResetCard).u32(0));
   EXPECT_EQ(r.command, Command::kEndTransaction);
   const auto& s = std::get<EndStruct>(r.body);
   EXPECT_EQ(static_cast<uint32_t>(s.card), kTracedCard);
@@ -192,10 +153,10 @@ TEST(WireRequest, EndTransaction) {
 
 TEST(WireRequest, TransmitTraced) {
   // §2.3 [traced]: header, 32-byte struct, then the 7 APDU bytes (three sends).
-  Bytes hdr = B().hex("20000000 09000000");
-  Bytes fixed = B().u32(kTracedCard).hex("02000000 10000000 07000000 00000000 00000000 2c010000 00000000");
+  Bytes hdr = Le().hex("20000000 09000000");
+  Bytes fixed = Le().u32(kTracedCard).hex("02000000 10000000 07000000 00000000 00000000 2c010000 00000000");
   ASSERT_EQ(fixed.size(), 32u);
-  Bytes apdu = B().hex("00a4 0400 023f00");
+  Bytes apdu = Le().hex("00a4 0400 023f00");
   auto r = decode_two_sends(hdr, fixed, apdu);
   EXPECT_EQ(r.command, Command::kTransmit);
   const auto& t = std::get<TransmitRequest>(r.body);
@@ -208,7 +169,7 @@ TEST(WireRequest, TransmitTraced) {
 }
 
 TEST(WireRequest, TransmitStructAndApduInOneSend) {
-  Bytes body = B().u32(7).u32(1).u32(16).u32(5).u32(3).u32(16).u32(258).u32(0).hex("00 B0 00 00 00");
+  Bytes body = Le().u32(7).u32(1).u32(16).u32(5).u32(3).u32(16).u32(258).u32(0).hex("00 B0 00 00 00");
   auto r = decode_two_sends(header(32, 0x09), body);
   const auto& t = std::get<TransmitRequest>(r.body);
   EXPECT_EQ(t.apdu, (Bytes{0x00, 0xB0, 0x00, 0x00, 0x00}));
@@ -216,21 +177,21 @@ TEST(WireRequest, TransmitStructAndApduInOneSend) {
 }
 
 TEST(WireRequest, TransmitEmptyApdu) {
-  auto r = decode_two_sends(header(32, 0x09), B().u32(7).u32(1).u32(16).u32(0).u32(3).u32(16).u32(258).u32(0));
+  auto r = decode_two_sends(header(32, 0x09), Le().u32(7).u32(1).u32(16).u32(0).u32(3).u32(16).u32(258).u32(0));
   EXPECT_TRUE(std::get<TransmitRequest>(r.body).apdu.empty());
 }
 
 TEST(WireRequest, TransmitMaximalExtendedApdu) {
   Bytes apdu(scard::kMaxBufferSizeExtended, 0x5A);
-  auto r = decode_two_sends(header(32, 0x09), B().u32(7).u32(2).u32(16).u32(65548).u32(3).u32(16).u32(65548).u32(0),
+  auto r = decode_two_sends(header(32, 0x09), Le().u32(7).u32(2).u32(16).u32(65548).u32(3).u32(16).u32(65548).u32(0),
                             apdu);
   EXPECT_EQ(std::get<TransmitRequest>(r.body).apdu.size(), 65548u);
 }
 
 TEST(WireRequest, ControlTracedWithoutData) {
   // [traced]: code 0x42000D48, send 0, recv 100.
-  auto r = decode_two_sends(B().hex("18000000 0a000000"),
-                            B().u32(kTracedCard).u32(0x42000D48).u32(0).u32(100).u32(0).u32(0));
+  auto r = decode_two_sends(Le().hex("18000000 0a000000"),
+                            Le().u32(kTracedCard).u32(0x42000D48).u32(0).u32(100).u32(0).u32(0));
   EXPECT_EQ(r.command, Command::kControl);
   const auto& c = std::get<ControlRequest>(r.body);
   EXPECT_EQ(c.fixed.control_code, 0x42000D48u);
@@ -240,7 +201,7 @@ TEST(WireRequest, ControlTracedWithoutData) {
 
 TEST(WireRequest, ControlWithData) {
   // testpcsc step 9: SCardControl(SCARD_CTL_CODE(1), {0x02}).
-  auto r = decode_two_sends(header(24, 0x0A), B().u32(kTracedCard).u32(scard::ctl_code(1)).u32(1).u32(100).u32(0).u32(0),
+  auto r = decode_two_sends(header(24, 0x0A), Le().u32(kTracedCard).u32(scard::ctl_code(1)).u32(1).u32(100).u32(0).u32(0),
                             Bytes{0x02});
   const auto& c = std::get<ControlRequest>(r.body);
   EXPECT_EQ(c.fixed.control_code, 0x42000001u);
@@ -248,22 +209,22 @@ TEST(WireRequest, ControlWithData) {
 }
 
 TEST(WireRequest, Status) {
-  auto r = decode_two_sends(B().hex("08000000 0b000000"), B().u32(kTracedCard).u32(0));
+  auto r = decode_two_sends(Le().hex("08000000 0b000000"), Le().u32(kTracedCard).u32(0));
   EXPECT_EQ(r.command, Command::kStatus);
   EXPECT_EQ(static_cast<uint32_t>(std::get<StatusStruct>(r.body).card), kTracedCard);
 }
 
 TEST(WireRequest, CancelTraced) {
-  auto r = decode_two_sends(B().hex("08000000 0d000000"), B().hex("39a3805a 00000000"));
+  auto r = decode_two_sends(Le().hex("08000000 0d000000"), Le().hex("39a3805a 00000000"));
   EXPECT_EQ(r.command, Command::kCancel);
   EXPECT_EQ(static_cast<uint32_t>(std::get<CancelStruct>(r.body).context), kTracedContext);
 }
 
 TEST(WireRequest, GetAttrib) {
   // The client sends cbAttrLen = 264 and pre-fills rv with SCARD_E_NO_SERVICE [traced].
-  Bytes body = B().u32(kTracedCard).u32(scard::kAttrAtrString).zeros(264).u32(264).u32(0x8010001D);
+  Bytes body = Le().u32(kTracedCard).u32(scard::kAttrAtrString).zeros(264).u32(264).u32(0x8010001D);
   ASSERT_EQ(body.size(), 280u);
-  auto r = decode_two_sends(B().hex("18010000 0f000000"), body);
+  auto r = decode_two_sends(Le().hex("18010000 0f000000"), body);
   EXPECT_EQ(r.command, Command::kGetAttrib);
   const auto& g = std::get<GetSetStruct>(r.body);
   EXPECT_EQ(static_cast<uint32_t>(g.card), kTracedCard);
@@ -276,8 +237,8 @@ TEST(WireRequest, SetAttrib) {
   Bytes attr(264, 0);
   attr[0] = 0xAB;
   attr[263] = 0xCD;
-  auto r = decode_two_sends(B().hex("18010000 10000000"),
-                            B().u32(kTracedCard).u32(scard::kAttrAtrString).bytes(attr).u32(264).u32(0x8010001D));
+  auto r = decode_two_sends(Le().hex("18010000 10000000"),
+                            Le().u32(kTracedCard).u32(scard::kAttrAtrString).bytes(attr).u32(264).u32(0x8010001D));
   EXPECT_EQ(r.command, Command::kSetAttrib);
   const auto& g = std::get<GetSetStruct>(r.body);
   EXPECT_EQ(g.attr[0], 0xAB);
@@ -300,7 +261,7 @@ TEST(WireRequest, HeaderOnlyCommandsIgnoreSize) {
       ASSERT_TRUE(std::holds_alternative<HeaderOnly>(r->value().body));
       EXPECT_EQ(static_cast<uint32_t>(std::get<HeaderOnly>(r->value().body).command), cmd);
       EXPECT_EQ(d.buffered(), 0u);
-      d.feed(B().hex("0c000000 11000000 04000000 05000000 00000000"));
+      d.feed(Le().hex("0c000000 11000000 04000000 05000000 00000000"));
       auto v = d.next();
       ASSERT_TRUE(v.has_value());
       ASSERT_TRUE(v->ok());
@@ -312,7 +273,7 @@ TEST(WireRequest, HeaderOnlyCommandsIgnoreSize) {
 TEST(WireRequest, GetStatusChangeSequence) {
   // SCardGetStatusChange(timeout 0) on 1.9.9: 13 then 14, back to back.
   RequestDecoder d;
-  d.feed(B().hex("00000000 13000000 00000000 14000000"));
+  d.feed(Le().hex("00000000 13000000 00000000 14000000"));
   auto a = d.next();
   auto b = d.next();
   ASSERT_TRUE(a && a->ok() && b && b->ok());
@@ -324,20 +285,20 @@ TEST(WireRequest, GetStatusChangeSequence) {
 // ---- errors (pcscd closes the connection) ---------------------------------------------
 
 TEST(WireError, WrongBodySize) {
-  expect_error(B().u32(8).u32(0x01).zeros(8), "body size");
-  expect_error(B().u32(16).u32(0x01).zeros(16), "body size");
-  expect_error(B().u32(151).u32(0x04).zeros(151));
-  expect_error(B().u32(153).u32(0x04).zeros(153));
-  expect_error(B().u32(0).u32(0x11));
+  expect_error(Le().u32(8).u32(0x01).zeros(8), "body size");
+  expect_error(Le().u32(16).u32(0x01).zeros(16), "body size");
+  expect_error(Le().u32(151).u32(0x04).zeros(151));
+  expect_error(Le().u32(153).u32(0x04).zeros(153));
+  expect_error(Le().u32(0).u32(0x11));
   // The APDU is not part of |size|: a client that counted it is refused.
-  expect_error(B().u32(32 + 7).u32(0x09).zeros(39));
-  expect_error(B().u32(279).u32(0x0F).zeros(279));
-  expect_error(B().u32(0xFFFFFFFF).u32(0x10));
+  expect_error(Le().u32(32 + 7).u32(0x09).zeros(39));
+  expect_error(Le().u32(279).u32(0x0F).zeros(279));
+  expect_error(Le().u32(0xFFFFFFFF).u32(0x10));
 }
 
 TEST(WireError, WrongBodySizeIsDetectedFromTheHeaderAlone) {
   RequestDecoder d;
-  d.feed(B().u32(1000).u32(0x01));
+  d.feed(Le().u32(1000).u32(0x01));
   auto r = d.next();
   ASSERT_TRUE(r.has_value());
   EXPECT_FALSE(r->ok());
@@ -346,42 +307,42 @@ TEST(WireError, WrongBodySizeIsDetectedFromTheHeaderAlone) {
 TEST(WireError, UnknownOpcode) {
   for (uint32_t cmd : {0x00u, 0x18u, 0x19u, 0x100u, 0x80000001u, 0xFFFFFFFFu}) {
     SCOPED_TRACE(cmd);
-    expect_error(B().u32(0).u32(cmd), "unsupported command");
-    expect_error(B().u32(12).u32(cmd).zeros(12), "unsupported command");
+    expect_error(Le().u32(0).u32(cmd), "unsupported command");
+    expect_error(Le().u32(12).u32(cmd).zeros(12), "unsupported command");
   }
 }
 
 TEST(WireError, CommandsRealClientsNeverSend) {
   for (uint32_t cmd : {0x03u, 0x0Cu, 0x0Eu}) {
     SCOPED_TRACE(cmd);
-    expect_error(B().u32(0).u32(cmd));
-    expect_error(B().u32(8).u32(cmd).zeros(8));
+    expect_error(Le().u32(0).u32(cmd));
+    expect_error(Le().u32(8).u32(cmd).zeros(8));
   }
 }
 
 TEST(WireError, TransmitSendLengthAboveExtended) {
   // 65549: refused from the struct alone, before any APDU byte is buffered.
-  expect_error(B().u32(32).u32(0x09).u32(7).u32(2).u32(16).u32(65549).u32(3).u32(16).u32(258).u32(0), "send length");
-  expect_error(B().u32(32).u32(0x09).u32(7).u32(2).u32(16).u32(0xFFFFFFFF).u32(3).u32(16).u32(258).u32(0));
+  expect_error(Le().u32(32).u32(0x09).u32(7).u32(2).u32(16).u32(65549).u32(3).u32(16).u32(258).u32(0), "send length");
+  expect_error(Le().u32(32).u32(0x09).u32(7).u32(2).u32(16).u32(0xFFFFFFFF).u32(3).u32(16).u32(258).u32(0));
 }
 
 TEST(WireError, ControlSendLengthAboveExtended) {
-  expect_error(B().u32(24).u32(0x0A).u32(7).u32(0x42000001).u32(65549).u32(100).u32(0).u32(0), "send length");
-  expect_error(B().u32(24).u32(0x0A).u32(7).u32(0x42000001).u32(0x80000000).u32(100).u32(0).u32(0));
+  expect_error(Le().u32(24).u32(0x0A).u32(7).u32(0x42000001).u32(65549).u32(100).u32(0).u32(0), "send length");
+  expect_error(Le().u32(24).u32(0x0A).u32(7).u32(0x42000001).u32(0x80000000).u32(100).u32(0).u32(0));
 }
 
 TEST(WireError, AttribLengthAbove264) {
   for (uint32_t cmd : {0x0Fu, 0x10u}) {
     for (uint32_t len : {265u, 0x10000u, 0xFFFFFFFFu}) {
       SCOPED_TRACE(testing::Message() << cmd << " " << len);
-      expect_error(B().u32(280).u32(cmd).u32(7).u32(0x00090303).zeros(264).u32(len).u32(0), "attribute length");
+      expect_error(Le().u32(280).u32(cmd).u32(7).u32(0x00090303).zeros(264).u32(len).u32(0), "attribute length");
     }
   }
 }
 
 TEST(WireError, ErrorAfterGoodRequestsKeepsTheGoodOnes) {
   RequestDecoder d;
-  d.feed(B().hex("0c000000 11000000 04000000 04000000 00000000").hex("00000000 03000000"));
+  d.feed(Le().hex("0c000000 11000000 04000000 04000000 00000000").hex("00000000 03000000"));
   auto a = d.next();
   ASSERT_TRUE(a && a->ok());
   EXPECT_EQ(a->value().command, Command::kVersion);
@@ -392,7 +353,7 @@ TEST(WireError, ErrorAfterGoodRequestsKeepsTheGoodOnes) {
 
 TEST(WireError, NoVerdictOnPartialHeader) {
   RequestDecoder d;
-  d.feed(B().hex("00000000 030000"));  // 7 bytes of an invalid header
+  d.feed(Le().hex("00000000 030000"));  // 7 bytes of an invalid header
   EXPECT_FALSE(d.next().has_value());
   d.feed(Bytes{0x00});
   auto r = d.next();
@@ -404,7 +365,7 @@ TEST(WireError, NoVerdictOnPartialHeader) {
 
 // A realistic session: every command, header-only ones included.
 Bytes session_stream() {
-  B s;
+  Le s;
   s.hex("0c000000 11000000 04000000 04000000 00000000");                 // VERSION
   s.u32(12).u32(0x01).u32(2).u32(0).u32(0);                                // ESTABLISH
   s.hex("00000000 12000000");                                             // GET_READERS_STATE
@@ -493,7 +454,7 @@ TEST(WireReassembly, OneByteAtATime) {
 }
 
 TEST(WireReassembly, EveryPairOfCutsInATransmit) {
-  const Bytes stream = B().hex("20000000 09000000").u32(kTracedCard)
+  const Bytes stream = Le().hex("20000000 09000000").u32(kTracedCard)
                           .hex("02000000 10000000 07000000 00000000 00000000 2c010000 00000000 00a40400023f00")
                           .hex("00000000 12000000");
   for (std::size_t a = 0; a <= stream.size(); ++a) {
@@ -516,7 +477,7 @@ TEST(WireReply, ConnectReplyBytes) {
   r.card = static_cast<int32_t>(kTracedCard);
   r.active_protocol = 2;
   r.rv = 0;
-  Bytes expected = B().hex("39a3805a").text(kReader, 128).hex("02000000 03000000 42d45349 02000000 00000000");
+  Bytes expected = Le().hex("39a3805a").text(kReader, 128).hex("02000000 03000000 42d45349 02000000 00000000");
   ASSERT_EQ(expected.size(), 152u);
   EXPECT_EQ(to_hex(bytes_of(r)), to_hex(expected));
 }
@@ -533,12 +494,12 @@ TEST(WireReply, TransmitReplyBytesTraced) {
   r.recv_length = 2;
   r.rv = 0;
   Bytes response = {0x90, 0x00};
-  Bytes expected = B().hex("42d45349 02000000 10000000 07000000 01000000 00000000 02000000 00000000 9000");
+  Bytes expected = Le().hex("42d45349 02000000 10000000 07000000 01000000 00000000 02000000 00000000 9000");
   EXPECT_EQ(to_hex(bytes_of(r, response)), to_hex(expected));
   r.rv = scard::kEInsufficientBuffer;
   r.recv_length = 300;
   EXPECT_EQ(to_hex(bytes_of(r)),
-            to_hex(B().hex("42d45349 02000000 10000000 07000000 01000000 00000000 2c010000 08001080")));
+            to_hex(Le().hex("42d45349 02000000 10000000 07000000 01000000 00000000 2c010000 08001080")));
 }
 
 TEST(WireReply, GetAttribReplyBytes) {
@@ -549,22 +510,22 @@ TEST(WireReply, GetAttribReplyBytes) {
   std::memcpy(r.attr, atr.data(), atr.size());
   r.attr_length = 5;
   r.rv = 0;
-  Bytes expected = B().hex("42d45349 03030900").bytes(atr).zeros(264 - 5).hex("05000000 00000000");
+  Bytes expected = Le().hex("42d45349 03030900").bytes(atr).zeros(264 - 5).hex("05000000 00000000");
   ASSERT_EQ(expected.size(), 280u);
   EXPECT_EQ(to_hex(bytes_of(r)), to_hex(expected));
 }
 
 TEST(WireReply, SmallRepliesBytes) {
-  EXPECT_EQ(bytes_of(VersionStruct{4, 4, 0}), B().hex("04000000 04000000 00000000").get());
-  EXPECT_EQ(bytes_of(EstablishStruct{2, kTracedContext, 0}), B().hex("02000000 39a3805a 00000000").get());
-  EXPECT_EQ(bytes_of(CancelStruct{static_cast<int32_t>(kTracedContext), 0}), B().hex("39a3805a 00000000").get());
+  EXPECT_EQ(bytes_of(VersionStruct{4, 4, 0}), Le().hex("04000000 04000000 00000000").get());
+  EXPECT_EQ(bytes_of(EstablishStruct{2, kTracedContext, 0}), Le().hex("02000000 39a3805a 00000000").get());
+  EXPECT_EQ(bytes_of(CancelStruct{static_cast<int32_t>(kTracedContext), 0}), Le().hex("39a3805a 00000000").get());
   // The event signal for a cancelled wait [traced]: `00000000 02001080`.
-  EXPECT_EQ(bytes_of(WaitReaderStateChange{0, scard::kECancelled}), B().hex("00000000 02001080").get());
-  EXPECT_EQ(bytes_of(GetReaderEvents{3, 0}), B().hex("03000000 00000000").get());
+  EXPECT_EQ(bytes_of(WaitReaderStateChange{0, scard::kECancelled}), Le().hex("00000000 02001080").get());
+  EXPECT_EQ(bytes_of(GetReaderEvents{3, 0}), Le().hex("03000000 00000000").get());
   EXPECT_EQ(bytes_of(ReconnectStruct{7, 2, 3, 1, 2, 0x8010000B}),
-            B().u32(7).u32(2).u32(3).u32(1).u32(2).u32(0x8010000B).get());
+            Le().u32(7).u32(2).u32(3).u32(1).u32(2).u32(0x8010000B).get());
   EXPECT_EQ(bytes_of(ControlStruct{7, 0x42000D48, 0, 100, 4, 0}, Bytes{1, 2, 3, 4}),
-            B().u32(7).u32(0x42000D48).u32(0).u32(100).u32(4).u32(0).hex("01020304").get());
+            Le().u32(7).u32(0x42000D48).u32(0).u32(100).u32(4).u32(0).hex("01020304").get());
 }
 
 TEST(WireReply, ReaderStateBytes) {
@@ -577,7 +538,7 @@ TEST(WireReply, ReaderStateBytes) {
   std::memcpy(rs.atr, atr.data(), atr.size());
   rs.atr_length = 5;
   rs.card_protocol = 2;
-  Bytes expected = B().text(kReader, 128).u32(1).u32(0x34).u32(0xFFFFFFFF).bytes(atr).zeros(33 - 5 + 3).u32(5).u32(2);
+  Bytes expected = Le().text(kReader, 128).u32(1).u32(0x34).u32(0xFFFFFFFF).bytes(atr).zeros(33 - 5 + 3).u32(5).u32(2);
   ASSERT_EQ(expected.size(), 184u);
   EXPECT_EQ(to_hex(bytes_of(rs)), to_hex(expected));
 }
@@ -609,8 +570,8 @@ TEST(WireNames, ReadNameStopsAtNulAndAtByte127) {
 TEST(WireEncode, EncodeRequestLayout) {
   Bytes body = {1, 2, 3, 4, 5, 6, 7, 8};
   Bytes trailing = {0xAA};
-  EXPECT_EQ(encode_request(Command::kStatus, body, trailing), B().hex("08000000 0b000000 0102030405060708 aa").get());
-  EXPECT_EQ(encode_request(Command::kGetReadersState, {}), B().hex("00000000 12000000").get());
+  EXPECT_EQ(encode_request(Command::kStatus, body, trailing), Le().hex("08000000 0b000000 0102030405060708 aa").get());
+  EXPECT_EQ(encode_request(Command::kGetReadersState, {}), Le().hex("00000000 12000000").get());
 }
 
 TEST(WireNames, CommandNames) {
