@@ -44,6 +44,43 @@ TEST(ShimCoreStream, RequestsCutAnywhereOrBatchedAreAnsweredInOrder) {
   EXPECT_TRUE(c2.closed_by_shim());
 }
 
+// A real client sends one request at a time; requests piling up behind one that waits for
+// the desk beyond two maximal TRANSMITs are abuse: the connection is closed, nobody else's.
+TEST(ShimCoreStream, UnansweredRequestsPilingUpCloseTheConnection) {
+  Rig r(kStandardDesk);
+  auto [c, card] = r.connected_client();
+  auto [other, other_card] = r.connected_client();
+  c.send_transmit(card, kSelectMf);  // waits for the desk
+  r.desk.expect(pr::Op::kTransmit);
+  pcsclite::TransmitFields t;
+  t.card = card;
+  const Bytes apdu(65536, 0x00);
+  t.send_length = static_cast<uint32_t>(apdu.size());
+  const Bytes big = pcsclite::request(cmd::kTransmit, pcsclite::transmit(t), apdu);
+  c.send_raw(big);
+  EXPECT_FALSE(c.closed_by_shim()) << "one request queued is fine";
+  c.send_raw(big);
+  c.send_raw(big);
+  EXPECT_TRUE(c.closed_by_shim());
+  EXPECT_FALSE(other.closed_by_shim());
+  r.desk.expect(pr::Op::kReleaseContext);  // the closed client's desk context goes
+  other.send_transmit(other_card, kSelectMf);
+  auto q = r.desk.expect(pr::Op::kTransmit);
+  r.desk.reply(q.id, r.desk.answer(q));
+  EXPECT_EQ(other.transmit_reply().rv, kSuccess);
+}
+
+// pcscd 1.9.9 allows 200 card handles per context (pcscd.h); the 201st Connect is refused.
+TEST(ShimCoreConnect, MoreThan200HandlesInOneContextIsNoMemory) {
+  Rig r(kStandardDesk);
+  auto c = r.client();
+  for (int i = 0; i < 200; ++i) r.connect(c, kReaderA, kShareShared);
+  c.send_connect(kReaderA, kShareShared, kT0T1);
+  auto cr = c.connect_reply();
+  EXPECT_EQ(cr.rv, kENoMemory);
+  EXPECT_TRUE(r.desk.idle()) << "refused before the desk";
+}
+
 TEST(ShimCoreHandles, AHandleNotOwnedByTheConnectionClosesItAndOnlyIt) {
   Rig r(kStandardDesk);
   auto [owner, card] = r.connected_client();

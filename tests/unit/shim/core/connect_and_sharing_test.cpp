@@ -146,6 +146,27 @@ TEST(ShimCoreConnect, UnknownReaderOrNoDeskIsAnsweredLocally) {
   }
 }
 
+// pcscd (winscard.c SCardConnect) checks the reader's presence after the reader, the
+// exclusive holder and the transaction: the shim knows from the desk's pushes that the
+// reader is empty and answers without a round trip. DIRECT reaches an empty reader.
+TEST(ShimCoreConnect, AnEmptyReaderIsNoSmartcardWithoutARoundTripExceptForDirect) {
+  Rig r(kStandardDesk);  // reader B is empty
+  auto c = r.client();
+  for (uint32_t share : {kShareShared, kShareExclusive}) {
+    c.send_connect(kReaderB, share, kT0T1);
+    auto cr = c.connect_reply();
+    EXPECT_EQ(cr.rv, kENoSmartcard);
+    EXPECT_EQ(cr.card, 0u);
+    EXPECT_TRUE(r.desk.idle()) << "no desk request for share mode " << share;
+  }
+  EXPECT_EQ(r.core.stats().local_answers, 2u);
+  EXPECT_EQ(r.core.stats().round_trips, 0u);
+  c.send_connect(kReaderB, kShareDirect, 0);
+  auto [id, q] = r.desk.expect(pr::Op::kConnect);
+  EXPECT_EQ(q.share_mode, kShareDirect);
+  EXPECT_EQ(q.reader, kReaderB);
+}
+
 TEST(ShimCoreConnect, WrongContextIsInvalidValue) {
   Rig r(kStandardDesk);
   auto c = r.client();

@@ -187,6 +187,25 @@ TEST(ShimCoreDeskLink, HelloIsRetriedUntilTheDeskAnswers) {
 // =====================================================================================
 // Liveness
 
+// The latency probe of the control socket (cdrsession status/doctor): a Ping answered by
+// the desk, or false at once without a desk and when the desk goes while it is out.
+TEST(ShimCoreDeskLink, PingDeskReportsTheAnswerOrTheDesksAbsence) {
+  Rig r;
+  std::vector<bool> results;
+  r.core.ping_desk(r.now, [&](bool ok) { results.push_back(ok); });
+  EXPECT_EQ(results, std::vector<bool>{false}) << "no desk: answered at once";
+  r.desk_up({card_in(kReaderA, 1)});
+  r.core.ping_desk(r.now, [&](bool ok) { results.push_back(ok); });
+  auto [id, q] = r.desk.expect(pr::Op::kPing);
+  EXPECT_EQ(q.context.value, 0u) << "a Ping needs no desk context";
+  r.desk.reply(id, pr::Reply{});
+  EXPECT_EQ(results, (std::vector<bool>{false, true}));
+  r.core.ping_desk(r.now, [&](bool ok) { results.push_back(ok); });
+  r.desk.expect(pr::Op::kPing);
+  r.core.desk_disconnected(r.now);
+  EXPECT_EQ(results, (std::vector<bool>{false, true, false}));
+}
+
 TEST(ShimCoreLiveness, AProbeOnlyWhileRequestsAreOutstanding) {
   Rig r(kStandardDesk);
   auto a = r.client();
