@@ -17,8 +17,8 @@ find_package(fmt REQUIRED)
 add_subdirectory(protocol)
 # cardbridge::shim_core (pcscd_wire, ReaderTable, ShimCore)
 add_subdirectory(server-shim)
-# The desk core joins when it is sans-I/O (issue 11): mark client-plugin/CMakeLists.txt as
-# above and add `client-plugin` here and `unit/client` in tests/CMakeLists.txt.
+# cardbridge::client_core (DeskCore, policy, speculation)
+add_subdirectory(client-plugin)
 
 if(CARDBRIDGE_BUILD_TESTS)
   add_subdirectory(tests)
