@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "fuzz_util.hpp"
-#include "pcscd_wire/wire.hpp"
+#include "cardbridge/pcscd_wire/wire.hpp"
 
 using cardbridge::fuzz::ByteReader;
 namespace wire = cardbridge::shim::wire;

@@ -24,7 +24,7 @@
 
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
-#include "core/shim_core.hpp"
+#include "cardbridge/shim_core/shim_core.hpp"
 #include "fuzz_util.hpp"
 #include "kit/bytes.hpp"
 #include "kit/desk_end.hpp"

@@ -4,7 +4,7 @@ others.
 
 Shared rig: slot 0 ISO 7816 card, slot 2 the harness test card (INS EE echoes command data).
 
-libpcsclite's own handle table is not thread-safe (client-plugin/src/pcsc/library_gate.hpp):
+libpcsclite's own handle table is not thread-safe (client-plugin/pcsc/include/cardbridge/desk_pcsc/library_gate.hpp):
 a multi-threaded client process that connects or disconnects in one thread while another
 thread uses a handle, or establishes/releases a context while another disconnects, can
 crash, on the desk's pcscd as through the shim. So threaded clients here set up and tear

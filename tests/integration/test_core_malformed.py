@@ -197,7 +197,7 @@ def test_unread_replies_are_bounded(rig):
     """A client that sends requests and never reads the answers (each 8-byte
     CMD_GET_READERS_STATE costs the shim a 2944-byte reply): pcscd's thread just blocks on the
     full socket. The shim bounds what it queues: past 1 MiB of unread answers it closes that
-    client (server-shim/src/io/shim_service.cpp, "answers unread; closing the connection"),
+    client (server-shim/io/src/shim_service.cpp, "answers unread; closing the connection"),
     stays up, and serves everyone else."""
     def rss_kb(pid):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -238,7 +238,7 @@ def test_unread_replies_are_bounded(rig):
 
 
 # ------------------------------------------------------------------------------------------
-# cardbridge.v1 frames, hand-encoded (protocol/proto/cardbridge/v1/cardbridge.proto)
+# cardbridge.v1 frames, hand-encoded (protocol/wire/proto/cardbridge/v1/cardbridge.proto)
 
 def _varint(n: int) -> bytes:
     out = b""
@@ -452,7 +452,7 @@ def test_desk_agent_requests_with_bogus_handles(rig):
                 answers[env[1][0]] = pb_parse(env[6][0]).get(1, [0])[0]
         assert len(answers) == 12, answers
         # every one: SCARD_E_INVALID_HANDLE (the desk engine knows no such handle on this
-        # connection; client-plugin/src/core/desk_engine.cpp), and nothing reached a card
+        # connection; client-plugin/core/src/desk_core.cpp), and nothing reached a card
         assert set(answers.values()) == {int(RV["E_INVALID_HANDLE"], 16)}, {k: hex(v) for k, v in answers.items()}
     finally:
         c.close()

@@ -1,5 +1,5 @@
 """`cdrsession doctor`, run in the published application's context, against real parts: its verdict,
-in plain words and as JSON (--json), and its exit code (cdrsession/src/doctor.hpp) for the healthy
+in plain words and as JSON (--json), and its exit code (cdrsession/lib/include/cardbridge/session/doctor.hpp) for the healthy
 chain and for each broken link.
 
 One emulated desk with six readers; desk agents with a reader filter (--readers) make the desks

@@ -48,7 +48,7 @@ GET_CHALLENGE = "0084000008"
 CPS3_ATR = "3BAC00402A001225006480000310009000"
 VICC_ATR = "3B951381018073FF01000B"  # vicc's stock ISO 7816 card: no CPx card
 
-# Exit codes of `cdrsession doctor` (cdrsession/src/doctor.hpp).
+# Exit codes of `cdrsession doctor` (cdrsession/lib/include/cardbridge/session/doctor.hpp).
 EXIT = {"healthy": 0, "environment": 2, "shim": 3, "user": 4, "channel": 5, "readers": 6, "card": 7,
         "card-type": 8, "latency": 9}
 
@@ -175,7 +175,7 @@ def alive(pid: int) -> bool:
 
 
 class SessionDir:
-    """The layout of one session (cdrsession/src/session.hpp)."""
+    """The layout of one session (cdrsession/lib/include/cardbridge/session/session.hpp)."""
 
     def __init__(self, rt: str, key: str = "default"):
         self.rt = str(rt)

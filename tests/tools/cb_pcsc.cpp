@@ -311,7 +311,7 @@ int main(int argc, char** argv) {
     std::set<std::string> seen;
     std::atomic<int> duplicates{0};
     std::vector<std::thread> ts;
-    // libpcsclite's handle table is not thread-safe (client-plugin/src/pcsc/library_gate.hpp):
+    // libpcsclite's handle table is not thread-safe (client-plugin/pcsc/include/cardbridge/desk_pcsc/library_gate.hpp):
     // threads set up and tear down one at a time, while no other thread transmits.
     std::mutex setup;
     std::barrier started(threads), finished(threads);

@@ -1,7 +1,7 @@
 // cb-desk-storm: many threads, each with its own PC/SC context, connecting, transmitting,
 // taking transactions and disconnecting at once on the real libpcsclite, the way the desk
 // engine's per-context workers do. By default the calls go through the desk's CardApi
-// (client-plugin/src/pcsc, with its LibraryGate); --raw calls libpcsclite directly, which
+// (client-plugin/pcsc, with its LibraryGate); --raw calls libpcsclite directly, which
 // shows the library's own race (library_gate.hpp): the process may crash.
 // Prints one JSON object: calls made, SHARING_VIOLATIONs seen while another thread held
 // the transaction ("busy", as pcscd answers with PCSCLITE_NO_BLOCKING) and failures by
@@ -20,7 +20,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
-#include "pcsc/pcsc_card_api.hpp"
+#include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
 
 namespace cb = cardbridge::client;
 

@@ -51,7 +51,7 @@
 #include <CLI/CLI.hpp>
 
 #include "cardbridge/support/log.hpp"
-#include "relay/wts_relay.hpp"
+#include "cardbridge/wts_relay/wts_relay.hpp"
 
 namespace {
 

@@ -23,7 +23,7 @@
 #include <thread>
 #include <vector>
 
-#include "relay/wts_relay.hpp"
+#include "cardbridge/wts_relay/wts_relay.hpp"
 
 namespace {
 

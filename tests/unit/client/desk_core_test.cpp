@@ -2,7 +2,7 @@
 // test's queue until the test makes it (on FakeCardApi, or with a result of its own); the
 // order in which lanes' calls complete is the test's choice, so blocking, ordering and
 // session ends are played exactly, with no thread and no clock.
-#include "core/desk_core.hpp"
+#include "cardbridge/desk_core/desk_core.hpp"
 
 #include <deque>
 #include <map>

@@ -7,7 +7,7 @@
 //
 // Every wait is on an event (a message, a call count in the fake) with a generous deadline
 // (kDeadline) as a hang guard; no test asserts that something does not happen within a time.
-#include "runtime/desk_runtime.hpp"
+#include "cardbridge/desk_runtime/desk_runtime.hpp"
 
 #include <condition_variable>
 #include <functional>
@@ -22,7 +22,7 @@
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/scard.hpp"
 #include "fake_card_api.hpp"
-#include "runtime/janitor.hpp"
+#include "cardbridge/desk_runtime/janitor.hpp"
 
 namespace cardbridge::client {
 namespace {

@@ -36,7 +36,7 @@
 #include <string>
 #include <vector>
 
-#include "core/card_api.hpp"
+#include "cardbridge/desk_core/card_api.hpp"
 
 namespace cardbridge::client::fake {
 

@@ -2,7 +2,7 @@
 // for a waiting writer, and the pcscd waits that would deadlock inside an exclusive section
 // (our own transaction on the reader) happen outside it. The PC/SC calls are plain lambdas;
 // "it has not run yet" is checked after giving it time to run, "it runs" by waiting for it.
-#include "pcsc/library_gate.hpp"
+#include "cardbridge/desk_pcsc/library_gate.hpp"
 
 #include <gtest/gtest.h>
 

@@ -1,5 +1,5 @@
 // Desk policy: which readers the server sees and which SCardControl codes it may use.
-#include "core/policy.hpp"
+#include "cardbridge/desk_core/policy.hpp"
 
 #include <gtest/gtest.h>
 

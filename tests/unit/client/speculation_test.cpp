@@ -1,5 +1,5 @@
 // The desk's speculation rules (pure): what it predicts a program sends next.
-#include "core/speculation.hpp"
+#include "cardbridge/desk_core/speculation.hpp"
 
 #include <gtest/gtest.h>
 

@@ -1,7 +1,7 @@
-// Card identification by ATR (cdrsession/src/cards.hpp): every ATR of
+// Card identification by ATR (cdrsession/lib/include/cardbridge/session/cards.hpp): every ATR of
 // /work/shared/docs/cps-cards.md, every Vitale entry of pcsc-tools' smartcard_list.txt
 // (Debian 12, pcsc-tools 1.6.2), the CPx-family fallback and unknown cards.
-#include "cards.hpp"
+#include "cardbridge/session/cards.hpp"
 
 #include <gtest/gtest.h>
 

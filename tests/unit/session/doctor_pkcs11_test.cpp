@@ -1,4 +1,4 @@
-// cdrsession doctor, the PKCS#11 middleware check (cdrsession/src/doctor.cpp pkcs11_check,
+// cdrsession doctor, the PKCS#11 middleware check (cdrsession/lib/src/doctor.cpp pkcs11_check,
 // doctor_pkcs11.hpp): its verdicts in plain words - module missing, module that does not load,
 // reader not visible to the module, card not recognised - and the probe's JSON parsing.
 #include <gtest/gtest.h>
@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "doctor.hpp"
+#include "cardbridge/session/doctor.hpp"
 
 namespace cardbridge::session {
 namespace {

@@ -1,6 +1,6 @@
-// cdrsession doctor (cdrsession/src/doctor.hpp): evaluate() for the healthy chain and for each
+// cdrsession doctor (cdrsession/lib/include/cardbridge/session/doctor.hpp): evaluate() for the healthy chain and for each
 // broken link, in order, with the documented exit codes; render_text() and render_json().
-#include "doctor.hpp"
+#include "cardbridge/session/doctor.hpp"
 
 #include <gtest/gtest.h>
 

@@ -13,8 +13,8 @@
 #include <set>
 #include <string>
 
-#include "doctor.hpp"
-#include "session.hpp"
+#include "cardbridge/session/doctor.hpp"
+#include "cardbridge/session/session.hpp"
 
 namespace cardbridge::session {
 namespace {

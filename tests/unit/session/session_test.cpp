@@ -1,7 +1,7 @@
-// Session type detection and the per-session paths (cdrsession/src/session.hpp): xrdp (by
+// Session type detection and the per-session paths (cdrsession/lib/include/cardbridge/session/session.hpp): xrdp (by
 // XRDP_SESSION or by the chansrv socket of DISPLAY), a FreeRDP-based host (its relay socket),
 // a TLS desk (CARDBRIDGE_DESK=tls:...), none; the session key and its validation.
-#include "session.hpp"
+#include "cardbridge/session/session.hpp"
 
 #include <gtest/gtest.h>
 

@@ -1,5 +1,5 @@
 // ReaderTable: pcscd's 16-slot reader-state array built from the desk's snapshots.
-#include "core/reader_table.hpp"
+#include "cardbridge/shim_core/reader_table.hpp"
 
 #include <bit>
 #include <cstdint>

@@ -1,10 +1,10 @@
-// pcsc-lite client <-> pcscd IPC codec (server-shim/src/pcscd_wire).
+// pcsc-lite client <-> pcscd IPC codec (server-shim/pcscd_wire).
 //
 // Requests are written out byte by byte as libpcsclite 1.9.9 sends them on x86-64
 // (docs: pcsc-protocol.md §2), not built with the structs under test, so that a layout
 // mistake in wire.hpp cannot hide itself. The header and the body are fed separately, as
 // the real client does two send() calls ([traced] in §2.1).
-#include "pcscd_wire/wire.hpp"
+#include "cardbridge/pcscd_wire/wire.hpp"
 
 #include <cstdint>
 #include <cstring>

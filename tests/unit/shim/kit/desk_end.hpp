@@ -20,7 +20,7 @@
 #include "cardbridge/protocol/framing.hpp"
 #include "cardbridge/protocol/messages.hpp"
 #include "cardbridge/protocol/version.hpp"
-#include "core/shim_core.hpp"
+#include "cardbridge/shim_core/shim_core.hpp"
 #include "kit/recording_effects.hpp"
 
 namespace cardbridge::shim::kit {

@@ -28,7 +28,7 @@
 
 #include <gtest/gtest.h>
 
-#include "core/shim_core.hpp"
+#include "cardbridge/shim_core/shim_core.hpp"
 #include "kit/bytes.hpp"
 #include "kit/libpcsclite.hpp"
 #include "kit/pcsc_values.hpp"

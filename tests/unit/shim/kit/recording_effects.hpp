@@ -35,7 +35,7 @@
 
 #include "cardbridge/protocol/codec.hpp"
 #include "cardbridge/protocol/framing.hpp"
-#include "core/shim_core.hpp"
+#include "cardbridge/shim_core/shim_core.hpp"
 #include "kit/bytes.hpp"
 
 namespace cardbridge::shim::kit {

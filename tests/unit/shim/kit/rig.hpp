@@ -17,7 +17,7 @@
 
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
-#include "core/shim_core.hpp"
+#include "cardbridge/shim_core/shim_core.hpp"
 #include "kit/fake_desk.hpp"
 #include "kit/pcsc_client.hpp"
 #include "kit/pcsc_values.hpp"

@@ -1,0 +1,25 @@
+// `cdrsession run`: keeps one cardbridge-shim alive for the session (restarting it with
+// backoff if it dies) until the session ends: SIGTERM/SIGINT/SIGHUP, or the exit of the
+// session's leader process given with --until-pid (pidfd), then stops it cleanly.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "cardbridge/session/session.hpp"
+
+namespace cardbridge::session {
+
+struct SupervisorOptions {
+  std::string shim;                 // path of cardbridge-shim
+  std::vector<std::string> shim_args;
+  int until_pid = 0;                // 0: none
+  std::string log_file;             // shim stderr goes here ("" = inherit)
+};
+
+int run_supervisor(const SessionPaths& paths, const SupervisorOptions& options);
+
+// Locates cardbridge-shim: next to this executable, in the build tree, or on PATH.
+std::string find_shim();
+
+}  // namespace cardbridge::session

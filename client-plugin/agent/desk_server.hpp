@@ -1,0 +1,38 @@
+// The standalone desk agent's server: accepts server shims (or relays) on a UNIX or
+// loopback TCP socket and gives each connection its own DeskRuntime.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <set>
+
+#include "cardbridge/transport/stream.hpp"
+#include "cardbridge/transport/tls.hpp"
+#include "cardbridge/desk_core/card_api.hpp"
+#include "cardbridge/desk_runtime/desk_runtime.hpp"
+
+namespace cardbridge::client {
+
+class DeskServer {
+ public:
+  // |tls|: when set, every accepted connection must complete a mutual TLS handshake.
+  DeskServer(boost::asio::io_context& io, CardApi& api, DeskConfig config, transport::TlsContext tls = nullptr);
+  ~DeskServer();
+  Result<bool, std::string> listen(const transport::Endpoint& ep);
+  void stop();
+
+ private:
+  class Connection;
+  void accept();
+  std::shared_ptr<Connection> new_connection();
+
+  boost::asio::io_context& io_;
+  CardApi& api_;
+  DeskConfig config_;
+  transport::TlsContext tls_;
+  std::optional<transport::GenericAcceptor> acceptor_;
+  std::set<std::shared_ptr<Connection>> connections_;
+  bool stopped_ = false;
+};
+
+}  // namespace cardbridge::client

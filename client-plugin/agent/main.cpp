@@ -1,0 +1,125 @@
+// cardbridge-desk: the standalone desk agent. Serves the desk's PC/SC readers (through
+// the local pcscd, honouring PCSCLITE_CSOCK_NAME) to CardBridge server shims.
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+
+#include "desk_server.hpp"
+#include "cardbridge/protocol/version.hpp"
+#include "cardbridge/support/log.hpp"
+#include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
+#include "cardbridge/desk_runtime/janitor.hpp"
+
+namespace {
+
+std::string host_name() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof buf - 1) != 0) return "desk";
+  return buf;
+}
+
+bool is_loopback(const std::string& host) {
+  return host == "localhost" || host.starts_with("127.") || host == "::1";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  namespace cb = cardbridge;
+  CLI::App app{"cardbridge-desk: shares this desk's smart-card readers with CardBridge server shims."};
+  app.set_version_flag("--version", std::string("cardbridge-desk ") + CARDBRIDGE_VERSION);
+  std::string listen_spec;
+  std::string level = "info";
+  std::string name = host_name();
+  std::string readers;
+  std::string controls = "all";
+  bool insecure_tcp = false;
+  cb::transport::TlsConfig tls;
+  app.add_option("--listen", listen_spec,
+                 "where shims connect: unix:PATH, tcp:127.0.0.1:PORT, or tls:HOST:PORT (mutual TLS 1.3)")
+      ->required();
+  app.add_option("--tls-cert", tls.certificate, "tls: this desk's certificate (PEM; or $CARDBRIDGE_TLS_CERT)");
+  app.add_option("--tls-key", tls.private_key, "tls: its private key (PEM; or $CARDBRIDGE_TLS_KEY)");
+  app.add_option("--tls-ca", tls.ca, "tls: CA that signed the servers' certificates (PEM; or $CARDBRIDGE_TLS_CA)");
+  app.add_option("--log-level", level, "trace, debug, info, warn, error, critical or off")->capture_default_str();
+  app.add_option("--name", name, "desk name shown on the server (doctor, audit log)")->capture_default_str();
+  app.add_option("--readers", readers, "only expose readers whose name contains one of these (comma-separated)");
+  app.add_option("--allow-control", controls,
+                 "control codes programs may use: all, none, or a list (n = SCARD_CTL_CODE(n), 0x... = raw)")
+      ->capture_default_str();
+  app.add_flag("--insecure-remote-tcp", insecure_tcp,
+               "allow plain TCP on a non-loopback address (test networks only: no encryption, "
+               "no authentication)");
+  CLI11_PARSE(app, argc, argv);
+
+  auto lvl = cb::log::parse_level(level);
+  if (!lvl) {
+    std::cerr << "cardbridge-desk: unknown log level '" << level << "'\n";
+    return 2;
+  }
+  cb::log::init(*lvl, "cardbridge-desk");
+  auto log = cb::log::get("cardbridge.desk");
+
+  auto ep = cb::transport::Endpoint::parse(listen_spec);
+  if (!ep) {
+    std::cerr << "cardbridge-desk: --listen: " << ep.error() << "\n";
+    return 2;
+  }
+  if (ep->kind == cb::transport::Endpoint::Kind::kTcp && !is_loopback(ep->host) && !insecure_tcp) {
+    std::cerr << "cardbridge-desk: plain TCP is only allowed on loopback; across a network use tls:HOST:PORT "
+                 "or the RDP channel (FreeRDP add-in)\n";
+    return 2;
+  }
+  cb::transport::TlsContext tls_ctx;
+  if (ep->kind == cb::transport::Endpoint::Kind::kTls) {
+    tls.fill_from_environment();
+    auto ctx = cb::transport::make_tls_context(tls, /*server=*/true);
+    if (!ctx) {
+      std::cerr << "cardbridge-desk: " << ctx.error() << "\n";
+      return 2;
+    }
+    tls_ctx = *ctx;
+  }
+  auto allow = cb::client::Policy::parse_control_allow(controls);
+  if (!allow) {
+    std::cerr << "cardbridge-desk: --allow-control: " << allow.error() << "\n";
+    return 2;
+  }
+
+  cb::client::DeskConfig cfg;
+  cfg.desk_name = name;
+  cfg.software = "cardbridge-desk";
+  cfg.capabilities = cb::protocol::caps::kAll;
+  cfg.policy.reader_filter = cb::client::Policy::parse_reader_filter(readers);
+  cfg.policy.control_allow = *allow;
+
+  boost::asio::io_context io;
+  cb::client::DeskServer server(io, cb::client::process_pcsc_card_api(), cfg, tls_ctx);
+  if (auto ok = server.listen(*ep); !ok) {
+    log->critical("{}", ok.error());
+    return 1;
+  }
+  if (insecure_tcp) log->warn("plain TCP on {}: card traffic is neither encrypted nor authenticated", ep->to_string());
+  log->info("cardbridge-desk {} started as '{}'", CARDBRIDGE_VERSION, name);
+  boost::asio::signal_set signals(io, SIGINT, SIGTERM);
+  signals.async_wait([&](boost::system::error_code ec, int sig) {
+    if (ec) return;
+    log->info("signal {}: stopping", sig);
+    server.stop();
+    io.stop();
+  });
+  ::signal(SIGPIPE, SIG_IGN);
+  io.run();
+  // Every connection's runtime releases its PC/SC contexts (the Janitor waits for calls in
+  // flight). One still blocked in the desk's pcscd after the grace time (a Connect behind
+  // another desk program's transaction) ends with the process.
+  if (!cb::client::Janitor::instance().drain(std::chrono::seconds(3))) {
+    log->warn("a desk PC/SC call is still blocked; exiting anyway");
+    spdlog::shutdown();
+    std::_Exit(0);
+  }
+  return 0;
+}

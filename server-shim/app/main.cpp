@@ -1,0 +1,166 @@
+// cardbridge-shim: serves the pcsc-lite daemon protocol on a per-session socket and
+// forwards card operations to the desk.
+#include <unistd.h>
+
+#include <cstdlib>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+
+#include "cardbridge/protocol/version.hpp"
+#include "cardbridge/support/log.hpp"
+#include "cardbridge/shim_io/control_server.hpp"
+#include "cardbridge/shim_io/shim_service.hpp"
+#include "cardbridge/shim_io/xrdp_channel.hpp"
+
+namespace {
+
+std::string default_socket_path() {
+  if (const char* rt = std::getenv("XDG_RUNTIME_DIR"); rt && *rt) {
+    return std::string(rt) + "/cardbridge/pcscd.comm";
+  }
+  return "/run/user/" + std::to_string(::geteuid()) + "/cardbridge/pcscd.comm";
+}
+
+std::string host_name() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof buf - 1) != 0) return "unknown";
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  namespace cb = cardbridge;
+  CLI::App app{
+      "cardbridge-shim: makes a desk's smart-card readers appear to the PC/SC programs of "
+      "this session.\nPrograms find it through PCSCLITE_CSOCK_NAME=<socket>."};
+  app.set_version_flag("--version", std::string("cardbridge-shim ") + CARDBRIDGE_VERSION);
+  std::string socket_path = default_socket_path();
+  std::string desk_spec;
+  std::string level = "info";
+  std::string mode = "optimized";
+  std::string disabled;
+  std::string control_path;
+  cb::transport::TlsConfig tls;
+  app.add_option("--socket", socket_path, "pcsc-lite socket to serve (its directory is created 0700)")
+      ->capture_default_str();
+  app.add_option("--desk", desk_spec,
+                 "where the desk is: unix:PATH or tcp:HOST:PORT (desk agent or RDP host relay), "
+                 "xrdp (the CBRIDGE channel of this xrdp session: static or dynamic, whichever the "
+                 "client opened; xrdp:static or xrdp:dynamic to insist on one), or rdp "
+                 "(xrdp when this is an xrdp session, else the relay socket "
+                 "$XDG_RUNTIME_DIR/cardbridge/desk.sock)")
+      ->required();
+  app.add_option("--tls-cert", tls.certificate, "tls: desk link: this server's certificate (or $CARDBRIDGE_TLS_CERT)");
+  app.add_option("--tls-key", tls.private_key, "tls: its private key (or $CARDBRIDGE_TLS_KEY)");
+  app.add_option("--tls-ca", tls.ca, "tls: CA that signed the desks' certificates (or $CARDBRIDGE_TLS_CA)");
+  app.add_option("--tls-peer-name", tls.peer_name, "tls: the desk's expected certificate name (or $CARDBRIDGE_TLS_PEER_NAME)");
+  app.add_option("--control", control_path,
+                 "control socket for cdrsession status/doctor (default: <socket>.ctl)");
+  app.add_option("--log-level", level, "trace, debug, info, warn, error, critical or off")
+      ->capture_default_str();
+  app.add_option("--mode", mode,
+                 "optimized (default) or per-call (one desk round trip per PC/SC call, "
+                 "for comparison with other redirectors)")
+      ->check(CLI::IsMember({"optimized", "per-call"}))
+      ->capture_default_str();
+  app.add_option("--disable", disabled,
+                 "switch off optimisations (comma-separated): pipeline, defer-begin, "
+                 "prefetch-get-response, read-ahead, cache-attributes");
+  CLI11_PARSE(app, argc, argv);
+
+  auto lvl = cb::log::parse_level(level);
+  if (!lvl) {
+    std::cerr << "cardbridge-shim: unknown log level '" << level << "'\n";
+    return 2;
+  }
+  cb::log::init(*lvl, "cardbridge-shim");
+  auto log = cb::log::get("cardbridge.shim");
+
+  boost::asio::io_context io;
+  std::shared_ptr<cb::shim::DeskLink> link;
+  std::string link_text;
+  if (desk_spec == "rdp" && cb::shim::in_xrdp_session()) desk_spec = "xrdp";
+  if (desk_spec == "rdp") {
+    const char* rt = std::getenv("XDG_RUNTIME_DIR");
+    desk_spec = "unix:" + (rt && *rt ? std::string(rt) : "/run/user/" + std::to_string(::geteuid())) +
+                "/cardbridge/desk.sock";
+  }
+  if (desk_spec == "xrdp" || desk_spec == "xrdp:static" || desk_spec == "xrdp:dynamic") {
+    cb::shim::XrdpOptions xo;
+    // Plain "xrdp" (and "rdp" in an xrdp session): whichever channel the client opened.
+    xo.kind = desk_spec == "xrdp:static"    ? cb::shim::XrdpChannelKind::kStatic
+              : desk_spec == "xrdp:dynamic" ? cb::shim::XrdpChannelKind::kDynamic
+                                            : cb::shim::XrdpChannelKind::kEither;
+    link_text = cb::shim::describe(xo);
+    link = std::make_shared<cb::shim::StreamDeskLink>(io, link_text, cb::shim::xrdp_connector(io, xo),
+                                                      cb::shim::xrdp_client_gone);
+  } else {
+    auto ep = cb::transport::Endpoint::parse(desk_spec);
+    if (!ep) {
+      std::cerr << "cardbridge-shim: --desk: " << ep.error() << "\n";
+      return 2;
+    }
+    link_text = ep->to_string();
+    if (ep->kind == cb::transport::Endpoint::Kind::kTls) {
+      tls.fill_from_environment();
+      auto ctx = cb::transport::make_tls_context(tls, /*server=*/false);
+      if (!ctx) {
+        std::cerr << "cardbridge-shim: " << ctx.error() << "\n";
+        return 2;
+      }
+      link = std::make_shared<cb::shim::StreamDeskLink>(
+          io, link_text, cb::shim::StreamDeskLink::tls_connector(io, *ep, *ctx, tls.peer_name));
+    } else {
+      link = std::make_shared<cb::shim::StreamDeskLink>(io, *ep);
+    }
+  }
+
+  cb::shim::ServiceConfig cfg;
+  cfg.socket_path = socket_path;
+  cfg.core.server_name = host_name();
+  cfg.core.capabilities = mode == "per-call" ? cb::protocol::caps::kReaderPush : cb::protocol::caps::kAll;
+  cfg.core.one_round_trip_per_call = mode == "per-call";
+  if (mode == "optimized") cfg.core.optimizations = cb::shim::Optimizations::all();
+  if (auto err = cfg.core.optimizations.disable(disabled); !err.empty()) {
+    std::cerr << "cardbridge-shim: --disable: " << err << "\n";
+    return 2;
+  }
+  cb::shim::ShimService service(io, cfg, link);
+  if (auto ok = service.start(); !ok) {
+    log->critical("{}", ok.error());
+    return 1;
+  }
+  if (control_path.empty()) control_path = socket_path + ".ctl";
+  nlohmann::json info = {{"software", std::string("cardbridge-shim ") + CARDBRIDGE_VERSION},
+                         {"pid", ::getpid()},
+                         {"uid", ::geteuid()},
+                         {"socket", socket_path},
+                         {"desk_link", link_text},
+                         {"mode", mode}};
+  cb::shim::ControlServer control(io, service.core(), info, [&service] {
+    nlohmann::json events = nlohmann::json::array();
+    for (const auto& e : service.audit_events()) {
+      events.push_back({{"time", e.time}, {"pid", e.pid}, {"event", e.event}});
+    }
+    return events;
+  });
+  if (auto ok = control.start(control_path); !ok) {
+    log->critical("control socket: {}", ok.error());
+    return 1;
+  }
+  log->info("cardbridge-shim {} started (desk {}, mode {})", CARDBRIDGE_VERSION, link_text, mode);
+
+  boost::asio::signal_set signals(io, SIGINT, SIGTERM);
+  signals.async_wait([&](boost::system::error_code ec, int sig) {
+    if (ec) return;
+    log->info("signal {}: stopping", sig);
+    control.stop();
+    service.stop();
+    io.stop();
+  });
+  ::signal(SIGPIPE, SIG_IGN);
+  io.run();
+  return 0;
+}

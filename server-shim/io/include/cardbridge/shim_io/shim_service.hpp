@@ -1,0 +1,74 @@
+// ShimService wires ShimCore to the world: the pcsc-lite socket clients connect to, the
+// desk link, and the core's timers. Everything runs on one io_context thread.
+#pragma once
+
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "cardbridge/transport/stream.hpp"
+#include "cardbridge/shim_core/shim_core.hpp"
+#include "cardbridge/shim_io/desk_link.hpp"
+
+namespace cardbridge::shim {
+
+struct ServiceConfig {
+  std::string socket_path;  // the pcsc-lite socket (PCSCLITE_CSOCK_NAME)
+  ShimConfig core;
+};
+
+class ShimService : private ShimEffects {
+ public:
+  ShimService(boost::asio::io_context& io, ServiceConfig config, std::shared_ptr<DeskLink> desk);
+  ~ShimService() override;
+
+  // Binds the socket (creating its directory 0700) and starts the desk link.
+  Result<bool, std::string> start();
+  // Closes every client, unlinks the socket, stops the desk link.
+  void stop();
+
+  const ShimCore& core() const { return core_; }
+  ShimCore& core() { return core_; }
+
+  struct AuditEvent {
+    std::string time;  // ISO 8601, local time
+    int pid = 0;       // the program concerned, 0 if none
+    std::string event;
+  };
+  // The most recent audit events (also sent to syslog, facility authpriv).
+  const std::deque<AuditEvent>& audit_events() const { return audit_; }
+
+ private:
+  // ShimEffects
+  void send_to_client(ClientId id, std::vector<uint8_t> bytes) override;
+  void close_client(ClientId id) override;
+  void send_to_desk(std::vector<uint8_t> frame) override;
+  void reset_desk_link(const std::string& reason) override;
+  void audit(ClientId client, const std::string& event) override;
+
+  void accept();
+  void arm_timer();
+  void on_desk_bytes(std::span<const uint8_t> bytes);
+
+  boost::asio::io_context& io_;
+  ServiceConfig config_;
+  std::shared_ptr<DeskLink> desk_;
+  ShimCore core_;
+  std::optional<transport::GenericAcceptor> acceptor_;
+  std::map<ClientId, std::shared_ptr<transport::ByteStream>> clients_;
+  std::map<ClientId, int> client_pids_;
+  std::deque<AuditEvent> audit_;
+  ClientId next_client_ = 1;
+  boost::asio::steady_timer timer_;
+  std::optional<TimePoint> armed_;  // when timer_ fires
+  bool stopped_ = false;
+  ino_t socket_inode_ = 0;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+};
+
+// Creates the socket's directory with mode 0700 when missing; refuses a directory that
+// another user owns or that others can write to.
+Result<bool, std::string> prepare_socket_directory(const std::string& socket_path);
+
+}  // namespace cardbridge::shim
