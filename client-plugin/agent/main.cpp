@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
   std::string readers;
   std::string controls = "all";
   bool insecure_tcp = false;
+  bool no_card_image = false;
   cb::transport::TlsConfig tls;
   app.add_option("--listen", listen_spec,
                  "where shims connect: unix:PATH, tcp:127.0.0.1:PORT, or tls:HOST:PORT (mutual TLS 1.3)")
@@ -50,6 +51,8 @@ int main(int argc, char** argv) {
   app.add_option("--allow-control", controls,
                  "control codes programs may use: all, none, or a list (n = SCARD_CTL_CODE(n), 0x... = raw)")
       ->capture_default_str();
+  app.add_flag("--no-card-image", no_card_image,
+               "never read a card's public files ahead of a login (the card image, docs/admin-guide.md)");
   app.add_flag("--insecure-remote-tcp", insecure_tcp,
                "allow plain TCP on a non-loopback address (test networks only: no encryption, "
                "no authentication)");
@@ -95,6 +98,7 @@ int main(int argc, char** argv) {
   cfg.capabilities = cb::protocol::caps::kAll;
   cfg.policy.reader_filter = cb::client::Policy::parse_reader_filter(readers);
   cfg.policy.control_allow = *allow;
+  cfg.card_image = !no_card_image;
 
   boost::asio::io_context io;
   cb::client::DeskServer server(io, cb::client::process_pcsc_card_api(), cfg, tls_ctx);

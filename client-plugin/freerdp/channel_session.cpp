@@ -34,6 +34,8 @@ AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
       o.allow_control = value;
     } else if (key == "name") {
       o.name = value;
+    } else if (key == "image" && (value == "on" || value == "off")) {
+      o.card_image = value == "on";
     } else if (error) {
       *error += "unknown option '" + arg + "'; ";
     }
@@ -56,6 +58,7 @@ ChannelSession::ChannelSession(const AddinOptions& options, std::string default_
   cfg.software = "cardbridge-client";
   cfg.capabilities = protocol::caps::kAll;
   cfg.policy.reader_filter = Policy::parse_reader_filter(options.readers);
+  cfg.card_image = options.card_image;
   if (auto allow = Policy::parse_control_allow(options.allow_control)) {
     cfg.policy.control_allow = *allow;
   } else {

@@ -24,6 +24,7 @@ struct AddinOptions {
   std::string readers;          // reader filter (comma-free list separated by ';' or '|')
   std::string allow_control = "all";
   std::string name;             // desk name shown on the server; default: the client host name
+  bool card_image = true;       // image:off: the desk never reads a card on its own (docs/admin-guide.md)
   static AddinOptions parse(int argc, char** argv, std::string* error);
 };
 

@@ -4,7 +4,7 @@
 //   /vc:cardbridge[,opt...]   static virtual channel "CBRIDGE" (VirtualChannelEntryEx)
 //   /dvc:cardbridge[,opt...]  dynamic virtual channel "CBRIDGE" (DVCPluginEntry)
 // Options: log-level:LEVEL, readers:A;B (substring filter), allow-control:all|none|LIST,
-// name:DESKNAME. Everything here is extern "C" glue: no exception crosses into FreeRDP.
+// name:DESKNAME, image:on|off (the card image, on by default). Everything here is extern "C" glue: no exception crosses into FreeRDP.
 #include <freerdp/addin.h>
 #include <freerdp/dvc.h>
 #include <freerdp/freerdp.h>

@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--disable", disabled,
                  "switch off optimisations (comma-separated): pipeline, defer-begin, "
-                 "prefetch-get-response, read-ahead, cache-attributes");
+                 "prefetch-get-response, read-ahead, cache-attributes, card-image");
   CLI11_PARSE(app, argc, argv);
 
   auto lvl = cb::log::parse_level(level);

@@ -55,6 +55,8 @@ std::string Optimizations::disable(std::string_view names) {
       read_ahead = false;
     } else if (name == "cache-attributes") {
       cache_attributes = false;
+    } else if (name == "card-image") {
+      card_image = false;
     } else if (!name.empty()) {
       error += fmt::format("unknown optimisation '{}'; ", name);
     }
@@ -176,13 +178,14 @@ void ShimCore::release_context(Client& c) {
         r.disposition = sc::kResetCard;
         send_async(c, std::move(r), h->card, {});
       }
-      handles_.mark_reset(h->slot, h->card, false);
+      mark_reset(h->slot, h->card, false);
       after_power_action(h->slot, sc::kResetCard);
     }
     handles_.erase(card);
     live_ids_.erase(card);
   }
   c.handles.clear();
+  for (std::size_t slot : touched) after_handle_gone(slot);
   if (c.desk_ctx.value != 0 && c.desk_ctx_generation == link_.generation() && link_.established()) {
     pr::Request r;
     r.op = pr::Op::kReleaseContext;
@@ -535,6 +538,7 @@ void ShimCore::session_ended(const std::string& reason, TimePoint) {
     if (c.waiting != id) continue;
     fail_call(c, std::move(c.call), internal::kLostInFlightRv);
   }
+  for (std::size_t slot = 0; slot < ReaderTable::kSlots; ++slot) drop_image(slot, "the desk is gone");
   if (!readers_.clear().empty()) bump_reader_events();
   after_state_change();
 }
@@ -548,6 +552,7 @@ void ShimCore::received_snapshot(pr::ReaderSnapshot&& s, TimePoint) {
     logger->info("reader '{}' removed (slot {})", log::printable(name), slot);
     fx_.audit(0, fmt::format("reader removed: reader='{}'", log::printable(name)));
     handles_.orphan_slot(slot);
+    drop_image(slot, "the reader is gone");
   }
   for (std::size_t slot : changes.added) {
     const auto& added = readers_.slot(slot);
@@ -564,7 +569,9 @@ void ShimCore::received_snapshot(pr::ReaderSnapshot&& s, TimePoint) {
     fx_.audit(0, present ? fmt::format("card inserted: reader='{}' atr={}", log::printable(r.name), to_hex(r.atr, false))
                          : fmt::format("card removed: reader='{}'", log::printable(r.name)));
     handles_.card_removed(slot);  // removal ends every transaction on the reader, deferred ones included
+    drop_image(slot, "card event");
   }
+  for (std::size_t slot : changes.image_voided) drop_image(slot, "the desk voided it");
   if (!changes.added.empty() || !changes.removed.empty()) bump_reader_events();
   after_state_change();
 }

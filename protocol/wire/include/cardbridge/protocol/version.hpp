@@ -21,7 +21,11 @@ inline constexpr uint64_t kReadAhead = 1u << 3;            // Request flag kRead
 // Request.after: the desk keeps the server's order across contexts, so the server need
 // not wait for another context's pipelined request before sending a card operation.
 inline constexpr uint64_t kDeskOrdering = 1u << 4;
-inline constexpr uint64_t kAll = kReaderPush | kDeferredBegin | kPrefetchGetResponse | kReadAhead | kDeskOrdering;
+// The card image: ReaderInfo.image, Request flag kWantImage and Reply.image on Connect,
+// Request.prelude and Reply.prelude_answers on Transmit (docs/protocol.md).
+inline constexpr uint64_t kCardImage = 1u << 5;
+inline constexpr uint64_t kAll =
+    kReaderPush | kDeferredBegin | kPrefetchGetResponse | kReadAhead | kDeskOrdering | kCardImage;
 }  // namespace caps
 
 struct Negotiated {
