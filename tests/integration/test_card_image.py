@@ -73,6 +73,11 @@ def wait_for(what: str, pred, guard: float = HANG_GUARD_S) -> None:
         time.sleep(0.1)
 
 
+def wait_for_desk_image(*shims) -> None:
+    # The link whose core read the image hears of it at once; another one with its next request.
+    wait_for("the desk's card image", lambda: any(reader_image(s).get("desk") == "complete" for s in shims))
+
+
 def replay_dump(st: Stack, shim, trace: Path) -> list[tuple[str, str]]:
     """One run of |trace| through |shim|: every APDU and its answer, in order."""
     argv = [*in_ns(st.wan.server_ns), str(st.bins.replay), "--trace", str(trace), "--reader", READER,
@@ -126,9 +131,10 @@ class Desks:
 
     def _open(self, flavour: str) -> None:
         self.flavour = flavour
+        profile = flavour.split("-")[0]
         self.work = Path(tempfile.mkdtemp(prefix=f"cbimage-{flavour}-"))
-        self.wan = Wan(f"img{os.getpid()}{flavour[-1]}", 0.0, "auto", print).up()
-        st = Stack(self.wan, Binaries(BUILD), self.work, card_profile=flavour, time_scale=0.0, seed=11, pin="1234",
+        self.wan = Wan(f"img{os.getpid()}{len(flavour)}{flavour[3]}", 0.0, "auto", print).up()
+        st = Stack(self.wan, Binaries(BUILD), self.work, card_profile=profile, time_scale=0.0, seed=11, pin="1234",
                    log=print)
         self.current = (st, None, None)
         st.start_desk()
@@ -136,10 +142,9 @@ class Desks:
         imaged = st.start_shim("image", "optimized")
         self.current = (st, plain, imaged)
         # What the desk learns: the programs' own traffic (every trace once, without the image).
-        for t in traces(flavour):
+        for t in traces(profile):
             replay_dump(st, plain, t)
-        # (the link whose programs taught the desk hears of its image first)
-        wait_for("the desk's card image", lambda: reader_image(plain).get("desk") == "complete")
+        wait_for_desk_image(plain, imaged)
 
     def close(self) -> None:
         if self.current is not None:
@@ -187,3 +192,134 @@ def test_same_answers_with_and_without_the_image(desks, case):
     assert i1["images_dropped"] == i0["images_dropped"], "the image was dropped during a read-only login"
     assert answers > 0, "nothing was answered from the image"
     assert rt_image < rt_plain
+
+
+# ---- fault cases ---------------------------------------------------------------------------
+
+# A program that runs commands one line at a time (stdin: JSON ops, stdout: one JSON result
+# each), so that the test can act on the card between two of its commands.
+STEPPER = r"""
+import json, sys
+from smartcard import scard as S
+rv, hc = S.SCardEstablishContext(S.SCARD_SCOPE_USER)
+card = proto = None
+for line in sys.stdin:
+    op = json.loads(line)
+    if op[0] == "connect":
+        rv, card, proto = S.SCardConnect(hc, op[1], S.SCARD_SHARE_SHARED, S.SCARD_PROTOCOL_T0 | S.SCARD_PROTOCOL_T1)
+        out = ["%08X" % (rv & 0xFFFFFFFF)]
+    elif op[0] == "disconnect":
+        out = ["%08X" % (S.SCardDisconnect(card, S.SCARD_LEAVE_CARD) & 0xFFFFFFFF)]
+    else:
+        rv, resp = S.SCardTransmit(card, proto, list(bytes.fromhex(op[1])))
+        out = ["%08X" % (rv & 0xFFFFFFFF), bytes(resp).hex().upper()]
+    print(json.dumps(out), flush=True)
+"""
+
+
+class Stepper:
+    def __init__(self, st: Stack, shim):
+        script = st.work / "stepper.py"
+        script.write_text(STEPPER)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PCSCLITE_", "PYTHON"))}
+        env["PCSCLITE_CSOCK_NAME"] = str(shim.socket)
+        self.p = subprocess.Popen([*in_ns(st.wan.server_ns), "/usr/bin/python3", str(script)], env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, *op) -> list:
+        self.p.stdin.write(__import__("json").dumps(list(op)) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()  # the harness's CTest timeout is the hang guard
+        assert line, "the stepper died"
+        return __import__("json").loads(line)
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait(timeout=HANG_GUARD_S)
+
+
+SEL_SN = "00A40904043F00D003"  # EF.SN.ICC by path from the MF, FCP wanted (CPS3: 61xx)
+SEL_ACTUA = "00A40904043F00D010"
+
+
+def gr_for(answer: str) -> str:
+    return f"00C00000{answer[-2:]}"
+
+
+def restart_card(st: Stack, seed: int) -> None:
+    """Takes the card out of the desk's reader and puts one in (seed: which card)."""
+    st._stop("cardsim")
+    card_present = lambda: st.probe_card(st.desk_socket, st.wan.desk_ns)  # noqa: E731
+    wait_for("the card to go", lambda: not card_present())
+    st.seed = seed
+    ns = st.wan.desk_ns
+    st._start("cardsim", [*in_ns(ns), str(st.bins.cardsim), "--profile", st.card_profile, "--time-scale", "0",
+                          "--host", "127.0.0.1", "--port", str(0x8C00), "--seed", str(seed), "--pin", st.pin,
+                          "--log", str(st.card_log)])
+    wait_for("the card", card_present)
+
+
+def serial(step) -> tuple[str, str]:
+    """EF.SN.ICC's FCP and content, read the way the Cryptolib reads it."""
+    a = step("apdu", SEL_SN)
+    fcp = step("apdu", gr_for(a[1])) if a[1].startswith("61") else a
+    data = step("apdu", "00B000000C")
+    return fcp[1], data[1]
+
+
+def test_another_card_with_the_same_atr_is_read_not_the_image(desks):
+    st, plain, imaged = desks.get("cps3-faults")
+    p, i = Stepper(st, plain), Stepper(st, imaged)
+    try:
+        assert p("connect", READER)[0] == i("connect", READER)[0] == "00000000"
+        first = serial(i)
+        assert first == serial(p)
+        assert status(imaged)["stats"]["images_received"] >= 1
+        p("disconnect"), i("disconnect")
+        restart_card(st, seed=12)  # another holder's card: same ATR, other serial and certificates
+        wait_for("the shims to see the new card", lambda: all(reader_image(s).get("held") is False
+                                                               for s in (imaged,)))
+        assert p("connect", READER)[0] == i("connect", READER)[0] == "00000000"
+        second_plain, second_image = serial(p), serial(i)
+        assert second_image == second_plain, "the image shim did not answer as the card in the reader"
+        assert second_image[1] != first[1], "the two cards have the same serial: the test proves nothing"
+    finally:
+        p.close(), i.close()
+
+
+def test_removal_mid_login_is_the_programs_error_not_the_images_answer(desks):
+    st, plain, imaged = desks.get("cps3-faults")
+    wait_for_desk_image(plain, imaged)
+    p, i = Stepper(st, plain), Stepper(st, imaged)
+    try:
+        assert p("connect", READER)[0] == i("connect", READER)[0] == "00000000"
+        a = i("apdu", SEL_SN)
+        assert a == p("apdu", SEL_SN)
+        st._stop("cardsim")  # the card is pulled out in the middle of the login
+        wait_for("the shims to see the removal",
+                 lambda: all(not any(r["card_present"] for r in status(s)["readers"]) for s in (plain, imaged)))
+        after_plain = p("apdu", gr_for(a[1]))
+        after_image = i("apdu", gr_for(a[1]))
+        assert after_image[0] == after_plain[0] != "00000000", (after_plain, after_image)
+        assert reader_image(imaged).get("held") is False
+    finally:
+        p.close(), i.close()
+        restart_card(st, seed=11)
+
+
+def test_a_write_through_the_session_drops_the_shims_image(desks):
+    st, plain, imaged = desks.get("cps3-faults")
+    wait_for_desk_image(plain, imaged)
+    i = Stepper(st, imaged)
+    try:
+        assert i("connect", READER)[0] == "00000000"
+        serial(i)
+        assert reader_image(imaged).get("held") is True
+        dropped = status(imaged)["stats"]["images_dropped"]
+        i("apdu", SEL_ACTUA)
+        i("apdu", "00D6000001" + "00")  # UPDATE BINARY: whatever the card says, it may have written
+        assert status(imaged)["stats"]["images_dropped"] == dropped + 1
+        assert reader_image(imaged).get("held") is False
+        i("disconnect")
+    finally:
+        i.close()

@@ -904,6 +904,57 @@ TEST_F(DeskCoreImageTest, TheImagingYieldsAtOnceToAProgram) {
   EXPECT_EQ(core().image_state(kReader1), pr::image_state::kPartial) << "what was read whole stays";
 }
 
+TEST_F(DeskCoreImageTest, ACardADeskProgramHoldsExclusivelyIsLeftAlone) {
+  establish();
+  card_in_reader();
+  program_reads_the_serial(1);
+  // Another program at the desk takes the card exclusively (the reader monitor says so).
+  core().readers({pr::ReaderInfo{kReader1, sc::kStatePresent | sc::kStateExclusive | sc::kStateInUse,
+                                 api.event_counter(kReader1), kAtr1}},
+                 now);
+  now += 10s;
+  core().tick(now);
+  EXPECT_TRUE(edge.calls.empty()) << "nothing is asked of a card another program holds";
+  EXPECT_FALSE(core().imaging(kReader1));
+  // It lets go: the imaging runs.
+  card_in_reader();
+  drive();
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kComplete);
+}
+
+TEST_F(DeskCoreImageTest, ASharingViolationStopsTheImagingBeforeAnyApduAndItTriesAgainLater) {
+  establish();
+  card_in_reader();
+  program_reads_the_serial(1);
+  now += 2s;
+  core().tick(now);
+  ASSERT_TRUE(core().imaging(kReader1));
+  // A desk program got the card exclusively between the monitor's last report and the Connect.
+  bool refused = false;
+  std::size_t apdus = 0;
+  for (int guard = 0; guard < 20 && !edge.calls.empty(); ++guard) {
+    Edge::Pending p = std::move(edge.calls.front());
+    edge.calls.pop_front();
+    if (std::holds_alternative<call::Transmit>(p.call)) ++apdus;
+    if (std::holds_alternative<call::Connect>(p.call) && !refused) {
+      refused = true;
+      CallResult r;
+      r.rv = sc::kESharingViolation;
+      core().call_done(p.lane, r, now);
+      continue;
+    }
+    core().call_done(p.lane, run_call(api, p.call), now);
+  }
+  EXPECT_TRUE(refused);
+  EXPECT_EQ(apdus, 0u);
+  EXPECT_FALSE(core().imaging(kReader1));
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kNone);
+  ASSERT_TRUE(core().next_deadline()) << "it tries again";
+  EXPECT_GE(*core().next_deadline(), now + 2s) << "after a back-off";
+  drive();
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kComplete);
+}
+
 TEST_F(DeskCoreImageTest, APreludeRunsBeforeTheCommandInTheSameRequest) {
   establish();
   card_in_reader();
