@@ -604,7 +604,11 @@ bool ShimCore::image_transmit(Client& c, Handle& h, TransmitCall& call, pr::Requ
 
 bool ShimCore::image_forwarded(Client& c, TransmitCall& call, const pr::Reply& rep) {
   const std::size_t slot = call.slot;
-  if (!call.prelude.empty() && rep.rv == sc::kSuccess && rep.prelude_answers.size() < call.prelude.size()) {
+  // The desk runs the program's command only once every prelude command succeeded.
+  const bool command_ran = call.prelude.empty() || rep.rv != sc::kSuccess ||
+                           (rep.prelude_answers.size() == call.prelude.size() &&
+                            card_image::success(rep.prelude_answers.back()));
+  if (!command_ran) {
     // The card refused a SELECT of the prelude, so the program's command never ran: this is
     // not the card the image was read from. Without the image, ask the card again.
     drop_image(slot, "the card refused a SELECT its image answered");
