@@ -369,7 +369,9 @@ def evaluate_targets(records: list[dict], idle: Optional[dict]) -> list[dict]:
                         "card_resets": r.get("card_resets"), "error": r.get("error"),
                         "met": r.get("failed_runs") == 0 and r.get("card_resets") == 0
                         and r.get("same_answers") is not False})
-        if r["mode"] == "image" and r["rtt_ms"] in TARGET_RTTS and r.get("direct_wall_ms") and r.get("wall_ms"):
+        instant = str(r.get("card_profile", "")).endswith("-instant")  # no card time to save
+        if (r["mode"] == "image" and r["rtt_ms"] in TARGET_RTTS and r.get("direct_wall_ms") and r.get("wall_ms")
+                and not instant):
             # issue 13: with the image ready, a login through CardBridge at 20 ms beats the
             # same login directly at the desk (at 50 ms: about the same time)
             out.append({"target": f"{'REAL ' if r.get('kind') == 'real' else ''}{r['trace']} with the card image: "
