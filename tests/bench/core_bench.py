@@ -45,13 +45,17 @@ How the figures are made trustworthy on a small machine that other work shares:
     others used more than --busy-cores cores on average;
   * idle: before the window every thread of the shim and the agent must have been quiet for a
     moment and their timers due within the window must have fired (a timer left by the last call,
-    e.g. a liveness deadline, is reported, not counted), then nothing may wake them.
+    e.g. a liveness deadline, is reported, not counted); at the window's start no thread may sleep
+    with a deadline (a timed poll/epoll/futex/sleep, read from /proc/PID/task/TID/syscall: a wake-up
+    to come however short the window, so the check does not depend on catching it); then nothing
+    may wake them. Wake-ups of the shim while the idle program's libpcsclite re-polls it (it does
+    every 60 s inside SCardGetStatusChange(INFINITE), against pcscd alike) are reported apart.
 
 Deterministic checks (they decide the exit status; the CTest quick form core_bench_quick is the
 same run, shorter): desk round trips per call (Transmit exactly 1, cached calls 0, counted by the
 shim), every answer correct (GET CHALLENGE: 8 bytes + 90 00), in every idle case 0 bytes on the desk
-link and 0 wake-ups of the shim and the desk agent, and a positive control showing that the wake-up
-counter sees a call. Wall-clock and CPU targets print PASS/MISS and change the exit status only with
+link, no timed wait and 0 wake-ups in the shim and the desk agent, and a positive control showing
+that the counters see a call. Wall-clock and CPU targets print PASS/MISS and change the exit status only with
 --fail-on-miss.
 """
 from __future__ import annotations
@@ -61,6 +65,7 @@ import json
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -575,23 +580,144 @@ def settle_timers(meter: Meter, groups: Sequence[str], window_s: float) -> dict:
     return {"waited_for": waited, "armed": [t for t in now if t.get("it_value", 0) > 0 or t.get("it_interval", 0) > 0]}
 
 
+# x86_64 system calls a thread can sleep in, and where their timeout is: ("ms", arg) a timeout in
+# ms (negative = none), ("rel", arg) / ("abs", arg) a pointer to a relative / absolute timespec
+# (NULL = none), ("always", -) always timed.
+_WAITS = {7: ("poll", "ms", 2), 232: ("epoll_wait", "ms", 3), 281: ("epoll_pwait", "ms", 3),
+          271: ("ppoll", "rel", 2), 441: ("epoll_pwait2", "rel", 3), 23: ("select", "rel", 4),
+          270: ("pselect6", "rel", 4), 128: ("rt_sigtimedwait", "rel", 2), 449: ("futex_waitv", "abs", 3),
+          202: ("futex", "futex", 3), 35: ("nanosleep", "always", 0), 230: ("clock_nanosleep", "always", 0)}
+
+
+def _timespec(pid: int, addr: int) -> Optional[float]:
+    try:
+        with open(f"/proc/{pid}/mem", "rb") as f:
+            f.seek(addr)
+            sec, nsec = struct.unpack("qq", f.read(16))
+        return sec + nsec / 1e9
+    except (OSError, struct.error, ValueError, OverflowError):
+        return None
+
+
+def blocked_in(pid: int, tid: int) -> dict:
+    """What the thread sleeps in (/proc/PID/task/TID/syscall) and, if it is a timed wait, the
+    timeout in seconds (None: no timeout; "?" timed, value unreadable)."""
+    text = _read(f"/proc/{pid}/task/{tid}/syscall")
+    if text is None:
+        return {"syscall": "gone", "timeout_s": None}
+    f = text.split()
+    if f[0] == "running":
+        return {"syscall": "running", "timeout_s": None}
+    nr, args = int(f[0]), [int(x, 16) for x in f[1:7]]
+    name, kind, i = _WAITS.get(nr, (f"syscall {nr}", None, 0))
+    timeout = None
+    if kind == "ms":
+        v = args[i] & 0xFFFFFFFF
+        timeout = None if v >= 2 ** 31 else v / 1000
+    elif kind in ("rel", "abs") and args[i]:
+        timeout = _timespec(pid, args[i])
+        timeout = "?" if timeout is None else timeout
+    elif kind == "futex":
+        cmd = args[1] & ~(128 | 256)                   # FUTEX_PRIVATE_FLAG, FUTEX_CLOCK_REALTIME
+        if cmd in (0, 9, 11) and args[3]:              # FUTEX_WAIT (relative), WAIT_BITSET, WAIT_REQUEUE_PI (absolute)
+            v = _timespec(pid, args[3])
+            if v is not None and cmd != 0:
+                v -= time.clock_gettime(time.CLOCK_REALTIME if args[1] & 256 else time.CLOCK_MONOTONIC)
+            timeout = "?" if v is None else v
+    elif kind == "always":
+        timeout = "?"
+    return {"syscall": name, "timeout_s": round(timeout, 3) if isinstance(timeout, float) else timeout}
+
+
+def timed_waits(meter: Meter, groups: Sequence[str]) -> List[dict]:
+    """Threads of `groups` sleeping with a deadline: each is a wake-up to come, whatever the window.
+    A deadline of ASIO_IDLE_TICK_S or more (asio's idle maximum) is not counted; a thread found
+    running is looked at again a few times, then counted."""
+    out = []
+    for g in groups:
+        for pid, ts in meter.sample()[g].items():
+            for tid, t in ts.items():
+                w = blocked_in(pid, tid)
+                for _ in range(5):
+                    if w["syscall"] != "running":
+                        break
+                    time.sleep(0.05)
+                    w = blocked_in(pid, tid)
+                if w["syscall"] == "running" or (w["timeout_s"] is not None and
+                                                 (w["timeout_s"] == "?" or w["timeout_s"] < ASIO_IDLE_TICK_S - 1)):
+                    out.append({"group": g, "pid": pid, "tid": tid, "name": t["name"], **w})
+    return out
+
+
+def read_bytes(pid: int) -> int:
+    """Bytes the process read through system calls so far (/proc/PID/io rchar)."""
+    for line in (_read(f"/proc/{pid}/io") or "").splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
 def idle_window(meter: Meter, counters: Callable[[], dict], seconds: float, asserted: Sequence[str],
-                timers_of: Optional[Sequence[str]] = None) -> dict:
+                timers_of: Optional[Sequence[str]] = None, reads_of: Optional[Dict[str, int]] = None) -> dict:
     """Counters (bytes...) and wake-ups of the meter's processes over an idle window of `seconds`.
     The counters are read before and after (a control-socket query wakes the shim); before the
     window, timers of the `asserted` groups (or of `timers_of`) due within it fire and the asserted
-    groups' threads fall quiet, so the window holds nothing but idling."""
+    groups' threads fall quiet, so the window holds nothing but idling. At the window's start the
+    asserted groups' threads are looked at for timed waits (a wake-up to come, however long the
+    window). `reads_of` {name: pid}: bytes those processes read during the window."""
     settle(meter, asserted)
     before = counters()
     timer_info = settle_timers(meter, asserted if timers_of is None else timers_of, seconds)
     quiet = settle(meter, asserted)
+    waits = timed_waits(meter, asserted)
     a = meter.sample()
+    r0 = {k: read_bytes(pid) for k, pid in (reads_of or {}).items()}
     time.sleep(seconds)
     b = meter.sample()
+    r1 = {k: read_bytes(pid) for k, pid in (reads_of or {}).items()}
     after = counters()
     d = {k: after[k] - before[k] for k in before if isinstance(before[k], int) and not isinstance(before[k], bool)}
-    d.update(seconds=seconds, settled=quiet, timers=timer_info, wakeups=Meter.wakeups(a, b))
+    d.update(seconds=seconds, settled=quiet, timers=timer_info, timed_waits=waits, wakeups=Meter.wakeups(a, b),
+             bytes_read={k: r1[k] - r0[k] for k in r0})
     return d
+
+
+def idle_checks(where: str, d: dict, link_bytes: int, own: Dict[str, str], induced: Dict[str, str]) -> List[dict]:
+    """The deterministic checks of one idle window: no byte on the link, no timed wait in the `own`
+    groups {group: label}, and no wake-up of them, except wake-ups of an `induced` group {group:
+    bytes_read key} in a window where it read requests from the PC/SC program (libpcsclite's own
+    re-polling, which wakes a real pcscd alike), reported in d["induced"]."""
+    w = d["wakeups"]
+    counted, d["induced"] = {}, {}
+    for g in own:
+        key = induced.get(g)
+        if key and d["bytes_read"].get(key):
+            d["induced"][g] = {"wakeups": w[g]["wakeups"], "bytes_read": d["bytes_read"][key]}
+            counted[g] = 0
+        else:
+            counted[g] = w[g]["wakeups"]
+    d["own_wakeups"] = sum(counted.values())
+    tw = [x for x in d["timed_waits"] if x["group"] in own]
+    secs = f"over {d['seconds']:g} s"
+    return [check(f"{where}: 0 bytes on the link", link_bytes == 0, f"{link_bytes} bytes {secs}"),
+            check(f"{where}: no timed wait in {' or '.join(own.values())}", not tw,
+                  timed_waits_text(tw) or "every thread sleeps without a deadline"),
+            check(f"{where}: 0 wake-ups of {' or '.join(own.values())}", d["own_wakeups"] == 0,
+                  ", ".join(f"{own[g]} {counted[g]} ({w[g]['threads']} threads)" for g in own) + f" {secs}"
+                  + "".join(f"; {own[g]}: {v['wakeups']} wake-ups answering the program ({v['bytes_read']} bytes "
+                            "read), not counted" for g, v in d["induced"].items())
+                  + wake_detail({g: w[g] for g in own if counted[g]}))]
+
+
+def timed_waits_text(ws: List[dict], most: int = 3) -> str:
+    more = f" and {len(ws) - most} more thread(s) alike" if len(ws) > most else ""
+    return "; ".join(timed_wait_text(x) for x in ws[:most]) + more
+
+
+def timed_wait_text(x: dict) -> str:
+    t = x["timeout_s"]
+    return f"{x['group']} thread {x['tid']} in {x['syscall']}" + ("" if t is None else
+                                                                  f", {'timed' if t == '?' else f'timeout {t:g} s'}")
 
 
 # ============================================================================ the unix rig
@@ -745,21 +871,14 @@ def part_idle(rig: UnixRig, cfg, checks: List[dict]) -> dict:
     for case, label in IDLE_CASES:
         prog = start_idle_program(case, rig.shim_socks[0], rig.reader, rig.tmp)
         try:
-            d = idle_window(meter, counters, cfg.idle_seconds, ["shim", "agent"])
+            d = idle_window(meter, counters, cfg.idle_seconds, ["shim", "agent"], reads_of={"shim": rig.shims[0].pid})
             if prog is not None and prog.poll() is not None:
                 raise SystemExit(f"idle PC/SC program ({case}) exited early: {prog.stderr.read()}")
         finally:
             stop_idle_program(prog)
         out[case] = d
-        w = d["wakeups"]
-        checks.append(check(f"idle unix, {label}: 0 bytes on the desk link",
-                            d["desk_bytes_in"] == 0 and d["desk_bytes_out"] == 0,
-                            f"{d['desk_bytes_in']}/{d['desk_bytes_out']} bytes in/out over {d['seconds']:.0f} s"))
-        checks.append(check(f"idle unix, {label}: 0 wake-ups of the shim and the desk agent",
-                            w["shim"]["wakeups"] == 0 and w["agent"]["wakeups"] == 0,
-                            f"shim {w['shim']['wakeups']} ({w['shim']['threads']} threads), agent "
-                            f"{w['agent']['wakeups']} ({w['agent']['threads']} threads) over {d['seconds']:.0f} s"
-                            + wake_detail(w)))
+        checks += idle_checks(f"idle unix, {label}", d, d["desk_bytes_in"] + d["desk_bytes_out"],
+                              {"shim": "the shim", "agent": "the desk agent"}, {"shim": "shim"})
     return out
 
 
@@ -770,15 +889,29 @@ def wake_detail(w: Dict[str, dict]) -> str:
     return ("; " + ", ".join(parts)) if parts else ""
 
 
-def timer_note(t: dict) -> str:
-    """What settling waited for before the window (timers left armed by earlier activity)."""
-    w = [f"{x['group']} timer due in {x['it_value']:.1f} s" for x in t["waited_for"]]
-    return f"  (before the window: waited for {', '.join(w)})" if w else ""
-
-
-def target(name: str, value: float, limit: float, unit: str = "x", free: Optional[float] = None) -> dict:
+def target(name: str, value: float, limit: float, unit: str = "x", free: Optional[float] = None,
+           shown: Optional[str] = None) -> dict:
     return {"target": name, "value": value, "limit": limit, "unit": unit, "pass": bool(value <= limit),
-            "free_placement_value": free}
+            "free_placement_value": free, "shown": shown}
+
+
+def idle_target(name: str, d: dict, link_bytes: int) -> dict:
+    """One line per idle case: link bytes / own wake-ups / timed waits, all three 0."""
+    own = d["own_wakeups"]
+    waits = len(d["timed_waits"])
+    return target(f"{name}: bytes/wake-ups/timed waits", link_bytes + own + waits, 0, "",
+                  shown=f"{link_bytes}/{own}/{waits}")
+
+
+def idle_notes(d: dict) -> str:
+    """What the idle line needs said: timers waited for, wake-ups caused by the program, timed waits."""
+    notes = [f"waited for {x['group']} timer due in {x['it_value']:.1f} s" for x in d["timers"]["waited_for"]]
+    notes += [f"{g} woke {v['wakeups']}x answering the program ({v['bytes_read']} B read), not counted"
+              for g, v in d.get("induced", {}).items()]
+    notes += [timed_waits_text(d["timed_waits"])] if d["timed_waits"] else []
+    extra = [f"{g}:{x['name']}[{x['tid']}]={x['switches']}" for g, v in d["wakeups"].items() if g not in d.get("induced", {})
+             for x in v["detail"][:3]] if d.get("own_wakeups") else []
+    return ("\n      " + "; ".join(notes + extra)) if notes or extra else ""
 
 
 def print_latency_table(title: str, rows: List[tuple]) -> None:
@@ -862,24 +995,24 @@ def report(results: dict, cfg) -> List[dict]:
         targets.append(target(f"{c['sessions']} sessions at once, Transmit median", c["ratio"]["median"],
                               LIMITS["concurrent_median"]))
     if "idle" in parts:
-        print(f"\nIdle session, unix desk link, {cfg.idle_seconds:g} s per case: link bytes in/out, wake-ups (context "
-              "switches, every thread)")
+        print(f"\nIdle session, unix desk link, {cfg.idle_seconds:g} s per case: link bytes in/out; wake-ups (context "
+              "switches, every thread); threads in a timed wait at the window's start")
         pc = parts["idle"]["positive_control"]
-        print(f"  {'(control: one Transmit)':42} link {pc['link_bytes']:>5} B       shim {pc['shim_wakeups']:>4}   "
+        print(f"  {'(control: one Transmit)':42} link {pc['link_bytes']:>5} B      shim {pc['shim_wakeups']:>4}   "
               f"cardbridge-desk {pc['agent_wakeups']:>4}")
         for case, label in IDLE_CASES:
             d = parts["idle"][case]
             w = d["wakeups"]
             print(f"  {label:42} link {d['desk_bytes_in']:>5}/{d['desk_bytes_out']:<5} shim {w['shim']['wakeups']:>4}   "
-                  f"cardbridge-desk {w['agent']['wakeups']:>4}{wake_detail(w)}{timer_note(d['timers'])}")
-            targets.append(target(f"idle unix, {label}: bytes + wake-ups", d["desk_bytes_in"] + d["desk_bytes_out"] +
-                                  w["shim"]["wakeups"] + w["agent"]["wakeups"], 0, ""))
+                  f"cardbridge-desk {w['agent']['wakeups']:>4}   timed waits {len(d['timed_waits'])}"
+                  f"{idle_notes(d)}")
+            targets.append(idle_target(f"idle unix, {label}", d, d["desk_bytes_in"] + d["desk_bytes_out"]))
     if "rdp" in parts:
         import rdp_bench
         targets += rdp_bench.print_report(parts["rdp"])
     print("\nTargets (issue 11), judged on the one-cpu placement (free placement for reference):")
     for t in targets:
-        v = f"{t['value']:.2f}{t['unit']}" if t["unit"] else f"{t['value']}"
+        v = t["shown"] or (f"{t['value']:.2f}{t['unit']}" if t["unit"] else f"{t['value']}")
         lim = f"{t['limit']:.2f}{t['unit']}" if t["unit"] else f"{t['limit']}"
         fr = "" if t["free_placement_value"] is None else f"   free: {t['free_placement_value']:.2f}{t['unit']}"
         print(f"  {'PASS' if t['pass'] else 'MISS'}  {t['target']:62} {v:>9}  (limit {lim}){fr}")
