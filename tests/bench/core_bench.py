@@ -430,12 +430,11 @@ def interleave(sides: Dict[str, List[Client]], rounds: int, calls: int, block: i
         us = {s: [] for s in names}
         cpu = {s: {} for s in names}
         calls_r = {s: 0 for s in names}
-        done = 0
-        while done < (1 if seconds > 0 else calls):
-            n = 1 if seconds > 0 else min(block, calls - done)
+        sizes = [0] if seconds > 0 else [min(block, calls - done) for done in range(0, calls, block)]
+        for n in sizes:
             for s in order:
                 a = meter.sample() if meter else None
-                res = run_block(sides[s], 0 if seconds > 0 else n, seconds)
+                res = run_block(sides[s], n, seconds)
                 t = totals[s]
                 if meter:
                     b = meter.sample()
@@ -452,7 +451,6 @@ def interleave(sides: Dict[str, List[Client]], rounds: int, calls: int, block: i
                 m = min(res["per_client_calls"])
                 t["min_client_calls_per_block"] = m if t["min_client_calls_per_block"] is None else \
                     min(m, t["min_client_calls_per_block"])
-            done += n
         per_round.append({s: dict(summary(us[s]), cpu_us_per_call={g: round(v / 1000 / max(1, calls_r[s]), 2)
                                                                    for g, v in cpu[s].items()}) for s in names})
     med = statistics.median
@@ -649,63 +647,55 @@ def timed_waits(meter: Meter, groups: Sequence[str]) -> List[dict]:
     return out
 
 
-def read_bytes(pid: int) -> int:
-    """Bytes the process read through system calls so far (/proc/PID/io rchar)."""
-    for line in (_read(f"/proc/{pid}/io") or "").splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    return 0
-
-
 def idle_window(meter: Meter, counters: Callable[[], dict], seconds: float, asserted: Sequence[str],
-                timers_of: Optional[Sequence[str]] = None, reads_of: Optional[Dict[str, int]] = None) -> dict:
+                timers_of: Optional[Sequence[str]] = None) -> dict:
     """Counters (bytes...) and wake-ups of the meter's processes over an idle window of `seconds`.
     The counters are read before and after (a control-socket query wakes the shim); before the
     window, timers of the `asserted` groups (or of `timers_of`) due within it fire and the asserted
     groups' threads fall quiet, so the window holds nothing but idling. At the window's start the
-    asserted groups' threads are looked at for timed waits (a wake-up to come, however long the
-    window). `reads_of` {name: pid}: bytes those processes read during the window."""
+    threads of every group are looked at for timed waits (a wake-up to come, however long the
+    window)."""
     settle(meter, asserted)
     before = counters()
     timer_info = settle_timers(meter, asserted if timers_of is None else timers_of, seconds)
     quiet = settle(meter, asserted)
-    waits = timed_waits(meter, asserted)
+    waits = timed_waits(meter, list(meter.groups))
     a = meter.sample()
-    r0 = {k: read_bytes(pid) for k, pid in (reads_of or {}).items()}
     time.sleep(seconds)
     b = meter.sample()
-    r1 = {k: read_bytes(pid) for k, pid in (reads_of or {}).items()}
     after = counters()
     d = {k: after[k] - before[k] for k in before if isinstance(before[k], int) and not isinstance(before[k], bool)}
-    d.update(seconds=seconds, settled=quiet, timers=timer_info, timed_waits=waits, wakeups=Meter.wakeups(a, b),
-             bytes_read={k: r1[k] - r0[k] for k in r0})
+    d.update(seconds=seconds, settled=quiet, timers=timer_info, timed_waits=waits, wakeups=Meter.wakeups(a, b))
     return d
 
 
-def idle_checks(where: str, d: dict, link_bytes: int, own: Dict[str, str], induced: Dict[str, str]) -> List[dict]:
+def idle_checks(where: str, d: dict, link_bytes: int, own: Dict[str, str], induced: Sequence[str]) -> List[dict]:
     """The deterministic checks of one idle window: no byte on the link, no timed wait in the `own`
-    groups {group: label}, and no wake-up of them, except wake-ups of an `induced` group {group:
-    bytes_read key} in a window where it read requests from the PC/SC program (libpcsclite's own
-    re-polling, which wakes a real pcscd alike), reported in d["induced"]."""
+    groups {group: label}, and no wake-up of them, except wake-ups of the `induced` groups in a
+    window where the idle PC/SC program (meter group "program") woke up itself: libpcsclite's own
+    re-polling inside SCardGetStatusChange(INFINITE), which wakes a real pcscd alike. Those are
+    reported in d["induced"]. (Were the shim to wake the program, the program would return from its
+    wait and stop, and the run would stop with it.)"""
     w = d["wakeups"]
+    program_woke = w.get("program", {}).get("wakeups", 0)
     counted, d["induced"] = {}, {}
     for g in own:
-        key = induced.get(g)
-        if key and d["bytes_read"].get(key):
-            d["induced"][g] = {"wakeups": w[g]["wakeups"], "bytes_read": d["bytes_read"][key]}
+        if g in induced and program_woke and w[g]["wakeups"]:
+            d["induced"][g] = {"wakeups": w[g]["wakeups"], "program_wakeups": program_woke}
             counted[g] = 0
         else:
             counted[g] = w[g]["wakeups"]
     d["own_wakeups"] = sum(counted.values())
     tw = [x for x in d["timed_waits"] if x["group"] in own]
+    d["own_groups"], d["own_timed_waits"] = list(own), len(tw)
     secs = f"over {d['seconds']:g} s"
     return [check(f"{where}: 0 bytes on the link", link_bytes == 0, f"{link_bytes} bytes {secs}"),
             check(f"{where}: no timed wait in {' or '.join(own.values())}", not tw,
                   timed_waits_text(tw) or "every thread sleeps without a deadline"),
             check(f"{where}: 0 wake-ups of {' or '.join(own.values())}", d["own_wakeups"] == 0,
                   ", ".join(f"{own[g]} {counted[g]} ({w[g]['threads']} threads)" for g in own) + f" {secs}"
-                  + "".join(f"; {own[g]}: {v['wakeups']} wake-ups answering the program ({v['bytes_read']} bytes "
-                            "read), not counted" for g, v in d["induced"].items())
+                  + "".join(f"; {own[g]}: {v['wakeups']} wake-ups answering the program, which woke "
+                            f"{v['program_wakeups']} times itself, not counted" for g, v in d["induced"].items())
                   + wake_detail({g: w[g] for g in own if counted[g]}))]
 
 
@@ -870,15 +860,16 @@ def part_idle(rig: UnixRig, cfg, checks: List[dict]) -> dict:
     out = {"positive_control": seen}
     for case, label in IDLE_CASES:
         prog = start_idle_program(case, rig.shim_socks[0], rig.reader, rig.tmp)
+        m = Meter({**meter.groups, **({"program": [prog.pid]} if prog else {})})
         try:
-            d = idle_window(meter, counters, cfg.idle_seconds, ["shim", "agent"], reads_of={"shim": rig.shims[0].pid})
+            d = idle_window(m, counters, cfg.idle_seconds, ["shim", "agent"])
             if prog is not None and prog.poll() is not None:
                 raise SystemExit(f"idle PC/SC program ({case}) exited early: {prog.stderr.read()}")
         finally:
             stop_idle_program(prog)
         out[case] = d
         checks += idle_checks(f"idle unix, {label}", d, d["desk_bytes_in"] + d["desk_bytes_out"],
-                              {"shim": "the shim", "agent": "the desk agent"}, {"shim": "shim"})
+                              {"shim": "the shim", "agent": "the desk agent"}, ["shim"])
     return out
 
 
@@ -898,7 +889,7 @@ def target(name: str, value: float, limit: float, unit: str = "x", free: Optiona
 def idle_target(name: str, d: dict, link_bytes: int) -> dict:
     """One line per idle case: link bytes / own wake-ups / timed waits, all three 0."""
     own = d["own_wakeups"]
-    waits = len(d["timed_waits"])
+    waits = d["own_timed_waits"]
     return target(f"{name}: bytes/wake-ups/timed waits", link_bytes + own + waits, 0, "",
                   shown=f"{link_bytes}/{own}/{waits}")
 
@@ -906,11 +897,14 @@ def idle_target(name: str, d: dict, link_bytes: int) -> dict:
 def idle_notes(d: dict) -> str:
     """What the idle line needs said: timers waited for, wake-ups caused by the program, timed waits."""
     notes = [f"waited for {x['group']} timer due in {x['it_value']:.1f} s" for x in d["timers"]["waited_for"]]
-    notes += [f"{g} woke {v['wakeups']}x answering the program ({v['bytes_read']} B read), not counted"
-              for g, v in d.get("induced", {}).items()]
-    notes += [timed_waits_text(d["timed_waits"])] if d["timed_waits"] else []
-    extra = [f"{g}:{x['name']}[{x['tid']}]={x['switches']}" for g, v in d["wakeups"].items() if g not in d.get("induced", {})
-             for x in v["detail"][:3]] if d.get("own_wakeups") else []
+    notes += [f"{g} woke {v['wakeups']}x answering the program (which woke {v['program_wakeups']}x itself), "
+              "not counted" for g, v in d.get("induced", {}).items()]
+    own_waits = [x for x in d["timed_waits"] if x["group"] in d["own_groups"]]
+    notes += [timed_waits_text(own_waits)] if own_waits else []
+    notes += [f"the program: {timed_waits_text(prog)}" for prog in
+              [[x for x in d["timed_waits"] if x["group"] == "program"]] if prog]
+    extra = [f"{x['name']}[{x['tid']}]={x['switches']}" for g, v in d["wakeups"].items()
+             if g in d["own_groups"] and g not in d["induced"] for x in v["detail"][:3]] if d["own_wakeups"] else []
     return ("\n      " + "; ".join(notes + extra)) if notes or extra else ""
 
 
@@ -1004,7 +998,7 @@ def report(results: dict, cfg) -> List[dict]:
             d = parts["idle"][case]
             w = d["wakeups"]
             print(f"  {label:42} link {d['desk_bytes_in']:>5}/{d['desk_bytes_out']:<5} shim {w['shim']['wakeups']:>4}   "
-                  f"cardbridge-desk {w['agent']['wakeups']:>4}   timed waits {len(d['timed_waits'])}"
+                  f"cardbridge-desk {w['agent']['wakeups']:>4}   timed waits {d['own_timed_waits']}"
                   f"{idle_notes(d)}")
             targets.append(idle_target(f"idle unix, {label}", d, d["desk_bytes_in"] + d["desk_bytes_out"]))
     if "rdp" in parts:
@@ -1024,8 +1018,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--quick", action="store_true", help="short form for CI (the deterministic checks are the same)")
-    ap.add_argument("--placement", default=",".join(PLACEMENTS),
-                    help="latency comparisons to run: one-cpu, free or both (default both; targets use one-cpu)")
+    ap.add_argument("--placement", help="latency comparisons to run: one-cpu, free or both (default both, quick "
+                                        "one-cpu; targets use one-cpu)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 9; quick 3)")
     ap.add_argument("--calls", type=int, help="calls per side and round (default 1000; quick 200)")
     ap.add_argument("--block", type=int, default=100, help="calls per block within a round")
@@ -1051,7 +1045,8 @@ def parse_args(argv=None):
     if q:
         a.warmup = min(a.warmup, 100)
     a.parts = [p.strip() for p in a.parts.split(",") if p.strip()]
-    a.placements = ["one-cpu", "free"] if a.placement == "both" else [p.strip() for p in a.placement.split(",")]
+    a.placement = a.placement or ("one-cpu" if q else "both")
+    a.placements = PLACEMENTS if a.placement == "both" else [p.strip() for p in a.placement.split(",")]
     bad = [p for p in a.parts if p not in PARTS] + [p for p in a.placements if p not in PLACEMENTS]
     if bad:
         ap.error(f"unknown part(s)/placement(s) {bad}; parts: {PARTS}, placements: {PLACEMENTS}")

@@ -26,8 +26,8 @@ For each channel mode (static /vc, dynamic /dvc):
       - a PC/SC program waiting in SCardGetStatusChange(INFINITE) on the readers;
     bytes at three places: the shim's desk link (control socket stats desk_bytes_in/out), the RDP
     connection itself (TCP bytes at the host's socket, `ss -ti`: every RDP PDU, not only the
-    channel), and every byte cb-rdp-host read or wrote through system calls (/proc/PID/io
-    rchar/wchar); and wake-ups (context switches) of the shim, of the RDP client's threads other
+    channel), and what cb-rdp-host read or wrote through read/write-like system calls (/proc/PID/io
+    rchar/wchar; send/recv are not counted there); and wake-ups (context switches) of the shim, of the RDP client's threads other
     than its main loop (the add-in's: cb-rdp-client and xfreerdp poll in their main loop, 10 times
     a second, which is the test client's doing, reported apart), and of cb-rdp-host (reported).
 
@@ -170,15 +170,16 @@ def idle(path: RdpPath, cfg, tmp: Path, checks: List[dict]) -> dict:
     reader = path.desk.readers[0]
     # The add-in runs on the RDP client's threads other than its main loop (which cb-rdp-client and
     # xfreerdp run themselves, polling): those are asserted with the shim; the rest is reported.
-    meter = cb.Meter({"shim": [path.shim.pid], "addin": [path.client_pid], "client_main": [path.client_pid],
-                      "host": [path.host.pid]}, threads={"addin": "others", "client_main": "main"})
+    groups = {"shim": [path.shim.pid], "addin": [path.client_pid], "client_main": [path.client_pid],
+              "host": [path.host.pid]}
     out = {}
     for case, label in cb.IDLE_CASES:
         prog = cb.start_idle_program(case, path.shim_socket, reader, tmp)
+        meter = cb.Meter({**groups, **({"program": [prog.pid]} if prog else {})},
+                         threads={"addin": "others", "client_main": "main"})
         try:
             before_conn = path.counters()
-            d = cb.idle_window(meter, path.counters, cfg.idle_seconds, ["shim", "addin"], timers_of=["shim"],
-                               reads_of={"shim": path.shim.pid})
+            d = cb.idle_window(meter, path.counters, cfg.idle_seconds, ["shim", "addin"], timers_of=["shim"])
             after_conn = path.counters()
             if prog is not None and prog.poll() is not None:
                 raise SystemExit(f"idle PC/SC program ({case}) exited early: {prog.stderr.read()}")
@@ -190,14 +191,14 @@ def idle(path: RdpPath, cfg, tmp: Path, checks: List[dict]) -> dict:
         where = f"rdp {path.mode} idle, {label}"
         d["link_bytes"] = d["shim_in"] + d["shim_out"] + d["tcp_sent"] + d["tcp_received"]
         checks += cb.idle_checks(where, d, d["link_bytes"], {"shim": "the shim", "addin": "the add-in's threads"},
-                                 {"shim": "shim"})
+                                 ["shim"])
         checks.append(cb.check(f"{where}: desk connected throughout", d["desk_connected"] and d["tcp_connections"] == 1,
                                f"connected {d['desk_connected']}, {d['tcp_connections']} RDP connection(s)"))
         w = d["wakeups"]
         print(f"[rdp {path.mode}] idle {cfg.idle_seconds:g} s, {label}: channel {d['shim_in']}/{d['shim_out']} B, "
               f"RDP TCP {d['tcp_sent']}/{d['tcp_received']} B, wake-ups: shim {w['shim']['wakeups']}, add-in threads "
               f"{w['addin']['wakeups']}, client main loop {w['client_main']['wakeups']}, host {w['host']['wakeups']}; "
-              f"timed waits {len(d['timed_waits'])}", flush=True)
+              f"timed waits {d['own_timed_waits']}", flush=True)
     return out
 
 
@@ -257,7 +258,7 @@ def print_report(results: dict) -> List[dict]:
             print(f"  {mode:7} {label:42} {i['shim_in']:>3}/{i['shim_out']:<3} {i['tcp_sent']:>4}/{i['tcp_received']:<4} "
                   f"{i['host_rchar']:>4}/{i['host_wchar']:<4} shim {w['shim']['wakeups']:>3}  add-in {w['addin']['wakeups']:>3}"
                   f"  client main {w['client_main']['wakeups']:>4}  host {w['host']['wakeups']:>4}  timed waits "
-                  f"{len(i['timed_waits'])}{cb.idle_notes(i)}")
+                  f"{i['own_timed_waits']}{cb.idle_notes(i)}")
     for mode, r in results["modes"].items():
         by = r["latency"]["transmit"]
         f = cb.free_of(by)
