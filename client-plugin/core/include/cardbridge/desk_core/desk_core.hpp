@@ -71,6 +71,10 @@ struct DeskConfig {
   // An image older than this has its card's update marker read again before it is sent.
   std::chrono::milliseconds image_recheck_after{60000};
   ImagerSettings imager;
+  // Who may be the server (docs/security.md): the agent's UNIX peers (its own user, root),
+  // the allowed TLS servers, the RDP channel for the add-in; plain TCP only when the admin
+  // says so.
+  PeerPolicy server_policy;
 };
 
 // What the core asks of its edge. Called synchronously from the core's methods.
@@ -108,7 +112,9 @@ class DeskCore : private protocol::LinkSession::Handler {
   DeskCore& operator=(const DeskCore&) = delete;
 
   // ---- the server link ----
-  void transport_up(TimePoint now);
+  // The transport is up, to a server it identified as |peer|: hello if the policy allows
+  // it, else the link is closed without a byte sent.
+  void transport_up(TimePoint now, PeerIdentity peer);
   void transport_down(TimePoint now);
   void receive(std::span<const uint8_t> bytes, TimePoint now);
   std::optional<TimePoint> next_deadline() const;
