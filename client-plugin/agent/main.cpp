@@ -10,6 +10,8 @@
 #include "desk_server.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
+#include "cardbridge/support/redact.hpp"
+#include "cardbridge/desk_core/policy.hpp"
 #include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
 #include "cardbridge/desk_runtime/janitor.hpp"
 
@@ -35,7 +37,9 @@ int main(int argc, char** argv) {
   std::string level = "info";
   std::string name = host_name();
   std::string readers;
-  std::string controls = "all";
+  std::string controls = "pinpad";
+  std::string set_attribs = "none";
+  bool log_card_data = false;
   bool insecure_tcp = false;
   cb::transport::TlsConfig tls;
   app.add_option("--listen", listen_spec,
@@ -48,8 +52,16 @@ int main(int argc, char** argv) {
   app.add_option("--name", name, "desk name shown on the server (doctor, audit log)")->capture_default_str();
   app.add_option("--readers", readers, "only expose readers whose name contains one of these (comma-separated)");
   app.add_option("--allow-control", controls,
-                 "control codes programs may use: all, none, or a list (n = SCARD_CTL_CODE(n), 0x... = raw)")
+                 "control codes programs may use, comma-separated: pinpad (feature discovery and the "
+                 "PIN-pad codes the reader announces), escape (reader escape commands), all, none, "
+                 "numbers (n = SCARD_CTL_CODE(n), 0x... = raw)")
       ->capture_default_str();
+  app.add_option("--allow-set-attrib", set_attribs,
+                 "attributes programs may set with SCardSetAttrib: none, all, or attribute ids (0x...)")
+      ->capture_default_str();
+  app.add_flag("--unsafe-log-card-data", log_card_data,
+               "diagnostics only: log what the card answers to SELECT/READ BINARY/GET DATA... at debug "
+               "level (personal data: the card holder's identity). PINs are never logged");
   app.add_flag("--insecure-remote-tcp", insecure_tcp,
                "allow plain TCP on a non-loopback address (test networks only: no encryption, "
                "no authentication)");
@@ -88,6 +100,12 @@ int main(int argc, char** argv) {
     std::cerr << "cardbridge-desk: --allow-control: " << allow.error() << "\n";
     return 2;
   }
+  auto allow_set = cb::client::Policy::parse_set_attrib_allow(set_attribs);
+  if (!allow_set) {
+    std::cerr << "cardbridge-desk: --allow-set-attrib: " << allow_set.error() << "\n";
+    return 2;
+  }
+  cb::redact::set_card_data_logging(log_card_data);
 
   cb::client::DeskConfig cfg;
   cfg.desk_name = name;
@@ -95,6 +113,7 @@ int main(int argc, char** argv) {
   cfg.capabilities = cb::protocol::caps::kAll;
   cfg.policy.reader_filter = cb::client::Policy::parse_reader_filter(readers);
   cfg.policy.control_allow = *allow;
+  cfg.policy.set_attrib_allow = *allow_set;
 
   boost::asio::io_context io;
   cb::client::DeskServer server(io, cb::client::process_pcsc_card_api(), cfg, tls_ctx);
@@ -103,7 +122,9 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (insecure_tcp) log->warn("plain TCP on {}: card traffic is neither encrypted nor authenticated", ep->to_string());
-  log->info("cardbridge-desk {} started as '{}'", CARDBRIDGE_VERSION, name);
+  log->info("cardbridge-desk {} started as '{}' (control codes: {}; set-attrib: {})", CARDBRIDGE_VERSION, name,
+            cb::client::Policy::describe(cfg.policy.control_allow), cb::client::Policy::describe(cfg.policy.set_attrib_allow));
+  if (log_card_data) log->warn("--unsafe-log-card-data: card answers (personal data) are logged at debug level");
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code ec, int sig) {
     if (ec) return;
