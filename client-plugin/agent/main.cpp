@@ -13,6 +13,7 @@
 #include "cardbridge/support/redact.hpp"
 #include "cardbridge/desk_core/policy.hpp"
 #include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
+#include "cardbridge/desk_runtime/context_budget.hpp"
 #include "cardbridge/desk_runtime/janitor.hpp"
 
 namespace {
@@ -40,6 +41,8 @@ int main(int argc, char** argv) {
   std::string controls = "pinpad";
   std::string set_attribs = "none";
   bool log_card_data = false;
+  std::size_t max_connections = 64;
+  std::size_t max_contexts = cb::client::kDefaultContextBudget;
   bool insecure_tcp = false;
   cb::transport::TlsConfig tls;
   app.add_option("--listen", listen_spec,
@@ -58,6 +61,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--allow-set-attrib", set_attribs,
                  "attributes programs may set with SCardSetAttrib: none, all, or attribute ids (0x...)")
+      ->capture_default_str();
+  app.add_option("--max-connections", max_connections,
+                 "server connections served at once (each: two threads and a PC/SC context); more are "
+                 "refused")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  app.add_option("--max-contexts", max_contexts,
+                 "PC/SC contexts this agent holds at the desk's pcscd, all connections together (pcscd "
+                 "serves 200 for every program of the desk); more are refused with SCARD_E_NO_MEMORY")
+      ->check(CLI::Range(1, 190))
       ->capture_default_str();
   app.add_flag("--unsafe-log-card-data", log_card_data,
                "diagnostics only: log what the card answers to SELECT/READ BINARY/GET DATA... at debug "
@@ -116,14 +129,21 @@ int main(int argc, char** argv) {
   cfg.policy.set_attrib_allow = *allow_set;
 
   boost::asio::io_context io;
-  cb::client::DeskServer server(io, cb::client::process_pcsc_card_api(), cfg, tls_ctx);
+  // Every context of every connection comes out of one budget: the desk's own programs keep
+  // their share of pcscd's contexts whatever the servers do.
+  cb::client::ContextBudget context_budget(max_contexts);
+  cb::client::BudgetedCardApi card_api(cb::client::process_pcsc_card_api(), context_budget);
+  cb::client::DeskServer server(io, card_api, cfg, tls_ctx);
+  server.set_max_connections(max_connections);
   if (auto ok = server.listen(*ep); !ok) {
     log->critical("{}", ok.error());
     return 1;
   }
   if (insecure_tcp) log->warn("plain TCP on {}: card traffic is neither encrypted nor authenticated", ep->to_string());
-  log->info("cardbridge-desk {} started as '{}' (control codes: {}; set-attrib: {})", CARDBRIDGE_VERSION, name,
-            cb::client::Policy::describe(cfg.policy.control_allow), cb::client::Policy::describe(cfg.policy.set_attrib_allow));
+  log->info("cardbridge-desk {} started as '{}' (control codes: {}; set-attrib: {}; at most {} connections, {} "
+            "PC/SC contexts)",
+            CARDBRIDGE_VERSION, name, cb::client::Policy::describe(cfg.policy.control_allow),
+            cb::client::Policy::describe(cfg.policy.set_attrib_allow), max_connections, max_contexts);
   if (log_card_data) log->warn("--unsafe-log-card-data: card answers (personal data) are logged at debug level");
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code ec, int sig) {
