@@ -24,10 +24,6 @@ std::string host_name() {
   return buf;
 }
 
-bool is_loopback(const std::string& host) {
-  return host == "localhost" || host.starts_with("127.") || host == "::1";
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -44,6 +40,7 @@ int main(int argc, char** argv) {
   std::size_t max_connections = 64;
   std::size_t max_contexts = cb::client::kDefaultContextBudget;
   bool insecure_tcp = false;
+  std::vector<std::string> allowed_servers;
   cb::transport::TlsConfig tls;
   app.add_option("--listen", listen_spec,
                  "where shims connect: unix:PATH, tcp:127.0.0.1:PORT, or tls:HOST:PORT (mutual TLS 1.3)")
@@ -51,6 +48,10 @@ int main(int argc, char** argv) {
   app.add_option("--tls-cert", tls.certificate, "tls: this desk's certificate (PEM; or $CARDBRIDGE_TLS_CERT)");
   app.add_option("--tls-key", tls.private_key, "tls: its private key (PEM; or $CARDBRIDGE_TLS_KEY)");
   app.add_option("--tls-ca", tls.ca, "tls: CA that signed the servers' certificates (PEM; or $CARDBRIDGE_TLS_CA)");
+  app.add_option("--tls-allow-server", allowed_servers,
+                 "tls: a server allowed to use this desk: its certificate's name (CN or DNS name) or its "
+                 "SHA-256 fingerprint (sha256:HEX); repeat or separate with commas. Required with tls:")
+      ->delimiter(',');
   app.add_option("--log-level", level, "trace, debug, info, warn, error, critical or off")->capture_default_str();
   app.add_option("--name", name, "desk name shown on the server (doctor, audit log)")->capture_default_str();
   app.add_option("--readers", readers, "only expose readers whose name contains one of these (comma-separated)");
@@ -75,9 +76,9 @@ int main(int argc, char** argv) {
   app.add_flag("--unsafe-log-card-data", log_card_data,
                "diagnostics only: log what the card answers to SELECT/READ BINARY/GET DATA... at debug "
                "level (personal data: the card holder's identity). PINs are never logged");
-  app.add_flag("--insecure-remote-tcp", insecure_tcp,
-               "allow plain TCP on a non-loopback address (test networks only: no encryption, "
-               "no authentication)");
+  app.add_flag("--insecure-tcp,--insecure-remote-tcp", insecure_tcp,
+               "allow plain TCP (tests only: no encryption, and anyone who can reach the port can use the "
+               "card; prefer unix:PATH on one machine, tls:HOST:PORT across a network)");
   CLI11_PARSE(app, argc, argv);
 
   auto lvl = cb::log::parse_level(level);
@@ -93,9 +94,10 @@ int main(int argc, char** argv) {
     std::cerr << "cardbridge-desk: --listen: " << ep.error() << "\n";
     return 2;
   }
-  if (ep->kind == cb::transport::Endpoint::Kind::kTcp && !is_loopback(ep->host) && !insecure_tcp) {
-    std::cerr << "cardbridge-desk: plain TCP is only allowed on loopback; across a network use tls:HOST:PORT "
-                 "or the RDP channel (FreeRDP add-in)\n";
+  if (ep->kind == cb::transport::Endpoint::Kind::kTcp && !insecure_tcp) {
+    std::cerr << "cardbridge-desk: plain TCP authenticates no one (any local user, or anyone who reaches the "
+                 "port, could use the card): use unix:PATH on one machine, tls:HOST:PORT across a network, or "
+                 "--insecure-tcp for tests\n";
     return 2;
   }
   cb::transport::TlsContext tls_ctx;
@@ -107,6 +109,11 @@ int main(int argc, char** argv) {
       return 2;
     }
     tls_ctx = *ctx;
+    if (allowed_servers.empty()) {
+      std::cerr << "cardbridge-desk: tls: needs --tls-allow-server (the servers allowed to use this desk: any "
+                 "certificate the CA signed is not enough)\n";
+      return 2;
+    }
   }
   auto allow = cb::client::Policy::parse_control_allow(controls);
   if (!allow) {
@@ -127,6 +134,21 @@ int main(int argc, char** argv) {
   cfg.policy.reader_filter = cb::client::Policy::parse_reader_filter(readers);
   cfg.policy.control_allow = *allow;
   cfg.policy.set_attrib_allow = *allow_set;
+  // Who may be the server: over a UNIX socket this agent's user or root; over TLS the
+  // allowed servers; plain TCP only with --insecure-tcp.
+  cfg.server_policy.unix_uids = {static_cast<uint32_t>(::geteuid()), 0};
+  for (const auto& a : allowed_servers) {
+    if (a.rfind("sha256:", 0) == 0 && !cb::normalize_fingerprint(a)) {
+      std::cerr << "cardbridge-desk: --tls-allow-server " << a << ": not a SHA-256 fingerprint (64 hex digits)\n";
+      return 2;
+    }
+    if (cb::normalize_fingerprint(a)) {
+      cfg.server_policy.tls_fingerprints.push_back(a);
+    } else {
+      cfg.server_policy.tls_names.push_back(a);
+    }
+  }
+  cfg.server_policy.allow_insecure_tcp = insecure_tcp;
 
   boost::asio::io_context io;
   // Every context of every connection comes out of one budget: the desk's own programs keep
@@ -139,7 +161,10 @@ int main(int argc, char** argv) {
     log->critical("{}", ok.error());
     return 1;
   }
-  if (insecure_tcp) log->warn("plain TCP on {}: card traffic is neither encrypted nor authenticated", ep->to_string());
+  if (ep->kind == cb::transport::Endpoint::Kind::kTcp) {
+    log->warn("INSECURE: plain TCP on {}: card traffic is neither encrypted nor authenticated (--insecure-tcp)",
+              ep->to_string());
+  }
   log->info("cardbridge-desk {} started as '{}' (control codes: {}; set-attrib: {}; at most {} connections, {} "
             "PC/SC contexts)",
             CARDBRIDGE_VERSION, name, cb::client::Policy::describe(cfg.policy.control_allow),
