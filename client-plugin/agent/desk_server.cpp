@@ -130,6 +130,19 @@ void DeskServer::accept() {
       });
       return;
     }
+    if (max_connections_ != 0 && connections_.size() >= max_connections_) {
+      // Refused before any byte: the shim sees its link close and retries later.
+      if (!at_connection_limit_) {
+        logger->warn("server connection refused: {} connections already (--max-connections); "
+                     "further refusals are not logged until one closes",
+                     connections_.size());
+      }
+      at_connection_limit_ = true;
+      boost::system::error_code ignored;
+      sock.close(ignored);
+      accept();
+      return;
+    }
     transport::set_low_latency(sock);
     if (tls_) {
       // Mutual TLS: the handshake fails unless the server presents a certificate of our CA.
@@ -155,8 +168,13 @@ void DeskServer::accept() {
 }
 
 std::shared_ptr<DeskServer::Connection> DeskServer::new_connection() {
-  auto conn = std::make_shared<Connection>(io_, api_, config_,
-                                           [this](std::shared_ptr<Connection> c) { connections_.erase(c); });
+  auto conn = std::make_shared<Connection>(io_, api_, config_, [this](std::shared_ptr<Connection> c) {
+    connections_.erase(c);
+    if (at_connection_limit_ && connections_.size() < max_connections_) {
+      at_connection_limit_ = false;
+      logger->info("server connections: room again ({} of {})", connections_.size(), max_connections_);
+    }
+  });
   connections_.insert(conn);
   return conn;
 }

@@ -20,6 +20,10 @@ class DeskServer {
   ~DeskServer();
   Result<bool, std::string> listen(const transport::Endpoint& ep);
   void stop();
+  // At most |n| server connections at once (each costs two threads, a reader monitor's
+  // PC/SC context and a lane per server context): past it, a new connection is closed at
+  // once, with one warning per episode. 0: no limit.
+  void set_max_connections(std::size_t n) { max_connections_ = n; }
 
  private:
   class Connection;
@@ -33,6 +37,8 @@ class DeskServer {
   std::optional<transport::GenericAcceptor> acceptor_;
   std::set<std::shared_ptr<Connection>> connections_;
   bool stopped_ = false;
+  std::size_t max_connections_ = 0;
+  bool at_connection_limit_ = false;  // refusing since the last warning
 };
 
 }  // namespace cardbridge::client

@@ -10,7 +10,10 @@
 #include "desk_server.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
+#include "cardbridge/support/redact.hpp"
+#include "cardbridge/desk_core/policy.hpp"
 #include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
+#include "cardbridge/desk_runtime/context_budget.hpp"
 #include "cardbridge/desk_runtime/janitor.hpp"
 
 namespace {
@@ -31,7 +34,11 @@ int main(int argc, char** argv) {
   std::string level = "info";
   std::string name = host_name();
   std::string readers;
-  std::string controls = "all";
+  std::string controls = "pinpad";
+  std::string set_attribs = "none";
+  bool log_card_data = false;
+  std::size_t max_connections = 64;
+  std::size_t max_contexts = cb::client::kDefaultContextBudget;
   bool insecure_tcp = false;
   std::vector<std::string> allowed_servers;
   cb::transport::TlsConfig tls;
@@ -49,8 +56,26 @@ int main(int argc, char** argv) {
   app.add_option("--name", name, "desk name shown on the server (doctor, audit log)")->capture_default_str();
   app.add_option("--readers", readers, "only expose readers whose name contains one of these (comma-separated)");
   app.add_option("--allow-control", controls,
-                 "control codes programs may use: all, none, or a list (n = SCARD_CTL_CODE(n), 0x... = raw)")
+                 "control codes programs may use, comma-separated: pinpad (feature discovery and the "
+                 "PIN-pad codes the reader announces), escape (reader escape commands), all, none, "
+                 "numbers (n = SCARD_CTL_CODE(n), 0x... = raw)")
       ->capture_default_str();
+  app.add_option("--allow-set-attrib", set_attribs,
+                 "attributes programs may set with SCardSetAttrib: none, all, or attribute ids (0x...)")
+      ->capture_default_str();
+  app.add_option("--max-connections", max_connections,
+                 "server connections served at once (each: two threads and a PC/SC context); more are "
+                 "refused")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  app.add_option("--max-contexts", max_contexts,
+                 "PC/SC contexts this agent holds at the desk's pcscd, all connections together (pcscd "
+                 "serves 200 for every program of the desk); more are refused with SCARD_E_NO_MEMORY")
+      ->check(CLI::Range(1, 190))
+      ->capture_default_str();
+  app.add_flag("--unsafe-log-card-data", log_card_data,
+               "diagnostics only: log what the card answers to SELECT/READ BINARY/GET DATA... at debug "
+               "level (personal data: the card holder's identity). PINs are never logged");
   app.add_flag("--insecure-tcp,--insecure-remote-tcp", insecure_tcp,
                "allow plain TCP (tests only: no encryption, and anyone who can reach the port can use the "
                "card; prefer unix:PATH on one machine, tls:HOST:PORT across a network)");
@@ -95,6 +120,12 @@ int main(int argc, char** argv) {
     std::cerr << "cardbridge-desk: --allow-control: " << allow.error() << "\n";
     return 2;
   }
+  auto allow_set = cb::client::Policy::parse_set_attrib_allow(set_attribs);
+  if (!allow_set) {
+    std::cerr << "cardbridge-desk: --allow-set-attrib: " << allow_set.error() << "\n";
+    return 2;
+  }
+  cb::redact::set_card_data_logging(log_card_data);
 
   cb::client::DeskConfig cfg;
   cfg.desk_name = name;
@@ -102,6 +133,7 @@ int main(int argc, char** argv) {
   cfg.capabilities = cb::protocol::caps::kAll;
   cfg.policy.reader_filter = cb::client::Policy::parse_reader_filter(readers);
   cfg.policy.control_allow = *allow;
+  cfg.policy.set_attrib_allow = *allow_set;
   // Who may be the server: over a UNIX socket this agent's user or root; over TLS the
   // allowed servers; plain TCP only with --insecure-tcp.
   cfg.server_policy.unix_uids = {static_cast<uint32_t>(::geteuid()), 0};
@@ -119,7 +151,12 @@ int main(int argc, char** argv) {
   cfg.server_policy.allow_insecure_tcp = insecure_tcp;
 
   boost::asio::io_context io;
-  cb::client::DeskServer server(io, cb::client::process_pcsc_card_api(), cfg, tls_ctx);
+  // Every context of every connection comes out of one budget: the desk's own programs keep
+  // their share of pcscd's contexts whatever the servers do.
+  cb::client::ContextBudget context_budget(max_contexts);
+  cb::client::BudgetedCardApi card_api(cb::client::process_pcsc_card_api(), context_budget);
+  cb::client::DeskServer server(io, card_api, cfg, tls_ctx);
+  server.set_max_connections(max_connections);
   if (auto ok = server.listen(*ep); !ok) {
     log->critical("{}", ok.error());
     return 1;
@@ -128,7 +165,11 @@ int main(int argc, char** argv) {
     log->warn("INSECURE: plain TCP on {}: card traffic is neither encrypted nor authenticated (--insecure-tcp)",
               ep->to_string());
   }
-  log->info("cardbridge-desk {} started as '{}'", CARDBRIDGE_VERSION, name);
+  log->info("cardbridge-desk {} started as '{}' (control codes: {}; set-attrib: {}; at most {} connections, {} "
+            "PC/SC contexts)",
+            CARDBRIDGE_VERSION, name, cb::client::Policy::describe(cfg.policy.control_allow),
+            cb::client::Policy::describe(cfg.policy.set_attrib_allow), max_connections, max_contexts);
+  if (log_card_data) log->warn("--unsafe-log-card-data: card answers (personal data) are logged at debug level");
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code ec, int sig) {
     if (ec) return;

@@ -4,6 +4,7 @@
 
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
+#include "cardbridge/support/redact.hpp"
 #include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
 
 namespace cardbridge::client {
@@ -32,6 +33,12 @@ AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
       std::replace(value.begin(), value.end(), ';', ',');
       std::replace(value.begin(), value.end(), '|', ',');
       o.allow_control = value;
+    } else if (key == "allow-set-attrib") {
+      std::replace(value.begin(), value.end(), ';', ',');
+      std::replace(value.begin(), value.end(), '|', ',');
+      o.allow_set_attrib = value;
+    } else if (key == "unsafe-log-card-data") {
+      o.log_card_data = true;
     } else if (key == "name") {
       o.name = value;
     } else if (error) {
@@ -61,8 +68,17 @@ ChannelSession::ChannelSession(const AddinOptions& options, std::string default_
     cfg.policy.control_allow = *allow;
   } else {
     logger->error("allow-control: {}; no control code allowed", allow.error());
-    cfg.policy.control_allow = std::set<uint32_t>{};
+    cfg.policy.control_allow = ControlAllow{.pinpad = false};
   }
+  if (auto allow = Policy::parse_set_attrib_allow(options.allow_set_attrib)) {
+    cfg.policy.set_attrib_allow = *allow;
+  } else {
+    logger->error("allow-set-attrib: {}; no attribute may be set", allow.error());
+  }
+  redact::set_card_data_logging(options.log_card_data);
+  if (options.log_card_data) logger->warn("unsafe-log-card-data: card answers (personal data) are logged at debug level");
+  logger->info("desk policy: control codes {}; set-attrib {}", Policy::describe(cfg.policy.control_allow),
+               Policy::describe(cfg.policy.set_attrib_allow));
   DeskRuntime::Io io;
   io.send = [this](std::vector<uint8_t> frame) {
     if (!writer_(std::move(frame))) logger->warn("channel write failed");

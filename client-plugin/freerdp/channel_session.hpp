@@ -22,7 +22,9 @@ namespace cardbridge::client {
 struct AddinOptions {
   std::string log_level = "info";
   std::string readers;          // reader filter (comma-free list separated by ';' or '|')
-  std::string allow_control = "all";
+  std::string allow_control = "pinpad";
+  std::string allow_set_attrib = "none";
+  bool log_card_data = false;   // unsafe-log-card-data: diagnostics only (personal data)
   std::string name;             // desk name shown on the server; default: the client host name
   static AddinOptions parse(int argc, char** argv, std::string* error);
 };

@@ -3,7 +3,8 @@
 // are read through freerdp_settings_get_*, which both provide and FreeRDP 3 requires).
 //   /vc:cardbridge[,opt...]   static virtual channel "CBRIDGE" (VirtualChannelEntryEx)
 //   /dvc:cardbridge[,opt...]  dynamic virtual channel "CBRIDGE" (DVCPluginEntry)
-// Options: log-level:LEVEL, readers:A;B (substring filter), allow-control:all|none|LIST,
+// Options: log-level:LEVEL, readers:A;B (substring filter), allow-control:pinpad;escape;all;none;LIST
+// (default pinpad), allow-set-attrib:none|all|LIST (default none), unsafe-log-card-data,
 // name:DESKNAME. Everything here is extern "C" glue: no exception crosses into FreeRDP.
 #include <freerdp/addin.h>
 #include <freerdp/dvc.h>

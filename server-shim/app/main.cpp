@@ -9,6 +9,7 @@
 
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
+#include "cardbridge/support/redact.hpp"
 #include "cardbridge/shim_io/control_server.hpp"
 #include "cardbridge/shim_io/shim_service.hpp"
 #include "cardbridge/shim_io/xrdp_channel.hpp"
@@ -78,6 +79,10 @@ int main(int argc, char** argv) {
   app.add_option("--disable", disabled,
                  "switch off optimisations (comma-separated): pipeline, defer-begin, "
                  "prefetch-get-response, read-ahead, cache-attributes");
+  bool log_card_data = false;
+  app.add_flag("--unsafe-log-card-data", log_card_data,
+               "diagnostics only: log what the card answers to SELECT/READ BINARY/GET DATA... at debug "
+               "level (personal data: the card holder's identity). PINs are never logged");
   CLI11_PARSE(app, argc, argv);
 
   auto lvl = cb::log::parse_level(level);
@@ -87,6 +92,8 @@ int main(int argc, char** argv) {
   }
   cb::log::init(*lvl, "cardbridge-shim");
   auto log = cb::log::get("cardbridge.shim");
+  cb::redact::set_card_data_logging(log_card_data);
+  if (log_card_data) log->warn("--unsafe-log-card-data: card answers (personal data) are logged at debug level");
 
   boost::asio::io_context io;
   std::shared_ptr<cb::shim::DeskLink> link;

@@ -19,6 +19,9 @@ namespace {
 
 log::Channel logger{"cardbridge.desk"};
 
+// Room for a reader's feature list: 6 bytes per feature, some twenty features defined.
+constexpr uint32_t kFeatureAnswerCapacity = 256;
+
 pr::LinkSettings link_settings(const DeskConfig& c) {
   pr::LinkSettings s;
   s.role = pr::Role::kDesk;
@@ -48,6 +51,7 @@ struct DeskCore::Task {
     kStatus,        // SCardStatus after a Connect/Reconnect (state, ATR, protocol for the shim)
     kSpeculate,     // a speculative Transmit
     kRelease,       // the server's ReleaseContext
+    kFeatures,      // CM_IOCTL_GET_FEATURE_REQUEST, asked before a PIN-pad control code (policy)
   };
   uint32_t id = 0;
   pr::Request req;
@@ -250,7 +254,7 @@ void DeskCore::start(Lane& lane, Task& task) {
     task.card = *card;
   }
   if ((q.flags & pr::request_flags::kBeginFirst) && link_.uses(pr::caps::kDeferredBegin) &&
-      task.step != Task::Step::kBegin) {
+      task.step != Task::Step::kBegin && task.step != Task::Step::kFeatures) {
     // A BeginTransaction the shim answered early: take the lock now, or report why not.
     task.step = Task::Step::kBegin;
     return execute(lane, call::Begin{task.card});
@@ -274,16 +278,34 @@ void DeskCore::start(Lane& lane, Task& task) {
       return execute(lane, call::End{task.card, q.disposition});
     case pr::Op::kTransmit:
       return execute(lane, call::Transmit{task.card, q.protocols, q.data, q.recv_protocol, q.recv_length});
-    case pr::Op::kControl:
-      if (!config_.policy.control_allowed(q.code)) {
-        logger->info("control code 0x{:08X} refused by policy", q.code);
-        refused.rv = sc::kEUnsupportedFeature;
-        return finish(lane, refused);
+    case pr::Op::kControl: {
+      const auto h = handles_.find(q.handle.value);
+      const auto* announced = h != handles_.end() && h->second.features ? &*h->second.features : nullptr;
+      switch (config_.policy.control_verdict(q.code, announced)) {
+        case ControlVerdict::kAllowed:
+          return execute(lane, call::Control{task.card, q.code, q.data, q.recv_length});
+        case ControlVerdict::kNeedsFeatures:
+          // Is it one of the PIN-pad codes this reader announces? Ask the reader once per
+          // handle (the answer is the reader's, constant while the handle lives).
+          task.step = Task::Step::kFeatures;
+          return execute(lane, call::Control{task.card, kGetFeatureRequest, {}, kFeatureAnswerCapacity});
+        case ControlVerdict::kRefused:
+          break;
       }
-      return execute(lane, call::Control{task.card, q.code, q.data, q.recv_length});
+      logger->info("control code 0x{:08X} refused by policy (allowed: {}; --allow-control)", q.code,
+                   Policy::describe(config_.policy.control_allow));
+      refused.rv = sc::kEUnsupportedFeature;
+      return finish(lane, refused);
+    }
     case pr::Op::kGetAttrib:
       return execute(lane, call::GetAttrib{task.card, q.code, q.recv_length});
     case pr::Op::kSetAttrib:
+      if (!config_.policy.set_attrib_allowed(q.code)) {
+        logger->info("SCardSetAttrib of attribute 0x{:08X} refused by policy (allowed: {}; --allow-set-attrib)", q.code,
+                     Policy::describe(config_.policy.set_attrib_allow));
+        refused.rv = sc::kEUnsupportedFeature;
+        return finish(lane, refused);
+      }
       return execute(lane, call::SetAttrib{task.card, q.code, q.data});
     case pr::Op::kStatus:
       return execute(lane, call::Status{task.card});
@@ -365,6 +387,17 @@ void DeskCore::advance(Lane& lane, Task& task, CallResult r) {
     case Task::Step::kSpeculate:
       if (!speculate(lane, task, &r)) finish(lane, std::move(task.reply));
       return;
+    case Task::Step::kFeatures: {
+      // A reader without features (or one that fails the request) announces none: its
+      // PIN-pad codes are then refused like any code not on the allow-list.
+      auto h = handles_.find(q.handle.value);
+      if (h != handles_.end()) {
+        h->second.features = r.rv == sc::kSuccess
+                                 ? feature::parse_features(std::span<const uint8_t>(r.data).first(std::min<std::size_t>(r.length, r.data.size())))
+                                 : std::vector<ReaderFeature>{};
+      }
+      return start(lane, task);  // decided again, with the list known
+    }
     case Task::Step::kOperation:
       break;
   }

@@ -52,7 +52,14 @@ void ControlServer::accept() {
                                                                      transport::GenericSocket sock) {
     if (alive.expired() || !acceptor_) return;
     if (ec) {
-      if (ec != boost::asio::error::operation_aborted) accept();
+      // EMFILE and friends: try again shortly rather than spin (the shim's own accept says
+      // so in the log).
+      if (ec != boost::asio::error::operation_aborted) {
+        auto t = std::make_shared<boost::asio::steady_timer>(acceptor_->get_executor(), std::chrono::milliseconds(200));
+        t->async_wait([this, t, alive](boost::system::error_code) {
+          if (!alive.expired() && acceptor_) accept();
+        });
+      }
       return;
     }
     auto cred = transport::peer_credentials(sock);

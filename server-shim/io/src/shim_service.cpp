@@ -4,6 +4,7 @@
 #include <syslog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <ctime>
 #include <cstring>
@@ -110,14 +111,26 @@ void ShimService::accept() {
     if (alive.expired() || stopped_) return;
     if (ec) {
       if (ec != boost::asio::error::operation_aborted) {
-        logger->error("accept failed: {}", ec.message());
-        // EMFILE and friends: do not spin.
-        auto t = std::make_shared<boost::asio::steady_timer>(io_, std::chrono::milliseconds(100));
+        // EMFILE and friends: the connection waits in the listen backlog; try again later,
+        // backing off (100 ms, doubling to 1 s), and say so once per episode.
+        ++accept_failures_;
+        if (accept_failures_ == 1) {
+          logger->error("accept failed: {}; retrying with backoff, not logged again until a client is accepted",
+                        ec.message());
+        } else {
+          logger->debug("accept still failing ({} in a row): {}", accept_failures_, ec.message());
+        }
+        const auto delay = std::chrono::milliseconds(100 << std::min<std::size_t>(accept_failures_ - 1, 3));
+        auto t = std::make_shared<boost::asio::steady_timer>(io_, std::min(delay, std::chrono::milliseconds(1000)));
         t->async_wait([this, t, alive](boost::system::error_code) {
-          if (!alive.expired()) accept();
+          if (!alive.expired() && !stopped_) accept();
         });
       }
       return;
+    }
+    if (accept_failures_ != 0) {
+      logger->info("accepting clients again ({} failed accepts before)", accept_failures_);
+      accept_failures_ = 0;
     }
     auto cred = transport::peer_credentials(sock);
     if (!cred || cred->uid != ::geteuid()) {
@@ -127,6 +140,25 @@ void ShimService::accept() {
       sock.close(ignored);
       accept();
       return;
+    }
+    if (clients_.size() >= config_.max_clients) {
+      // As pcscd at its limit: the connection is closed at once (the program's
+      // SCardEstablishContext fails); logged when the episode starts and ends.
+      if (!at_client_limit_) {
+        logger->warn("client limit reached: {} clients (as pcscd); new clients are refused until one leaves",
+                     clients_.size());
+      }
+      at_client_limit_ = true;
+      ++refused_at_limit_;
+      boost::system::error_code ignored;
+      sock.close(ignored);
+      accept();
+      return;
+    }
+    if (at_client_limit_) {
+      logger->info("client limit: accepting clients again ({} refused meanwhile)", refused_at_limit_);
+      at_client_limit_ = false;
+      refused_at_limit_ = 0;
     }
     const ClientId id = next_client_++;
     auto stream = std::make_shared<transport::ByteStream>(std::move(sock));

@@ -346,8 +346,9 @@ TEST_F(DeskCoreTest, ARemovedCardIsReported) {
 }
 
 TEST_F(DeskCoreTest, ControlRunsOnlyWhenThePolicyAllowsTheCode) {
-  config.policy.control_allow = std::set<uint32_t>{kFeatureRequest};
+  config.policy.control_allow = ControlAllow{.pinpad = false, .codes = {kFeatureRequest}};
   api.set_control_answer(kReader1, kFeatureRequest, {0x12, 0x04, 0x42, 0x33, 0x00, 0x12});
+  api.set_control_answer(kReader1, 0x42000001, {0x90, 0x00});
   establish();
   const uint32_t h = connected(1);
   auto ok = req(pr::Op::kControl, 1, h);
@@ -362,7 +363,61 @@ TEST_F(DeskCoreTest, ControlRunsOnlyWhenThePolicyAllowsTheCode) {
   EXPECT_EQ(api.calls(fake::Call::kControl), 1u) << "a refused code never reaches the reader";
 }
 
-TEST_F(DeskCoreTest, AttributesAreReadAndWritten) {
+// The default policy: feature discovery and the PIN-pad codes the reader announces; escape
+// commands refused before they reach the reader.
+constexpr uint32_t kEscape = 0x42000DAC;        // IOCTL_CCID_ESCAPE
+constexpr uint32_t kVerifyDirect = 0x42330006;  // FEATURE_VERIFY_PIN_DIRECT, as libccid numbers it
+constexpr uint32_t kGetKey = 0x42330010;        // FEATURE_GET_KEY: announced, but not a PIN-pad code
+
+TEST_F(DeskCoreTest, TheDefaultPolicyRefusesEscapeCommandsBeforeTheReader) {
+  api.set_control_answer(kReader1, kEscape, {0x90, 0x00});
+  establish();
+  const uint32_t h = connected(1);
+  auto esc = req(pr::Op::kControl, 1, h);
+  esc.code = kEscape;
+  esc.recv_length = 64;
+  EXPECT_EQ(call(esc).rv, sc::kEUnsupportedFeature);
+  EXPECT_EQ(api.calls(fake::Call::kControl), 0u) << "the escape command reached the reader";
+}
+
+TEST_F(DeskCoreTest, TheDefaultPolicyLetsThroughThePinPadCodesTheReaderAnnounces) {
+  api.set_control_answer(kReader1, kFeatureRequest,
+                         {0x06, 0x04, 0x42, 0x33, 0x00, 0x06, 0x10, 0x04, 0x42, 0x33, 0x00, 0x10});
+  api.set_control_answer(kReader1, kVerifyDirect, {0x90, 0x00});
+  api.set_control_answer(kReader1, kGetKey, {0x31});
+  establish();
+  const uint32_t h = connected(1);
+  auto verify = req(pr::Op::kControl, 1, h);
+  verify.code = kVerifyDirect;
+  verify.data = {0x1E, 0x1E, 0x02};  // a PIN_VERIFY_STRUCTURE's start; content irrelevant here
+  verify.recv_length = 64;
+  auto r = call(verify);
+  EXPECT_EQ(r.rv, sc::kSuccess);
+  EXPECT_EQ(r.data, (Bytes{0x90, 0x00}));
+  EXPECT_EQ(api.calls(fake::Call::kControl), 2u) << "the feature list, then the verify";
+  EXPECT_EQ(call(verify).rv, sc::kSuccess);
+  EXPECT_EQ(api.calls(fake::Call::kControl), 3u) << "the feature list is asked once per handle";
+  auto key = verify;
+  key.code = kGetKey;
+  EXPECT_EQ(call(key).rv, sc::kEUnsupportedFeature) << "GET_KEY returns the typed keys: not a PIN-pad code";
+  EXPECT_EQ(api.calls(fake::Call::kControl), 3u);
+}
+
+TEST_F(DeskCoreTest, APinPadCodeTheReaderDoesNotAnnounceIsRefused) {
+  // No feature list at all (the fake answers SCARD_E_UNSUPPORTED_FEATURE, as a reader
+  // without part 10 support does).
+  api.set_control_answer(kReader1, kVerifyDirect, {0x90, 0x00});
+  establish();
+  const uint32_t h = connected(1);
+  auto verify = req(pr::Op::kControl, 1, h);
+  verify.code = kVerifyDirect;
+  verify.recv_length = 64;
+  EXPECT_EQ(call(verify).rv, sc::kEUnsupportedFeature);
+  EXPECT_EQ(api.calls(fake::Call::kControl), 1u) << "only the feature request reached the reader";
+}
+
+TEST_F(DeskCoreTest, AttributesAreReadAndWrittenWhenThePolicyAllows) {
+  config.policy.set_attrib_allow = SetAttribAllow{.all = false, .attributes = {sc::kAttrVendorName}};
   api.set_attribute(kReader1, sc::kAttrVendorName, {'A', 'C', 'M', 'E'});
   establish();
   const uint32_t h = connected(1);
@@ -377,6 +432,21 @@ TEST_F(DeskCoreTest, AttributesAreReadAndWritten) {
   set.data = {'Z'};
   EXPECT_EQ(call(set).rv, sc::kSuccess);
   EXPECT_EQ(call(get).data, (Bytes{'Z'})) << "the value reached the reader";
+}
+
+TEST_F(DeskCoreTest, SetAttribIsRefusedByDefault) {
+  api.set_attribute(kReader1, sc::kAttrVendorName, {'A', 'C', 'M', 'E'});
+  establish();
+  const uint32_t h = connected(1);
+  auto set = req(pr::Op::kSetAttrib, 1, h);
+  set.code = sc::kAttrVendorName;
+  set.data = {'Z'};
+  EXPECT_EQ(call(set).rv, sc::kEUnsupportedFeature);
+  EXPECT_EQ(api.calls(fake::Call::kSetAttrib), 0u) << "a refused SetAttrib reached the reader";
+  auto get = req(pr::Op::kGetAttrib, 1, h);
+  get.code = sc::kAttrVendorName;
+  get.recv_length = 64;
+  EXPECT_EQ(call(get).data, (Bytes{'A', 'C', 'M', 'E'}));
 }
 
 TEST_F(DeskCoreTest, ReconnectAnswersTheProtocolAndTheCardState) {

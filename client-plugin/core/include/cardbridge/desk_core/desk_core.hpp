@@ -150,6 +150,8 @@ class DeskCore : private protocol::LinkSession::Handler {
   struct HandleEntry {
     LaneId lane = 0;
     ScardHandle card = 0;
+    // The reader's answer to CM_IOCTL_GET_FEATURE_REQUEST, once asked (policy: PIN-pad codes).
+    std::optional<std::vector<ReaderFeature>> features;
   };
   std::map<uint32_t, HandleEntry> handles_;  // desk handle id -> PC/SC handle
   uint32_t next_handle_ = 1;

@@ -13,9 +13,14 @@
 
 namespace cardbridge::shim {
 
+// pcscd serves at most this many clients (pcsc-lite PCSC_MAX_CONTEXT_THREADS) and closes
+// the connection of the next one at once; so does the shim.
+inline constexpr std::size_t kMaxClients = 200;
+
 struct ServiceConfig {
   std::string socket_path;  // the pcsc-lite socket (PCSCLITE_CSOCK_NAME)
   ShimConfig core;
+  std::size_t max_clients = kMaxClients;
 };
 
 class ShimService : private ShimEffects {
@@ -63,6 +68,12 @@ class ShimService : private ShimEffects {
   boost::asio::steady_timer timer_;
   std::optional<TimePoint> armed_;  // when timer_ fires
   bool stopped_ = false;
+  // Client limit and accept failures (EMFILE...): one log line when an episode starts and
+  // one when it ends, whatever happens in between (a program retrying in a loop, or an fd
+  // shortage lasting minutes, must not flood the log); accept retries back off to 1 s.
+  bool at_client_limit_ = false;
+  std::size_t refused_at_limit_ = 0;
+  std::size_t accept_failures_ = 0;  // in a row
   ino_t socket_inode_ = 0;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
