@@ -89,7 +89,7 @@ def test_channel_drop_mid_transmit(rig, desk, report):
     assert rig.shim.alive() and rig.host.alive()
     report.add(f"RDP channel drop mid-Transmit ({rig.mode} channel, client killed)", SEES, 1000 * (r["t1"] - t_drop),
                PROMPT_MS, "the RDP client reconnects: readers back, new handles work", 1000 * (t_back - t_new),
-               pcscd=PCSCD, path=f"rdp-{rig.mode} (FreeRDP {FLAVOUR})")
+               pcscd=PCSCD, path=f"rdp-{rig.mode}", notes=f"FreeRDP {FLAVOUR}")
 
 
 def test_rdp_client_stopped_mid_transmit(rig, desk, report):
@@ -117,5 +117,6 @@ def test_rdp_client_stopped_mid_transmit(rig, desk, report):
     assert client.alive(), client.failure_report(20)
     report.add(f"RDP client stopped (SIGSTOP) mid-Transmit ({rig.mode} channel)", SEES, 1000 * (r["t1"] - r["t0"]),
                LIVENESS_MS, "SIGCONT: the same client's channel brings the readers back", 1000 * (t_back - t_cont),
-               pcscd="no pcscd equivalent (silence)", path=f"rdp-{rig.mode} (FreeRDP {FLAVOUR})",
-               notes=f"stopped {1000 * (t_stop - r['t0']):.0f} ms after the request; time counted from the request")
+               pcscd="no pcscd equivalent (silence)", path=f"rdp-{rig.mode}",
+               notes=f"FreeRDP {FLAVOUR}; stopped {1000 * (t_stop - r['t0']):.0f} ms after the request; "
+                     "time counted from the request")

@@ -10,9 +10,14 @@ guard is the only time bound a test enforces). Each row names the bound it is he
     cardbridge/shim_core/shim_core.hpp), counted from the request that found the desk silent.
 
 Each test module holds a FaultReport (a module fixture); at the module's end it writes
-$CARDBRIDGE_BUILD_DIR/fault-matrix/<module>.json and prints the table on the terminal (also when
-every test passed). `python3 -m cbharness.faultreport [DIR]` prints the rows of every module as
-the Markdown table of docs/faults.md.
+$CARDBRIDGE_BUILD_DIR/fault-matrix/<module>.json, prints the table on the terminal (also when
+every test passed) and checks docs/faults.md: every row the run produced must be in the doc's
+table with the same fault, path, what the program sees, bound and recovery (the measured
+columns are a reference run's and are not compared). A row that differs fails the module with
+the doc line to write. The doc's table is generated from the tests' rows:
+
+    python3 -m cbharness.faultreport                       print the table (build/fault-matrix)
+    python3 -m cbharness.faultreport --update-docs [DIR]   rewrite docs/faults.md's table
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 PROMPT_MS = 2000
 # ShimConfig's defaults (shim_core.hpp): a ping after 5 s without a byte from the desk while a
@@ -70,6 +75,7 @@ class FaultReport:
             notes: str = "") -> FaultRow:
         if not test:
             test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        test = test.rsplit("/", 1)[-1]  # file.py::test[param], whatever pytest's rootdir
         row = FaultRow(fault, sees, t_ms, bound_ms, recovery, t_recovery_ms, pcscd, path, test, notes)
         self.rows.append(row)
         print("FAULT " + json.dumps(asdict(row)), flush=True)  # in the test's captured output
@@ -86,9 +92,18 @@ class FaultReport:
         d = self.out_dir()
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{self.module}.json"
+        # a partial run (pytest -k) replaces its own rows and keeps the others of the last runs
+        rows = {}
+        if path.exists():
+            try:
+                rows = {_key(r["test"], r["path"], r["fault"]): r for r in json.loads(path.read_text())["rows"]}
+            except (ValueError, KeyError):
+                rows = {}
+        for r in self.rows:
+            rows[_key(r.test, r.path, r.fault)] = asdict(r)
         path.write_text(json.dumps({"module": self.module, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                     "prompt_ms": PROMPT_MS, "liveness_ms": LIVENESS_MS,
-                                    "rows": [asdict(r) for r in self.rows]}, indent=1) + "\n")
+                                    "rows": list(rows.values())}, indent=1) + "\n")
         return path
 
     def lines(self) -> List[str]:
@@ -102,9 +117,14 @@ class FaultReport:
         return out
 
     def finish(self, config=None) -> None:
-        """Writes the JSON and prints the table (pytest's terminal reporter when there is one)."""
+        """Writes the JSON, prints the table (pytest's terminal reporter when there is one) and
+        checks the rows against docs/faults.md (raises AssertionError on a difference)."""
         path = self.write()
         lines = self.lines() + ([f"  (written to {path})"] if path else [])
+        problems = check_docs(self.rows)
+        if problems:
+            lines += ["  docs/faults.md does not match these rows (python3 -m cbharness.faultreport "
+                      "--update-docs after a full run of the fault tests):"] + [f"    {p}" for p in problems]
         tr = config.pluginmanager.get_plugin("terminalreporter") if config is not None else None
         capman = config.pluginmanager.get_plugin("capturemanager") if config is not None else None
         if tr is not None and capman is not None:
@@ -114,23 +134,113 @@ class FaultReport:
                     tr.write_line(l)
         else:
             print("\n".join(lines))
+        assert not problems, "docs/faults.md does not match the fault tests: " + "; ".join(problems)
 
 
-def markdown(directory: Path) -> str:
-    """Every module's rows as one Markdown table (docs/faults.md's measured column)."""
+# ------------------------------------------------------------------------------------------
+# docs/faults.md: the table between the markers is generated from the rows; the columns that
+# describe behaviour are checked against every run, the measured ones are a reference run's.
+
+DOC = Path(__file__).resolve().parents[3] / "docs" / "faults.md"
+BEGIN, END = "<!-- fault-table:begin (generated: python3 -m cbharness.faultreport --update-docs) -->", \
+    "<!-- fault-table:end -->"
+HEADER = ["fault", "path", "what the program sees", "bound", "recovery", "local pcscd", "measured",
+          "recovered in", "test"]
+CHECKED = ("fault", "path", "what the program sees", "bound", "recovery")
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _doc_cells(r: Dict) -> Dict[str, str]:
+    t = "-" if r["t_ms"] is None else f"{r['t_ms']:.0f} ms"
+    rec = "-" if r["t_recovery_ms"] is None else f"{r['t_recovery_ms']:.0f} ms"
+    return {"fault": r["fault"], "path": r["path"], "what the program sees": r["sees"],
+            "bound": f"{r['bound_ms'] / 1000:g} s", "recovery": r["recovery"], "local pcscd": r["pcscd"] or "-",
+            "measured": t, "recovered in": rec, "test": f"`{r['test']}`"}
+
+
+def _line(cells: Dict[str, str]) -> str:
+    return "| " + " | ".join(_cell(cells[h]) for h in HEADER) + " |"
+
+
+def _split(line: str) -> List[str]:
+    parts, cur, esc = [], "", False
+    for ch in line.strip().strip("|"):
+        if esc:
+            cur += ch
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == "|":
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return parts
+
+
+def _key(test: str, path: str, fault: str) -> Tuple[str, str, str]:
+    return (test.strip("`"), path, fault)
+
+
+def doc_rows(doc: Path = DOC) -> Dict[Tuple[str, str, str], Dict[str, str]]:
+    """The doc's table: (test, path, fault) -> cells."""
+    text = doc.read_text() if doc.exists() else ""
+    if BEGIN not in text or END not in text:
+        return {}
+    body = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip().splitlines()
+    out = {}
+    for line in body[2:]:
+        cells = dict(zip(HEADER, _split(line)))
+        out[_key(cells["test"], cells["path"], cells["fault"])] = cells
+    return out
+
+
+def check_docs(rows: List[FaultRow], doc: Path = DOC) -> List[str]:
+    documented = doc_rows(doc)
+    problems = []
+    for r in rows:
+        want = _doc_cells(asdict(r))
+        have = documented.get(_key(r.test, r.path, r.fault))
+        if have is None:
+            problems.append(f"missing row: {_line(want)}")
+            continue
+        diff = [h for h in CHECKED if have.get(h) != want[h]]  # (fault and path: the key)
+        if diff:
+            problems.append(f"row {r.test} [{r.path}] differs in {', '.join(diff)}: want {_line(want)}")
+    return problems
+
+
+def table(directory: Path) -> str:
     rows = []
     for f in sorted(Path(directory).glob("*.json")):
         rows += json.loads(f.read_text())["rows"]
-    out = ["| fault | path | what the program sees | measured | bound | recovery | recovered in | test |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        t = "-" if r["t_ms"] is None else f"{r['t_ms']:.0f} ms"
-        rec = "-" if r["t_recovery_ms"] is None else f"{r['t_recovery_ms']:.0f} ms"
-        out.append(f"| {r['fault']} | {r['path']} | {r['sees']} | {t} | {r['bound_ms'] / 1000:g} s | {r['recovery']} "
-                   f"| {rec} | `{r['test']}` |")
+    out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    seen = set()
+    for r in rows:  # (the FreeRDP 3 flavour's rows are the FreeRDP 2 ones again: one line each)
+        if _key(r["test"], r["path"], r["fault"]) not in seen:
+            seen.add(_key(r["test"], r["path"], r["fault"]))
+            out.append(_line(_doc_cells(r)))
     return "\n".join(out)
 
 
+def update_docs(directory: Path, doc: Path = DOC) -> None:
+    text = doc.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{table(directory)}\n{END}{tail}")
+
+
 if __name__ == "__main__":
-    d = Path(sys.argv[1]) if len(sys.argv) > 1 else FaultReport("x").out_dir()
-    print(markdown(d))
+    args = sys.argv[1:]
+    update = "--update-docs" in args
+    args = [a for a in args if a != "--update-docs"]
+    d = Path(args[0]) if args else FaultReport("x").out_dir()
+    if update:
+        update_docs(d)
+        print(f"{DOC}: table rewritten from {d}")
+    else:
+        print(table(d))
