@@ -414,8 +414,9 @@ def test_card_pulled_mid_transaction(make_rig, report):
         assert s.rv("begin") == OK
         assert s.call("transmit", apdu=GET_CHALLENGE)["rv"] == OK
         gate = rig.desk.gate(0)
+        n = gate.held() + 1  # (counted before the APDU goes: it may reach the card at once)
         p = s.start("transmit", apdu=GATED_APDU)
-        gate.wait_held(gate.held() + 1)
+        gate.wait_held(n)
         t_pull = time.monotonic()
         rig.desk.remove_card(0, wait=False)
         r = p.result()

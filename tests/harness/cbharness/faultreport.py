@@ -214,10 +214,26 @@ def check_docs(rows: List[FaultRow], doc: Path = DOC) -> List[str]:
     return problems
 
 
+TESTS = Path(__file__).resolve().parents[2] / "integration"
+MODULE_ORDER = ["test_fault_matrix.py", "test_fault_input.py", "test_fault_rdp.py"]
+
+
+def _order(r: Dict) -> Tuple:
+    """The table follows the test files (matrix, input, rdp) and the tests' order in them."""
+    file, _, name = r["test"].partition("::")
+    func = name.split("[")[0]
+    src = TESTS / file
+    text = src.read_text() if src.exists() else ""
+    pos = text.find(f"def {func}(")
+    fi = MODULE_ORDER.index(file) if file in MODULE_ORDER else len(MODULE_ORDER)
+    return (fi, pos if pos >= 0 else len(text), name)
+
+
 def table(directory: Path) -> str:
     rows = []
     for f in sorted(Path(directory).glob("*.json")):
         rows += json.loads(f.read_text())["rows"]
+    rows.sort(key=_order)  # (stable: a test's rows keep their order)
     out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     seen = set()
     for r in rows:  # (the FreeRDP 3 flavour's rows are the FreeRDP 2 ones again: one line each)
