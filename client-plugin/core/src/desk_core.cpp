@@ -246,8 +246,10 @@ void DeskCore::start(Lane& lane, Task& task) {
     }
     task.card = *card;
   }
-  if ((q.flags & pr::request_flags::kBeginFirst) && link_.uses(pr::caps::kDeferredBegin) &&
-      task.step != Task::Step::kBegin) {
+  // (A Connect has no card to lock yet: a deferred Begin on it is a server's error, ignored;
+  // the card handle would be 0.)
+  if ((q.flags & pr::request_flags::kBeginFirst) && q.op != pr::Op::kConnect &&
+      link_.uses(pr::caps::kDeferredBegin) && task.step != Task::Step::kBegin) {
     // A BeginTransaction the shim answered early: take the lock now, or report why not.
     task.step = Task::Step::kBegin;
     return execute(lane, call::Begin{task.card});

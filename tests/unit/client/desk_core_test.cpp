@@ -753,5 +753,24 @@ TEST_F(DeskCoreTest, AFailedSpeculativeCallEndsSpeculationWithoutAnAnswerForIt) 
   EXPECT_TRUE(r->prefetched.empty());
 }
 
+// Found by fuzz_desk_core: a Connect flagged with a deferred Begin (no shim sends one) made
+// the desk call SCardBeginTransaction on card handle 0. The flag is ignored on a Connect.
+TEST_F(DeskCoreTest, ADeferredBeginFlagOnAConnectIsIgnored) {
+  establish();
+  auto q = connect_req(1, kReader1);
+  q.flags = pr::request_flags::kBeginFirst;
+  const uint32_t id = submit(q);
+  while (!edge.calls.empty()) {
+    for (const auto& p : edge.calls) {
+      EXPECT_FALSE(std::holds_alternative<call::Begin>(p.call)) << "a Begin before the card is connected";
+    }
+    run_one();
+  }
+  auto r = reply_to(id);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->rv, sc::kSuccess);
+  EXPECT_NE(r->handle.value, 0u);
+}
+
 }  // namespace
 }  // namespace cardbridge::client
