@@ -10,7 +10,7 @@ test_fault_input.py):
   * desk agent stopped (SIGSTOP) when a program calls: silence, the liveness bound; SIGCONT;
   * link stalled (the relay stopped) with a transfer in flight: the liveness bound; resumed;
   * a slow but live link (RTT 3 s) and a card that holds an APDU past the liveness bound: no
-    disconnect;
+    disconnect; a desk slower than the bound (RTT 12 s): the liveness verdict;
   * a slow card (an APDU held past the liveness bound) while another reader is used;
   * shim killed (SIGKILL) with a transfer in flight: restarted by cdrsession's supervisor over its
     stale socket; compared with pcscd killed the same way;
@@ -165,10 +165,11 @@ def test_agent_stopped_then_continued(make_rig, report):
                notes=f"stopped {_ms(t_stop, r['t0']):.0f} ms before the call; idle link: nothing sent before it")
 
 
-def _relay_rig(make_rig, tmp_name: str, delay_ms: float, cards, log_level: str = "debug"):
+def _relay_rig(make_rig, tmp_name: str, delay_ms: float, cards, log_level: str = "debug", slow_delay_ms: float = 0):
     """A rig whose shim reaches the agent through a LinkRelay (started before the shim)."""
     rig = make_rig(slots=2, cards=cards, name=tmp_name, start_shim=False, log_level=log_level)
-    relay = LinkRelay(str(rig.rt / "relay.sock"), rig.agent_sock, rig.logs / "relay.log", delay_ms=delay_ms).start()
+    relay = LinkRelay(str(rig.rt / "relay.sock"), rig.agent_sock, rig.logs / "relay.log", delay_ms=delay_ms,
+                      slow_delay_ms=slow_delay_ms).start()
     rig.retired.append(relay.proc)
     rig.shim_desk = f"unix:{relay.listen}"
     rig.start_shim()
@@ -206,6 +207,38 @@ def test_link_stalled_mid_transmit_then_resumed(make_rig, report):
                LIVENESS_MS, "link resumes: the shim's reconnect gets through, readers back", _ms(t_resume, t_back),
                path="unix+relay", pcscd="no pcscd equivalent (silence)",
                notes=f"stalled {_ms(r['t0'], t_fault):.0f} ms after the request; time counted from the request")
+
+
+def test_desk_slower_than_the_liveness_bound(make_rig, report):
+    """The desk answers, but too late: the link turns slow (6 s each way: a round trip of 12 s,
+    more than liveness_timeout) while a program calls. The shim cannot tell that from a dead
+    desk: the call fails within the liveness bound, counted from the request, and the readers
+    vanish. The link speeds up again: the shim's next connection brings the readers back."""
+    rig, relay = _relay_rig(make_rig, "ftooslow", 0, ({"slot": 0},), slow_delay_ms=6000)
+    r0 = rig.desk.readers[0]
+    s = rig.session("shim")
+    for c in ("c", "p"):
+        assert s.rv("establish", ctx=c) == OK
+    assert s.rv("connect", reader=r0) == OK
+    assert s.call("transmit", apdu=GET_CHALLENGE)["rv"] == OK
+    relay.slow()
+    try:
+        r = s.call("transmit", apdu=GET_CHALLENGE)
+        assert r["rv"] == READER_GONE["in_flight"], r
+        wait_until(lambda: log_lines(rig.shim_log(), r"does not answer \(no reply to a ping"), timeout=HANG_GUARD_S,
+                   desc="the shim's liveness verdict in its log", details=lambda: rig.shim_log()[-3000:])
+        after = _gone_codes(s)
+        assert after == {"transmit": READER_GONE["transmit"], "status": READER_GONE["status"]}, after
+        _start_pnp_waiter(rig, s)
+    finally:
+        t_fast = time.monotonic()
+        relay.fast()
+    t_back = _wait_readers_back(rig, s)
+    _recovered(rig, s, r0)
+    report.add("desk answers slower than the liveness bound (link RTT 12 s)", READER_GONE_TEXT,
+               _ms(r["t0"], r["t1"]), LIVENESS_MS, "link fast again: the shim's next connection brings the readers back",
+               _ms(t_fast, t_back), path="unix+relay RTT 12 s", pcscd="no pcscd equivalent (a local card has no link)",
+               notes="time counted from the request; the liveness bound tolerates round trips up to 5 s")
 
 
 def _pings_answered(log: str) -> int:
