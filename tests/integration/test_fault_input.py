@@ -450,12 +450,6 @@ def test_shim_at_its_fd_limit_keeps_serving_and_recovers(frig, report):
                path="pcsc-lite socket", pcscd="same")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: at RLIMIT_NOFILE the shim's control-socket listener spins: ControlServer::accept "
-    "(server-shim/io/src/control_server.cpp) calls accept() again at once after any error but "
-    "operation_aborted, so a pending control connection (cdrsession status/doctor) at EMFILE keeps the shim's "
-    "only I/O thread in a tight accept4 loop (about one CPU core for as long as the limit lasts; measured "
-    "1.0 s of CPU in 2 s) with nothing logged; the pcsc-lite listener, by contrast, pauses 100 ms"))
 def _listener_fd(pid: int, path: str) -> int:
     """The fd number of |pid|'s listening unix socket bound to |path|."""
     inodes = set()
@@ -472,6 +466,12 @@ def _listener_fd(pid: int, path: str) -> int:
     raise AssertionError(f"no socket of pid {pid} bound to {path}")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: at RLIMIT_NOFILE the shim's control-socket listener spins: ControlServer::accept "
+    "(server-shim/io/src/control_server.cpp) calls accept() again at once after any error but "
+    "operation_aborted, so a pending control connection (cdrsession status/doctor) at EMFILE keeps the shim's "
+    "only I/O thread in a tight accept4 loop (about one CPU core for as long as the limit lasts; measured "
+    "1.0 s of CPU in 2 s) with nothing logged; the pcsc-lite listener, by contrast, pauses 100 ms"))
 def test_shim_control_socket_at_its_fd_limit_does_not_spin(frig):
     """Both of the shim's listeners have a client waiting while the shim is at its fd limit. The
     pcsc-lite listener retries accept() after a pause; the control listener must pause as well.
