@@ -34,7 +34,7 @@ import pytest
 from core_support import (CB_PCSC, CMD, GET_CHALLENGE, HANG_GUARD_S, OK, RV, SHIM_BIN, PcscSession, Proc, WireClient,
                           client_env, log_lines, reader_states, shim_control, threadstate, wait_until)
 from cbharness.faultreport import LIVENESS_MS, PROMPT_MS, FaultReport
-from test_core_malformed import (FakeDesk, _agent_conn, _agent_hello, _hdr, _transmit_struct, envelope, frame,  # noqa: E402
+from test_core_malformed import (FakeDesk, _agent_conn, _agent_hello, _hdr, _transmit_struct, frame,  # noqa: E402
                                  pb_parse, reply)
 
 E_UNAVAIL = RV["E_READER_UNAVAILABLE"]

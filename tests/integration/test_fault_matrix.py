@@ -31,7 +31,6 @@ import re
 import signal
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 
