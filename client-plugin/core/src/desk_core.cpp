@@ -344,7 +344,10 @@ void DeskCore::advance(Lane& lane, Task& task, CallResult r) {
       return;
     }
     case Task::Step::kReestablish:
-      if (task.reestablish == 1) {  // the dead context is gone
+      if (task.reestablish == 1) {  // the dead context is gone, and its card handles with it
+        for (auto h = handles_.begin(); h != handles_.end();) {
+          h = h->second.lane == lane.id ? handles_.erase(h) : std::next(h);
+        }
         lane.ctx.reset();
         task.reestablish = 2;
         return execute(lane, call::Establish{});

@@ -302,6 +302,19 @@ TEST_F(DeskCoreTest, AConnectOnAContextOfARestartedServiceStartsOverWithAFreshCo
   EXPECT_EQ(api.live_worker_contexts(), 1u);
 }
 
+// Found by fuzz_desk_core: the fresh context's Connect kept the dead context's card handles
+// mapped, so later calls on them reached the new pcscd with handles of the old one.
+TEST_F(DeskCoreTest, AContextStartedOverForgetsTheDeadContextsHandles) {
+  establish();
+  const uint32_t old_handle = connected(1);
+  api.set_service_available(false);
+  api.set_service_available(true);  // the old context and its handle stay dead
+  EXPECT_EQ(call(connect_req(1, kReader1)).rv, sc::kSuccess);
+  const auto transmits = api.calls(fake::Call::kTransmit);
+  EXPECT_EQ(call(transmit_req(1, old_handle, kGetChallenge)).rv, sc::kEInvalidHandle);
+  EXPECT_EQ(api.calls(fake::Call::kTransmit), transmits) << "the dead handle went to the desk's pcscd";
+}
+
 TEST_F(DeskCoreTest, ConnectToAReaderThePolicyHidesIsAnUnknownReader) {
   config.policy.reader_filter = {"omnikey"};
   establish();
