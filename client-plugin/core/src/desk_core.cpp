@@ -198,9 +198,17 @@ bool DeskCore::ordered(const Task& task) const {
 
 void DeskCore::task_done(uint32_t id) {
   if (!unfinished_.erase(id)) return;
-  // Requests of other lanes may have been waiting for this one.
-  for (auto& [lid, lane] : lanes_) {
-    if (!lane->running && !lane->in_call && !lane->queue.empty()) pump(*lane);
+  // Requests of other lanes may have been waiting for this one. Pumping one can finish and
+  // close lanes (a ReleaseContext of a lane without a PC/SC context is answered at once):
+  // walk a copy of the ids, not the map (found by fuzz_desk_core: a use after free).
+  std::vector<LaneId> ids;
+  ids.reserve(lanes_.size());
+  for (const auto& [lid, lane] : lanes_) ids.push_back(lid);
+  for (LaneId lid : ids) {
+    auto it = lanes_.find(lid);
+    if (it == lanes_.end()) continue;
+    Lane& lane = *it->second;
+    if (!lane.running && !lane.in_call && !lane.queue.empty()) pump(lane);
   }
 }
 

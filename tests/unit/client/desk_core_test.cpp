@@ -462,6 +462,34 @@ TEST_F(DeskCoreTest, RepliesOfOneContextKeepTheirOrderAndOneCallIsInFlightPerCon
   EXPECT_EQ(order, ids);
 }
 
+// Found by fuzz_desk_core (ASan: a use after free): a ReleaseContext waiting for another
+// context's request, on a lane whose PC/SC context was never made, is answered and closes
+// its lane from inside the loop that wakes the waiting lanes.
+TEST_F(DeskCoreTest, AWaitingReleaseOfAContextThatNeverGotOneClosesItsLaneSafely) {
+  establish();
+  api.set_service_available(false);
+  EXPECT_EQ(call(transmit_req(2, 7, kSelect)).rv, sc::kENoService) << "context 2: no PC/SC context";
+  EXPECT_EQ(call(transmit_req(3, 7, kSelect)).rv, sc::kENoService) << "context 3: no PC/SC context";
+  api.set_service_available(true);
+  const uint32_t h1 = connected(1);
+  ASSERT_EQ(core().lane_count(), 3u) << "contexts 2 and 3 keep lanes without a PC/SC context";
+  const uint32_t end = submit(req(pr::Op::kEndTransaction, 1, h1));
+  uint32_t releases[2];
+  for (uint32_t c = 2; c <= 3; ++c) {
+    auto r = req(pr::Op::kReleaseContext, c);
+    r.after = {end};
+    releases[c - 2] = submit(r);
+  }
+  EXPECT_FALSE(reply_to(releases[0]) || reply_to(releases[1])) << "the releases wait for the End";
+  run_all();
+  for (uint32_t id : releases) {
+    auto r = reply_to(id);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->rv, sc::kSuccess);
+  }
+  EXPECT_EQ(core().lane_count(), 1u) << "contexts 2 and 3 are gone, context 1 stays";
+}
+
 TEST_F(DeskCoreTest, ARequestWaitsForTheEarlierRequestsOfOtherContextsItNames) {
   establish();
   const uint32_t h1 = connected(1);
