@@ -162,6 +162,7 @@ int main(int argc, char** argv) {
   std::string shim_path;
   std::string shim_level = "info";
   int until_pid = 0;
+  bool insecure_tcp = false;
   bool json = false;
   int pings = 20;
   cs::DoctorThresholds thresholds;
@@ -172,6 +173,9 @@ int main(int argc, char** argv) {
     s->add_option("--until-pid", until_pid, "stop the shim when this process (the session leader) exits");
     s->add_option("--shim", shim_path, "path of cardbridge-shim");
     s->add_option("--shim-log-level", shim_level, "the shim's log level")->capture_default_str();
+    s->add_flag("--insecure-tcp", insecure_tcp,
+                "let the shim use a plain TCP desk link (unauthenticated: PINs cross in clear; tests and "
+                "loopback relays only)");
   };
   auto* start = app.add_subcommand("start", "start this session's shim in the background (idempotent)");
   add_start_options(start);
@@ -244,6 +248,7 @@ int main(int argc, char** argv) {
     cs::SupervisorOptions o;
     o.shim = shim_path.empty() ? cs::find_shim() : shim_path;
     o.shim_args = {"--socket", paths.socket, "--desk", paths.desk_spec, "--log-level", shim_level};
+    if (insecure_tcp) o.shim_args.push_back("--insecure-tcp");
     o.until_pid = until_pid;
     if (*run) return cs::run_supervisor(paths, o);
 

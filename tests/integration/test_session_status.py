@@ -156,7 +156,7 @@ def test_status_text(world):
     assert re.search(r"^traffic  \d+ requests from programs, \d+ desk round trips", text, re.M), text
     assert re.search(r"^  \S+  card connected: reader='Audit Reader 00 00' atr=" + CPS3_ATR +
                      rf" share=shared \(pid {w['app_pid']}\)$", text, re.M), text
-    assert "desk connected: name='ACCUEIL-03'" in text
+    assert "desk connected: declared-name='ACCUEIL-03'" in text
 
 
 def test_audit_events(world):
@@ -166,7 +166,7 @@ def test_audit_events(world):
     names = [e["event"] for e in events]
     print("\n".join(f"{e['time']} {e['event']} pid={e['pid']}" for e in events))
     desk = [e for e in events if e["event"].startswith("desk connected:")]
-    assert len(desk) == 1 and desk[0]["event"].startswith("desk connected: name='ACCUEIL-03' software='cardbridge-desk"), names
+    assert len(desk) == 1 and desk[0]["event"].startswith("desk connected: declared-name='ACCUEIL-03' software='cardbridge-desk"), names
     added = [n for n in names if n.startswith("reader added: reader='Audit Reader 00 00'")]
     assert added == [f"reader added: reader='Audit Reader 00 00' card present atr={CPS3_ATR}"], names
     # In order: connected, removed, inserted (with the ATR of the new card).
@@ -200,7 +200,7 @@ def test_audit_reaches_syslog(world):
     print("\n".join(msgs))
     prio = f"<{LOG_AUTHPRIV * 8 + LOG_INFO}>"
     assert all(m.startswith(prio) for m in msgs), msgs  # facility authpriv, level info
-    assert any("desk connected: name='ACCUEIL-03'" in m for m in msgs), msgs
+    assert any("desk connected: declared-name='ACCUEIL-03'" in m for m in msgs), msgs
     assert any(f"card connected: reader='Audit Reader 00 00' atr={CPS3_ATR} share=shared pid={w['app_pid']}" in m
                for m in msgs), msgs
     blob = "\n".join(msgs)

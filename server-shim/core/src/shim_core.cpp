@@ -35,6 +35,7 @@ pr::LinkSettings link_settings(const ShimConfig& c) {
   s.liveness_after = c.liveness_after;
   s.liveness_timeout = c.liveness_timeout;
   s.random_seed = c.random_seed;
+  s.peer_policy = c.desk_policy;
   return s;
 }
 
@@ -480,9 +481,9 @@ void ShimCore::fail_call(Client& c, PendingCall call, uint32_t rv) {
 // ---------------------------------------------------------------------------------------
 // The desk session (protocol::LinkSession)
 
-void ShimCore::desk_connected(TimePoint now) {
+void ShimCore::desk_connected(TimePoint now, PeerIdentity peer) {
   now_ = now;
-  link_.transport_up(now);
+  link_.transport_up(now, std::move(peer));
 }
 
 void ShimCore::desk_bytes(std::span<const uint8_t> bytes, TimePoint now) {
@@ -512,8 +513,9 @@ void ShimCore::link_close(const std::string& reason) { fx_.reset_desk_link(reaso
 void ShimCore::session_started(const pr::PeerSession& peer, TimePoint) {
   desk_ = peer;
   handles_.set_live_generation(peer.generation);
-  fx_.audit(0, fmt::format("desk connected: name='{}' software='{}'", log::printable(peer.name),
-                           log::printable(peer.software)));
+  // What the transport verified, and what the desk only declares (its name and software).
+  fx_.audit(0, fmt::format("desk connected: declared-name='{}' software='{}' identity='{}'", log::printable(peer.name),
+                           log::printable(peer.software), peer.verified.describe()));
   after_state_change();
 }
 
@@ -521,7 +523,7 @@ void ShimCore::session_started(const pr::PeerSession& peer, TimePoint) {
 // orphans that answer like handles on an unplugged reader.
 void ShimCore::session_ended(const std::string& reason, TimePoint) {
   logger->warn("desk '{}' lost: {}", log::printable(desk_.name), reason);
-  fx_.audit(0, fmt::format("desk disconnected: name='{}' reason='{}'", log::printable(desk_.name), reason));
+  fx_.audit(0, fmt::format("desk disconnected: declared-name='{}' reason='{}'", log::printable(desk_.name), reason));
   async_.clear();
   handles_.set_live_generation(0);
   handles_.orphan_all();

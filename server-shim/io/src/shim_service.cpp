@@ -65,9 +65,9 @@ Result<bool, std::string> ShimService::start() {
 
   std::weak_ptr<bool> alive = alive_;
   desk_->start(DeskLink::Events{
-      [this, alive] {
+      [this, alive](PeerIdentity peer) {
         if (alive.expired()) return;
-        core_.desk_connected(Clock::now());
+        core_.desk_connected(Clock::now(), std::move(peer));
         arm_timer();
       },
       [this, alive](std::span<const uint8_t> b) {

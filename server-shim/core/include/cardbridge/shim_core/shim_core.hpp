@@ -104,6 +104,9 @@ struct ShimConfig {
   // does not trip it.
   std::chrono::milliseconds liveness_after{5000};
   std::chrono::milliseconds liveness_timeout{5000};
+  // Who may be the desk (docs/security.md): the UNIX peers (the session's user, root), the
+  // pinned TLS desk, the session's RDP channel; plain TCP only when the admin says so.
+  PeerPolicy desk_policy;
 };
 
 struct ShimStats {
@@ -136,7 +139,9 @@ class ShimCore : private protocol::LinkSession::Handler {
   void client_closed(ClientId id, TimePoint now);
 
   // ---- desk side ----
-  void desk_connected(TimePoint now);  // transport up: we say hello
+  // Transport up, to a desk the transport identified as |peer|: we say hello if
+  // ShimConfig::desk_policy allows it, else the link is reset without a byte sent.
+  void desk_connected(TimePoint now, PeerIdentity peer);
   void desk_bytes(std::span<const uint8_t> bytes, TimePoint now);
   void desk_disconnected(TimePoint now);  // transport down
   // Timers: call tick() at or after next_deadline().
@@ -152,6 +157,8 @@ class ShimCore : private protocol::LinkSession::Handler {
   // The desk of the current session, or of the last one (as its hello declared it).
   const std::string& desk_name() const { return desk_.name; }
   const std::string& desk_software() const { return desk_.software; }
+  // Who the transport verified the desk to be (a uid, a certificate, an RDP channel), for status.
+  std::string desk_identity() const { return desk_.verified.describe(); }
   uint64_t negotiated_capabilities() const { return link_.established() ? link_.peer().capabilities : 0; }
   const ReaderTable& readers() const { return readers_; }
   ShimStats stats() const;
