@@ -77,6 +77,8 @@ class Harness : public cl::DeskEffects {
     c.capabilities = pr::caps::kAll;
     c.random_seed = 7;
     c.max_contexts = 2 + flags % 8;  // small: the limit's refusals are reached
+    c.server_policy.unix_uids = {0};  // the server runs as root here...
+    peer_uid_ = (flags & 0x40) ? 4242 : 0;  // ...or now and then as a user the desk refuses
     core_.emplace(*this, c);
   }
 
@@ -219,7 +221,7 @@ class Harness : public cl::DeskEffects {
     tracked_ = true;
     outstanding_.clear();
     handles_.clear();
-    core_->transport_up(now_);
+    core_->transport_up(now_, cardbridge::PeerIdentity::unix_user(peer_uid_, 99));
     server_hello(in);
   }
 
@@ -364,6 +366,7 @@ class Harness : public cl::DeskEffects {
   std::vector<uint32_t> handles_;
   int64_t next_raw_ = 0x1C000001;
   uint32_t next_id_ = 1;
+  uint32_t peer_uid_ = 0;
 };
 
 }  // namespace
