@@ -205,9 +205,17 @@ bool DeskCore::ordered(const Task& task) const {
 
 void DeskCore::task_done(uint32_t id) {
   if (!unfinished_.erase(id)) return;
-  // Requests of other lanes may have been waiting for this one.
-  for (auto& [lid, lane] : lanes_) {
-    if (!lane->running && !lane->in_call && !lane->queue.empty()) pump(*lane);
+  // Requests of other lanes may have been waiting for this one. Pumping one can finish and
+  // close lanes (a ReleaseContext of a lane without a PC/SC context is answered at once):
+  // walk a copy of the ids, not the map (found by fuzz_desk_core: a use after free).
+  std::vector<LaneId> ids;
+  ids.reserve(lanes_.size());
+  for (const auto& [lid, lane] : lanes_) ids.push_back(lid);
+  for (LaneId lid : ids) {
+    auto it = lanes_.find(lid);
+    if (it == lanes_.end()) continue;
+    Lane& lane = *it->second;
+    if (!lane.running && !lane.in_call && !lane.queue.empty()) pump(lane);
   }
 }
 
@@ -253,8 +261,11 @@ void DeskCore::start(Lane& lane, Task& task) {
     }
     task.card = *card;
   }
-  if ((q.flags & pr::request_flags::kBeginFirst) && link_.uses(pr::caps::kDeferredBegin) &&
-      task.step != Task::Step::kBegin && task.step != Task::Step::kFeatures) {
+  // (A Connect has no card to lock yet: a deferred Begin on it is a server's error, ignored;
+  // the card handle would be 0.)
+  if ((q.flags & pr::request_flags::kBeginFirst) && q.op != pr::Op::kConnect &&
+      link_.uses(pr::caps::kDeferredBegin) && task.step != Task::Step::kBegin &&
+      task.step != Task::Step::kFeatures) {
     // A BeginTransaction the shim answered early: take the lock now, or report why not.
     task.step = Task::Step::kBegin;
     return execute(lane, call::Begin{task.card});
@@ -367,7 +378,10 @@ void DeskCore::advance(Lane& lane, Task& task, CallResult r) {
       return;
     }
     case Task::Step::kReestablish:
-      if (task.reestablish == 1) {  // the dead context is gone
+      if (task.reestablish == 1) {  // the dead context is gone, and its card handles with it
+        for (auto h = handles_.begin(); h != handles_.end();) {
+          h = h->second.lane == lane.id ? handles_.erase(h) : std::next(h);
+        }
         lane.ctx.reset();
         task.reestablish = 2;
         return execute(lane, call::Establish{});

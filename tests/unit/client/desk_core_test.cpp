@@ -313,6 +313,19 @@ TEST_F(DeskCoreTest, AConnectOnAContextOfARestartedServiceStartsOverWithAFreshCo
   EXPECT_EQ(api.live_worker_contexts(), 1u);
 }
 
+// Found by fuzz_desk_core: the fresh context's Connect kept the dead context's card handles
+// mapped, so later calls on them reached the new pcscd with handles of the old one.
+TEST_F(DeskCoreTest, AContextStartedOverForgetsTheDeadContextsHandles) {
+  establish();
+  const uint32_t old_handle = connected(1);
+  api.set_service_available(false);
+  api.set_service_available(true);  // the old context and its handle stay dead
+  EXPECT_EQ(call(connect_req(1, kReader1)).rv, sc::kSuccess);
+  const auto transmits = api.calls(fake::Call::kTransmit);
+  EXPECT_EQ(call(transmit_req(1, old_handle, kGetChallenge)).rv, sc::kEInvalidHandle);
+  EXPECT_EQ(api.calls(fake::Call::kTransmit), transmits) << "the dead handle went to the desk's pcscd";
+}
+
 TEST_F(DeskCoreTest, ConnectToAReaderThePolicyHidesIsAnUnknownReader) {
   config.policy.reader_filter = {"omnikey"};
   establish();
@@ -528,6 +541,34 @@ TEST_F(DeskCoreTest, RepliesOfOneContextKeepTheirOrderAndOneCallIsInFlightPerCon
     if (std::holds_alternative<pr::Reply>(m.body) && m.id >= ids.front()) order.push_back(m.id);
   }
   EXPECT_EQ(order, ids);
+}
+
+// Found by fuzz_desk_core (ASan: a use after free): a ReleaseContext waiting for another
+// context's request, on a lane whose PC/SC context was never made, is answered and closes
+// its lane from inside the loop that wakes the waiting lanes.
+TEST_F(DeskCoreTest, AWaitingReleaseOfAContextThatNeverGotOneClosesItsLaneSafely) {
+  establish();
+  api.set_service_available(false);
+  EXPECT_EQ(call(transmit_req(2, 7, kSelect)).rv, sc::kENoService) << "context 2: no PC/SC context";
+  EXPECT_EQ(call(transmit_req(3, 7, kSelect)).rv, sc::kENoService) << "context 3: no PC/SC context";
+  api.set_service_available(true);
+  const uint32_t h1 = connected(1);
+  ASSERT_EQ(core().lane_count(), 3u) << "contexts 2 and 3 keep lanes without a PC/SC context";
+  const uint32_t end = submit(req(pr::Op::kEndTransaction, 1, h1));
+  uint32_t releases[2];
+  for (uint32_t c = 2; c <= 3; ++c) {
+    auto r = req(pr::Op::kReleaseContext, c);
+    r.after = {end};
+    releases[c - 2] = submit(r);
+  }
+  EXPECT_FALSE(reply_to(releases[0]) || reply_to(releases[1])) << "the releases wait for the End";
+  run_all();
+  for (uint32_t id : releases) {
+    auto r = reply_to(id);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->rv, sc::kSuccess);
+  }
+  EXPECT_EQ(core().lane_count(), 1u) << "contexts 2 and 3 are gone, context 1 stays";
 }
 
 TEST_F(DeskCoreTest, ARequestWaitsForTheEarlierRequestsOfOtherContextsItNames) {
@@ -832,6 +873,25 @@ TEST_F(DeskCoreTest, AFailedSpeculativeCallEndsSpeculationWithoutAnAnswerForIt) 
   ASSERT_TRUE(r);
   EXPECT_EQ(r->rv, sc::kSuccess) << "the program's own command succeeded";
   EXPECT_TRUE(r->prefetched.empty());
+}
+
+// Found by fuzz_desk_core: a Connect flagged with a deferred Begin (no shim sends one) made
+// the desk call SCardBeginTransaction on card handle 0. The flag is ignored on a Connect.
+TEST_F(DeskCoreTest, ADeferredBeginFlagOnAConnectIsIgnored) {
+  establish();
+  auto q = connect_req(1, kReader1);
+  q.flags = pr::request_flags::kBeginFirst;
+  const uint32_t id = submit(q);
+  while (!edge.calls.empty()) {
+    for (const auto& p : edge.calls) {
+      EXPECT_FALSE(std::holds_alternative<call::Begin>(p.call)) << "a Begin before the card is connected";
+    }
+    run_one();
+  }
+  auto r = reply_to(id);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->rv, sc::kSuccess);
+  EXPECT_NE(r->handle.value, 0u);
 }
 
 }  // namespace
