@@ -6,6 +6,7 @@
 #include <memory>
 #include <set>
 
+#include "cardbridge/transport/fd_reserve.hpp"
 #include "cardbridge/transport/stream.hpp"
 #include "cardbridge/transport/tls.hpp"
 #include "cardbridge/desk_core/card_api.hpp"
@@ -35,6 +36,8 @@ class DeskServer {
   DeskConfig config_;
   transport::TlsContext tls_;
   std::optional<transport::GenericAcceptor> acceptor_;
+  transport::FdReserve fd_reserve_;  // to refuse a server at the fd limit rather than leave it waiting
+  std::size_t accept_failures_ = 0;  // in a row
   std::set<std::shared_ptr<Connection>> connections_;
   bool stopped_ = false;
   std::size_t max_connections_ = 0;

@@ -111,15 +111,21 @@ void ShimService::accept() {
     if (alive.expired() || stopped_) return;
     if (ec) {
       if (ec != boost::asio::error::operation_aborted) {
-        // EMFILE and friends: the connection waits in the listen backlog; try again later,
-        // backing off (100 ms, doubling to 1 s), and say so once per episode.
+        // Out of descriptors: refuse the waiting client with the descriptor kept in reserve
+        // (its SCardEstablishContext fails at once, as with a pcscd that cannot serve it)
+        // rather than leave it waiting. Other errors: the connection waits in the backlog.
+        // Either way, try again later, backing off (100 ms, doubling to 1 s), and say so once
+        // per episode.
         ++accept_failures_;
+        const bool refused = transport::FdReserve::is_exhaustion(ec) && fd_reserve_.refuse_one(acceptor_->native_handle());
         if (accept_failures_ == 1) {
-          logger->error("accept failed: {}; retrying with backoff, not logged again until a client is accepted",
-                        ec.message());
+          logger->error("accept failed: {}; {}retrying with backoff, not logged again until a client is accepted",
+                        ec.message(), refused ? "new clients are refused meanwhile; " : "");
         } else {
-          logger->debug("accept still failing ({} in a row): {}", accept_failures_, ec.message());
+          logger->debug("accept still failing ({} in a row): {}{}", accept_failures_, ec.message(),
+                        refused ? " (a client refused)" : "");
         }
+        if (refused) return accept();  // the next client, if any, at once
         const auto delay = std::chrono::milliseconds(100 << std::min<std::size_t>(accept_failures_ - 1, 3));
         auto t = std::make_shared<boost::asio::steady_timer>(io_, std::min(delay, std::chrono::milliseconds(1000)));
         t->async_wait([this, t, alive](boost::system::error_code) {

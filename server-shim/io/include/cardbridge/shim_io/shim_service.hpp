@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "cardbridge/transport/fd_reserve.hpp"
 #include "cardbridge/transport/stream.hpp"
 #include "cardbridge/shim_core/shim_core.hpp"
 #include "cardbridge/shim_io/desk_link.hpp"
@@ -74,6 +75,7 @@ class ShimService : private ShimEffects {
   bool at_client_limit_ = false;
   std::size_t refused_at_limit_ = 0;
   std::size_t accept_failures_ = 0;  // in a row
+  transport::FdReserve fd_reserve_;  // to refuse a client at the fd limit (as pcscd), not leave it waiting
   ino_t socket_inode_ = 0;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
