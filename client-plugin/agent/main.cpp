@@ -1,5 +1,8 @@
 // cardbridge-desk: the standalone desk agent. Serves the desk's PC/SC readers (through
 // the local pcscd, honouring PCSCLITE_CSOCK_NAME) to CardBridge server shims.
+// Configuration: /etc/cardbridge/desk.conf, [agent] for this program's options (same names
+// as on the command line) and [desk] for the admin's desk policy, which this program's own
+// --readers, --deny-readers and --allow-control can only narrow.
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -8,6 +11,10 @@
 #include <CLI/CLI.hpp>
 
 #include "desk_server.hpp"
+#include "cardbridge/config/config_file.hpp"
+#include "cardbridge/desk_config/desk_settings.hpp"
+#include "cardbridge/journal/audit.hpp"
+#include "cardbridge/journal/journal.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
 #include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
@@ -35,8 +42,11 @@ int main(int argc, char** argv) {
   std::string level = "info";
   std::string name = host_name();
   std::string readers;
+  std::string deny_readers;
   std::string controls = "all";
+  std::string log_target = "auto";
   bool insecure_tcp = false;
+  cb::config::add_config_file(app, cb::client::desk_conf_path(), {{"agent", ""}}, {"desk"});
   cb::transport::TlsConfig tls;
   app.add_option("--listen", listen_spec,
                  "where shims connect: unix:PATH, tcp:127.0.0.1:PORT, or tls:HOST:PORT (mutual TLS 1.3)")
@@ -45,10 +55,19 @@ int main(int argc, char** argv) {
   app.add_option("--tls-key", tls.private_key, "tls: its private key (PEM; or $CARDBRIDGE_TLS_KEY)");
   app.add_option("--tls-ca", tls.ca, "tls: CA that signed the servers' certificates (PEM; or $CARDBRIDGE_TLS_CA)");
   app.add_option("--log-level", level, "trace, debug, info, warn, error, critical or off")->capture_default_str();
-  app.add_option("--name", name, "desk name shown on the server (doctor, audit log)")->capture_default_str();
-  app.add_option("--readers", readers, "only expose readers whose name contains one of these (comma-separated)");
+  app.add_option("--log-target", log_target,
+                 "auto (the journal when stderr is a journal stream, as in the systemd unit; else stderr), "
+                 "journal, or stderr")
+      ->check(CLI::IsMember({"auto", "journal", "stderr"}))
+      ->capture_default_str();
+  app.add_option("--name", name, "desk name shown on the server (doctor, audit log); desk.conf [desk] name wins")
+      ->capture_default_str();
+  app.add_option("--readers", readers,
+                 "only expose readers whose name contains one of these (comma-separated; within desk.conf's)");
+  app.add_option("--deny-readers", deny_readers, "never expose readers whose name contains one of these");
   app.add_option("--allow-control", controls,
-                 "control codes programs may use: all, none, or a list (n = SCARD_CTL_CODE(n), 0x... = raw)")
+                 "control codes programs may use: all, none, or a list (n = SCARD_CTL_CODE(n), 0x... = raw); "
+                 "within desk.conf's allow-control")
       ->capture_default_str();
   app.add_flag("--insecure-remote-tcp", insecure_tcp,
                "allow plain TCP on a non-loopback address (test networks only: no encryption, "
@@ -60,8 +79,31 @@ int main(int argc, char** argv) {
     std::cerr << "cardbridge-desk: unknown log level '" << level << "'\n";
     return 2;
   }
-  cb::log::init(*lvl, "cardbridge-desk");
+  cb::journal::init_logging(*lvl, "cardbridge-desk", *cb::journal::parse_target(log_target));
+  cb::audit::set_identifier("cardbridge-desk");
   auto log = cb::log::get("cardbridge.desk");
+
+  // The admin's policy (desk.conf [desk]) encloses this program's own options.
+  const std::string conf = cb::config::file_read(app);
+  cb::client::DeskSettings admin;
+  if (!conf.empty()) {
+    auto s = cb::client::load_desk_settings(conf);
+    if (!s) {
+      std::cerr << "cardbridge-desk: " << s.error() << "\n";
+      return 2;
+    }
+    admin = *s;
+  }
+  auto admin_policy = cb::client::admin_policy(admin);
+  if (!admin_policy) {
+    std::cerr << "cardbridge-desk: " << admin_policy.error() << "\n";
+    return 2;
+  }
+  if (!admin.name.empty()) {
+    if (app.count("--name") && name != admin.name)
+      log->warn("{} sets the desk name '{}': --name '{}' ignored", admin.file, admin.name, name);
+    name = admin.name;
+  }
 
   auto ep = cb::transport::Endpoint::parse(listen_spec);
   if (!ep) {
@@ -83,9 +125,9 @@ int main(int argc, char** argv) {
     }
     tls_ctx = *ctx;
   }
-  auto allow = cb::client::Policy::parse_control_allow(controls);
-  if (!allow) {
-    std::cerr << "cardbridge-desk: --allow-control: " << allow.error() << "\n";
+  auto own = cb::client::connection_policy({readers}, {deny_readers}, controls);
+  if (!own) {
+    std::cerr << "cardbridge-desk: " << own.error() << "\n";
     return 2;
   }
 
@@ -93,8 +135,8 @@ int main(int argc, char** argv) {
   cfg.desk_name = name;
   cfg.software = "cardbridge-desk";
   cfg.capabilities = cb::protocol::caps::kAll;
-  cfg.policy.reader_filter = cb::client::Policy::parse_reader_filter(readers);
-  cfg.policy.control_allow = *allow;
+  cfg.link = ep->to_string();
+  cfg.policy = cb::client::Policy::narrowed(*admin_policy, *own);
 
   boost::asio::io_context io;
   cb::client::DeskServer server(io, cb::client::process_pcsc_card_api(), cfg, tls_ctx);
@@ -103,7 +145,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (insecure_tcp) log->warn("plain TCP on {}: card traffic is neither encrypted nor authenticated", ep->to_string());
-  log->info("cardbridge-desk {} started as '{}'", CARDBRIDGE_VERSION, name);
+  log->info("cardbridge-desk {} started as '{}'{}", CARDBRIDGE_VERSION, name,
+            conf.empty() ? std::string() : " (policy from " + conf + ")");
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code ec, int sig) {
     if (ec) return;

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 
+#include "cardbridge/desk_config/desk_settings.hpp"
+#include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
+#include "cardbridge/journal/audit.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
-#include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
+#include "wlog_sink.hpp"
 
 namespace cardbridge::client {
 
@@ -28,6 +31,10 @@ AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
       std::replace(value.begin(), value.end(), ';', ',');
       std::replace(value.begin(), value.end(), '|', ',');
       o.readers = value;
+    } else if (key == "deny-readers") {
+      std::replace(value.begin(), value.end(), ';', ',');
+      std::replace(value.begin(), value.end(), '|', ',');
+      o.deny_readers = value;
     } else if (key == "allow-control") {
       std::replace(value.begin(), value.end(), ';', ',');
       std::replace(value.begin(), value.end(), '|', ',');
@@ -42,26 +49,52 @@ AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
 }
 
 void init_addin_logging(const std::string& level) {
-  static std::once_flag once;
-  std::call_once(once, [&] {
-    auto lvl = log::parse_level(level).value_or(spdlog::level::info);
-    log::init(lvl, "cardbridge-client");
-  });
+  init_wlog_logging(level);
+  audit::set_identifier("cardbridge-client");
 }
 
-ChannelSession::ChannelSession(const AddinOptions& options, std::string default_name, Writer writer)
+namespace {
+
+// Nothing: what a broken policy file or option leaves exposed (fail closed).
+Policy nothing() {
+  Policy p;
+  p.reader_deny = {""};  // every name contains ""
+  p.control_allow = std::set<uint32_t>{};
+  return p;
+}
+
+}  // namespace
+
+// The admin's policy (desk.conf [desk]) encloses the connection's options.
+ChannelSession::ChannelSession(const AddinOptions& options, std::string default_name, Writer writer, std::string link)
     : writer_(std::move(writer)) {
   DeskConfig cfg;
   cfg.desk_name = options.name.empty() ? std::move(default_name) : options.name;
   cfg.software = "cardbridge-client";
   cfg.capabilities = protocol::caps::kAll;
-  cfg.policy.reader_filter = Policy::parse_reader_filter(options.readers);
-  if (auto allow = Policy::parse_control_allow(options.allow_control)) {
-    cfg.policy.control_allow = *allow;
+  cfg.link = std::move(link);
+  Policy admin = nothing();
+  if (auto settings = load_desk_settings(desk_conf_path()); !settings) {
+    logger->error("{}: exposing no reader until it is fixed", settings.error());
+  } else if (auto p = admin_policy(*settings); !p) {
+    logger->error("{}: exposing no reader until it is fixed", p.error());
   } else {
-    logger->error("allow-control: {}; no control code allowed", allow.error());
-    cfg.policy.control_allow = std::set<uint32_t>{};
+    admin = *p;
+    if (!settings->name.empty()) {
+      if (!options.name.empty() && options.name != settings->name)
+        logger->warn("{} sets the desk name '{}': name:{} ignored", settings->file, settings->name,
+                     log::printable(options.name));
+      cfg.desk_name = settings->name;
+    }
+    if (!settings->file.empty()) logger->info("desk policy from {}", settings->file);
   }
+  const std::string allow = options.allow_control == "all" ? std::string() : options.allow_control;
+  auto own = connection_policy({options.readers}, {options.deny_readers}, allow);
+  if (!own) {
+    logger->error("{}; no control code allowed", own.error());
+    own = connection_policy({options.readers}, {options.deny_readers}, "none");
+  }
+  cfg.policy = Policy::narrowed(std::move(admin), *own);
   DeskRuntime::Io io;
   io.send = [this](std::vector<uint8_t> frame) {
     if (!writer_(std::move(frame))) logger->warn("channel write failed");

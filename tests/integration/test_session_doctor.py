@@ -12,13 +12,13 @@ of the cases, each served to a session shim started by `cdrsession start`:
 | case        | how                                                        | exit |
 | healthy     | CPS3 desk                                                  | 0    |
 | environment | healthy session, PCSCLITE_CSOCK_NAME not in the environment | 2    |
-| shim        | no shim started / a stale socket nobody serves             | 3    |
-| user        | another user's socket: test_session_users.py (real users)  | 4    |
-| channel     | shim up, its desk link leads nowhere                       | 5    |
-| readers     | agent whose --readers filter matches nothing               | 6    |
-| card        | readers without a card                                     | 7    |
-| card-type   | unknown card (vicc's ATR)                                  | 8    |
-| latency     | 40 ms each way between shim and desk agent                 | 9    |
+| shim        | no shim started / a stale socket nobody serves             | 2    |
+| user        | another user's socket: test_session_users.py (real users)  | 2    |
+| channel     | shim up, its desk link leads nowhere                       | 2    |
+| readers     | agent whose --readers filter matches nothing               | 2    |
+| card        | readers without a card                                     | 2    |
+| card-type   | unknown card (vicc's ATR)                                  | 1    |
+| latency     | 40 ms each way between shim and desk agent                 | 1    |
 
 Slow link: a private network namespace with `tc netem delay 40ms` on its loopback, desk agent and
 shim inside it (no address outside 127.0.0.0/8 is used). Kernels without sch_netem (this machine's,

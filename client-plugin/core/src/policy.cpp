@@ -39,13 +39,28 @@ std::vector<std::string_view> split(std::string_view text) {
 }  // namespace
 
 bool Policy::reader_allowed(std::string_view name) const {
-  if (reader_filter.empty()) return true;
+  if (within && !within->reader_allowed(name)) return false;
   const auto n = lower(name);
-  return std::any_of(reader_filter.begin(), reader_filter.end(),
-                     [&](const std::string& f) { return n.find(lower(f)) != std::string::npos; });
+  auto matches = [&](const std::string& f) { return n.find(lower(f)) != std::string::npos; };
+  if (std::any_of(reader_deny.begin(), reader_deny.end(), matches)) return false;
+  if (reader_filter.empty()) return true;
+  return std::any_of(reader_filter.begin(), reader_filter.end(), matches);
 }
 
-bool Policy::control_allowed(uint32_t code) const { return !control_allow || control_allow->contains(code); }
+bool Policy::control_allowed(uint32_t code) const {
+  if (within && !within->control_allowed(code)) return false;
+  return !control_allow || control_allow->contains(code);
+}
+
+Policy Policy::narrowed(Policy admin, Policy connection) {
+  if (connection.within) {  // already nested: nest its outermost policy in |admin|
+    Policy outer = narrowed(std::move(admin), *connection.within);
+    connection.within = std::make_shared<const Policy>(std::move(outer));
+    return connection;
+  }
+  connection.within = std::make_shared<const Policy>(std::move(admin));
+  return connection;
+}
 
 std::vector<std::string> Policy::parse_reader_filter(std::string_view text) {
   std::vector<std::string> out;

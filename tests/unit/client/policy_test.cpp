@@ -152,5 +152,62 @@ TEST(PolicyControlAllow, DefaultPolicyAllowsEverything) {
   EXPECT_TRUE(p.control_allowed(0x12345678));
 }
 
+// ---- the admin's policy encloses the connection's (issue 10) ---------------------------------
+
+TEST(PolicyNarrowed, DenyListHidesWhateverTheFilterSays) {
+  Policy p;
+  p.reader_deny = {"hello"};
+  EXPECT_FALSE(p.reader_allowed("Windows Hello Reader 00 00"));
+  EXPECT_TRUE(p.reader_allowed("Gemalto PC Twin Reader 00 00"));
+  p.reader_filter = {"reader"};
+  EXPECT_FALSE(p.reader_allowed("Windows Hello Reader 00 00"));
+}
+
+TEST(PolicyNarrowed, AConnectionCannotWidenTheAdminsReaders) {
+  Policy admin = with_filter({"gemalto"});
+  admin.reader_deny = {"twin 01"};
+  const Policy all;  // the connection asks for every reader
+  const Policy p = Policy::narrowed(admin, all);
+  EXPECT_TRUE(p.reader_allowed("Gemalto PC Twin 00 00"));
+  EXPECT_FALSE(p.reader_allowed("OMNIKEY 3121 00 00")) << "the admin's filter still applies";
+  EXPECT_FALSE(p.reader_allowed("Gemalto PC Twin 01 00")) << "the admin's deny list still applies";
+  // A connection filter naming a reader the admin hides does not bring it back.
+  const Policy q = Policy::narrowed(admin, with_filter({"omnikey", "gemalto"}));
+  EXPECT_FALSE(q.reader_allowed("OMNIKEY 3121 00 00"));
+  EXPECT_TRUE(q.reader_allowed("Gemalto PC Twin 00 00"));
+}
+
+TEST(PolicyNarrowed, AConnectionMayNarrow) {
+  const Policy p = Policy::narrowed(Policy{}, with_filter({"omnikey"}));
+  EXPECT_TRUE(p.reader_allowed("OMNIKEY 3121 00 00"));
+  EXPECT_FALSE(p.reader_allowed("Gemalto PC Twin 00 00"));
+}
+
+TEST(PolicyNarrowed, ControlCodesMustPassBoth) {
+  Policy admin;
+  admin.control_allow = std::set<uint32_t>{kFeatureRequest};
+  Policy everything;  // "all"
+  EXPECT_TRUE(Policy::narrowed(admin, everything).control_allowed(kFeatureRequest));
+  EXPECT_FALSE(Policy::narrowed(admin, everything).control_allowed(sc::ctl_code(1)))
+      << "the connection's 'all' does not widen the admin's list";
+  Policy none;
+  none.control_allow = std::set<uint32_t>{};
+  EXPECT_FALSE(Policy::narrowed(admin, none).control_allowed(kFeatureRequest));
+  Policy forbidding;
+  forbidding.control_allow = std::set<uint32_t>{};
+  Policy asks;
+  asks.control_allow = std::set<uint32_t>{kFeatureRequest};
+  EXPECT_FALSE(Policy::narrowed(forbidding, asks).control_allowed(kFeatureRequest));
+}
+
+TEST(PolicyNarrowed, NestingTwiceKeepsEveryLayer) {
+  const Policy inner = Policy::narrowed(with_filter({"gemalto"}), with_filter({"twin"}));
+  const Policy outer = Policy::narrowed(with_filter({"00 00"}), inner);
+  EXPECT_TRUE(outer.reader_allowed("Gemalto PC Twin 00 00"));
+  EXPECT_FALSE(outer.reader_allowed("Gemalto PC Twin 01 00"));
+  EXPECT_FALSE(outer.reader_allowed("Gemalto Shell Token 00 00"));
+  EXPECT_FALSE(outer.reader_allowed("OMNIKEY Twin 00 00"));
+}
+
 }  // namespace
 }  // namespace cardbridge::client
