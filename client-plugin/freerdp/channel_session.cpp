@@ -27,18 +27,12 @@ AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
     if (key == "log-level") {
       o.log_level = value;
     } else if (key == "readers") {
-      // FreeRDP splits add-in arguments on ',', so reader filters use ';' or '|'.
-      std::replace(value.begin(), value.end(), ';', ',');
-      std::replace(value.begin(), value.end(), '|', ',');
-      o.readers = value;
+      // FreeRDP splits add-in arguments on ',': lists use '+' (or ';', '|': quoted in a shell).
+      o.readers = addin_list(value);
     } else if (key == "deny-readers") {
-      std::replace(value.begin(), value.end(), ';', ',');
-      std::replace(value.begin(), value.end(), '|', ',');
-      o.deny_readers = value;
+      o.deny_readers = addin_list(value);
     } else if (key == "allow-control") {
-      std::replace(value.begin(), value.end(), ';', ',');
-      std::replace(value.begin(), value.end(), '|', ',');
-      o.allow_control = value;
+      o.allow_control = addin_list(value);
     } else if (key == "name") {
       o.name = value;
     } else if (error) {

@@ -22,7 +22,7 @@ namespace cardbridge::client {
 // the admin's policy (/etc/cardbridge/desk.conf [desk]), never widen it.
 struct AddinOptions {
   std::string log_level;        // "" = FreeRDP's (/log-level, WLOG_LEVEL) for com.cardbridge
-  std::string readers;          // reader filter (comma-free list separated by ';' or '|')
+  std::string readers;          // reader filter (comma-free list separated by '+', ';' or '|')
   std::string deny_readers;     // readers never exposed (same syntax)
   std::string allow_control = "all";
   std::string name;             // desk name shown on the server; default: desk.conf's, else the client host name

@@ -40,8 +40,8 @@ from test_session_support import (CPS3_ATR, HANG_GUARD_S, EXIT, VICC_ATR, DelayR
                                   shim_reader_names, wait_until)
 
 TITLES = {"environment": "PCSCLITE_CSOCK_NAME", "shim": "CardBridge shim", "user": "owner", "channel": "desk link",
-          "readers": "readers", "card": "card", "card-type": "card type", "latency": "round trip"}
-ORDER = ["environment", "shim", "user", "channel", "readers", "card", "card-type", "latency"]
+          "desk-pcsc": "desk PC/SC service", "readers": "readers", "card": "card", "card-type": "card type", "latency": "round trip"}
+ORDER = ["environment", "shim", "user", "channel", "desk-pcsc", "readers", "card", "card-type", "latency"]
 DELAY_MS = 40
 
 
@@ -203,9 +203,17 @@ def test_unknown_card_vs_cps3(world, healthy):
     wait_desk(sd, ["Doc Reader B 00 00", "Doc Reader B 00 01"])
     code_t, text, code_j, rep = both_forms(env)
     expect(code_t, text, code_j, rep, "card-type", "degraded")
-    assert rep["cards"] == [{"reader": "Doc Reader B 00 00", "atr": VICC_ATR, "kind": "unknown",
-                             "label": "unknown card", "professional": False}]
-    assert f"unknown card in 'Doc Reader B 00 00' (ATR {VICC_ATR})" in text, text
+    # Not a card CardBridge knows, but pcsc-tools' ATR list (/usr/share/pcsc/smartcard_list.txt,
+    # installed by scripts/install-deps) names it: the doctor says what it is.
+    [card] = rep["cards"]
+    assert (card["reader"], card["atr"], card["kind"], card["professional"]) == \
+        ("Doc Reader B 00 00", VICC_ATR, "unknown", False), card
+    assert "vsmartcard" in card["label"] and card["atr_list"][0] == card["label"], card
+    assert check_of(rep, "card-type")["cause"] == "unknown-card", rep
+    assert f"{card['label']} (pcsc-tools' ATR list) in 'Doc Reader B 00 00' (ATR {VICC_ATR})" in text, text
+    # The JSON's head: schema, time and host, for monitoring.
+    assert rep["schema_version"] == 1 and rep["host"] == socket.gethostname(), rep
+    assert rep["timestamp"].endswith("Z") and "T" in rep["timestamp"], rep
     # The later check still ran: a warning does not block the chain.
     assert check_of(rep, "latency")["result"] == "ok"
     # ... while the CPS3 desk's card is recognised (test_healthy has the whole report).

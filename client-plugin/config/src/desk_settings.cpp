@@ -36,6 +36,13 @@ Result<DeskSettings, std::string> load_desk_settings(const std::string& path) {
   return s;
 }
 
+std::string addin_list(std::string value) {
+  for (char& c : value) {
+    if (c == '+' || c == ';' || c == '|') c = ',';
+  }
+  return value;
+}
+
 // The admin's layer keeps Policy's defaults for what desk.conf does not set.
 Result<Policy, std::string> admin_policy(const DeskSettings& s) {
   Policy p;

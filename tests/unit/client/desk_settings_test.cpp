@@ -94,6 +94,19 @@ TEST_F(DeskSettingsTest, ConnectionOptionsOnlyNarrowTheAdminsPolicy) {
   EXPECT_FALSE(bad);
 }
 
+TEST(AddinList, ShellSafePlusAndTheQuotedSeparators) {
+  EXPECT_EQ(addin_list("Gemalto+Omnikey"), "Gemalto,Omnikey");
+  EXPECT_EQ(addin_list("Gemalto;Omnikey|Identiv"), "Gemalto,Omnikey,Identiv");
+  EXPECT_EQ(addin_list("3400+0x42000D48"), "3400,0x42000D48");
+  EXPECT_EQ(addin_list("PC Twin Reader"), "PC Twin Reader");
+  // As the add-in hands it on: a two-entry filter.
+  auto p = connection_policy({addin_list("gemalto+omnikey")}, {}, "");
+  ASSERT_TRUE(p);
+  EXPECT_TRUE(p->reader_allowed("OMNIKEY 3121 00 00"));
+  EXPECT_TRUE(p->reader_allowed("Gemalto PC Twin 00 00"));
+  EXPECT_FALSE(p->reader_allowed("Identiv uTrust 00 00"));
+}
+
 TEST(DeskSettingsPath, IsTheBuiltInEtcDirectoryNotTheEnvironment) {
   ::setenv("CARDBRIDGE_ETC", "/tmp/user-chosen", 1);
   const std::string p = desk_conf_path();

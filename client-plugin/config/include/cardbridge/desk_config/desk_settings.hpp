@@ -40,6 +40,12 @@ Result<DeskSettings, std::string> load_desk_settings(const std::string& path);
 // The admin's policy of |s|; an error for a bad control-code list.
 Result<Policy, std::string> admin_policy(const DeskSettings& s);
 
+// A list given in an add-in option (readers:, deny-readers:, allow-control:) as the policy's
+// comma-separated list. FreeRDP splits add-in arguments on ',', so entries are separated with
+// '+' (safe in every shell: `/vc:cardbridge,readers:Gemalto+Omnikey`), or ';' or '|' (which a
+// shell takes for its own unless quoted).
+std::string addin_list(std::string value);
+
 // A connection's policy from its options (each may be empty: no narrowing).
 Result<Policy, std::string> connection_policy(const std::vector<std::string>& readers,
                                               const std::vector<std::string>& deny_readers,
