@@ -155,9 +155,9 @@ void log_start_failure(const cs::SessionPaths& p, const std::string& why) {
                                 cardbridge::log::printable(why));
   if (cardbridge::journal::available()) {
     // Structured, so that monitoring can select it: journalctl -t cdrsession CARDBRIDGE_EVENT=start-failed
+    ::setenv("CARDBRIDGE_SESSION", p.key.c_str(), 1);  // (read by the sink: set it first)
     auto sink = cardbridge::journal::make_sink("cdrsession");
     spdlog::logger l("cdrsession.start", sink);
-    ::setenv("CARDBRIDGE_SESSION", p.key.c_str(), 1);
     l.error("{}", line);
     return;
   }
