@@ -2,7 +2,9 @@
 
 #include <winpr/wlog.h>
 
+#include <cstdio>
 #include <map>
+#include <optional>
 #include <mutex>
 
 #include <spdlog/sinks/base_sink.h>
@@ -41,22 +43,35 @@ spdlog::level::level_enum spdlog_level(DWORD l) {
 
 // spdlog -> WLog: the message only (WLog's layout adds time, thread, level and tag).
 class WlogSink final : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  // |level|: the add-in's log-level: option, set on each com.cardbridge.* logger (WLog does not
+  // pass a level set on com.cardbridge down to com.cardbridge.addin); none: WLog's own
+  // (/log-level, WLOG_LEVEL, WLOG_FILTER).
+  explicit WlogSink(std::optional<DWORD> level) : level_(level) {}
+
  protected:
   void sink_it_(const spdlog::details::log_msg& msg) override {
     const std::string name(msg.logger_name.data(), msg.logger_name.size());
     auto it = loggers_.find(name);
     if (it == loggers_.end()) {
       const std::string tag = "com." + name;
-      it = loggers_.emplace(name, WLog_Get(tag.c_str())).first;
+      wLog* created = WLog_Get(tag.c_str());
+      if (created && level_) WLog_SetLogLevel(created, *level_);
+      it = loggers_.emplace(name, created).first;
     }
     wLog* log = it->second;
     if (!log) return;
     const std::string text(msg.payload.data(), msg.payload.size());
     WLog_Print(log, wlog_level(msg.level), "%s", text.c_str());
+    // WLog's console appender writes info and below to stdout, which is fully buffered when
+    // it is a file or a pipe (a wrapper script's log): an admin tailing it, or a client killed
+    // later, would otherwise never see the lines.
+    std::fflush(stdout);
   }
   void flush_() override {}
 
  private:
+  std::optional<DWORD> level_;
   std::map<std::string, wLog*> loggers_;  // WLog keeps its loggers for the process's life
 };
 
@@ -70,7 +85,7 @@ void init_wlog_logging(const std::string& level_option) {
     if (level && root) WLog_SetLogLevel(root, wlog_level(*level));
     const auto effective = level ? *level : root ? spdlog_level(WLog_GetLogLevel(root)) : spdlog::level::warn;
     log::init(effective, "cardbridge-client");
-    log::set_sink(std::make_shared<WlogSink>());
+    log::set_sink(std::make_shared<WlogSink>(level ? std::optional<DWORD>(wlog_level(*level)) : std::nullopt));
   });
 }
 
