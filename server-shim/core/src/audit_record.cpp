@@ -33,7 +33,7 @@ std::string AuditRecord::text() const {
       return fmt::format("desk connected: name='{}' software='{}'", log::printable(desk_name),
                          log::printable(desk_software));
     case Kind::kDeskDisconnected:
-      return fmt::format("desk disconnected: name='{}' reason='{}'", log::printable(desk_name), reason);
+      return fmt::format("desk disconnected: name='{}' reason='{}'", log::printable(desk_name), log::printable(reason));
     case Kind::kReaderAdded:
       return card_present ? fmt::format("reader added: reader='{}' card present atr={}", name, to_hex(atr, false))
                           : fmt::format("reader added: reader='{}' no card", name);
