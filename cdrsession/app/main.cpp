@@ -300,7 +300,20 @@ int main(int argc, char** argv) {
   auto* probe = app.add_subcommand("pkcs11-probe", "")->group("");
   std::string probe_module;
   probe->add_option("--module", probe_module)->required();
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ConfigError& e) {
+    // A mistake in server.conf: a session start must still say why it failed (the xrdp
+    // hook exports the reason, the doctor reports it; the system log has it too).
+    if (start->parsed()) {
+      const std::string why = std::string("configuration: ") + e.what();
+      log_start_failure(cs::detect(cs::process_env(), cs::file_exists(), ::geteuid()), why);
+      std::cout << start_error_line(why) << "\n";
+    }
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
 
   const auto lvl = cardbridge::log::parse_level(level).value_or(spdlog::level::info);
   const auto log_to = *cardbridge::journal::parse_target(log_target);

@@ -124,6 +124,11 @@ def test_server_conf_mistake_is_named(base):
     assert r.returncode != 0, r
     assert str(etc / "server.conf") in r.stderr + r.stdout and "log-levle" in r.stderr + r.stdout, r
     assert "[cdrsession]" in r.stderr + r.stdout, r
+    # A session start says why it failed, where the xrdp hook and the doctor look.
+    r = cdr("start", "--desk", f"unix:{base}/nowhere.sock", env=session_env(str(rt), CARDBRIDGE_ETC=str(etc)))
+    assert r.returncode != 0, r
+    line = next(l for l in r.stdout.splitlines() if l.startswith("CARDBRIDGE_START_ERROR="))
+    assert "configuration: " in line and "log-levle" in line and line.endswith("; export CARDBRIDGE_START_ERROR"), line
     (etc / "server.conf").write_text("[shmi]\nlog-level = debug\n")
     r = cdr("env", env=session_env(str(rt), CARDBRIDGE_ETC=str(etc)))
     assert r.returncode != 0 and "unknown section [shmi]" in r.stderr + r.stdout, r
