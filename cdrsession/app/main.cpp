@@ -235,6 +235,7 @@ int main(int argc, char** argv) {
   std::string shim_path;
   std::string shim_level;
   int until_pid = 0;
+  bool insecure_tcp = false;
   bool json = false;
   int pings = 20;
   cs::DoctorThresholds thresholds;
@@ -245,6 +246,9 @@ int main(int argc, char** argv) {
     s->add_option("--until-pid", until_pid, "stop the shim when this process (the session leader) exits");
     s->add_option("--shim", shim_path, "path of cardbridge-shim");
     s->add_option("--shim-log-level", shim_level, "the shim's log level (default: server.conf [shim] log-level, else info)");
+    s->add_flag("--insecure-tcp", insecure_tcp,
+                "let the shim use a plain TCP desk link (unauthenticated: PINs cross in clear; tests and "
+                "loopback relays only)");
   };
   auto* start = app.add_subcommand("start", "start this session's shim in the background (idempotent)");
   add_start_options(start);
@@ -356,6 +360,7 @@ int main(int argc, char** argv) {
     // The shim reads the same server.conf ([shim]); what is given here wins over it.
     if (!config_file.empty()) o.shim_args.insert(o.shim_args.end(), {"--config", config_file});
     if (!shim_level.empty()) o.shim_args.insert(o.shim_args.end(), {"--log-level", shim_level});
+    if (insecure_tcp) o.shim_args.push_back("--insecure-tcp");
     o.env = {{"CARDBRIDGE_SESSION", paths.key}};
     o.until_pid = until_pid;
     if (*run) return cs::run_supervisor(paths, o);

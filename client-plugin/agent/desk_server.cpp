@@ -26,10 +26,10 @@ class DeskServer::Connection : public std::enable_shared_from_this<Connection> {
     runtime_ = std::make_unique<DeskRuntime>(api, std::move(cfg), DeskRuntime::Io{});
   }
 
-  void start_socket(int fd) {
+  void start_socket(int fd, PeerIdentity peer) {
     std::weak_ptr<Connection> weak = shared_from_this();
     runtime_->start();
-    runtime_->serve_socket(fd, [io_ptr = &io_, weak](const std::string& reason) {
+    runtime_->serve_socket(fd, std::move(peer), [io_ptr = &io_, weak](const std::string& reason) {
       boost::asio::post(*io_ptr, [weak, reason] {
         if (auto c = weak.lock()) c->on_closed(reason);
       });
@@ -61,7 +61,7 @@ class DeskServer::Connection : public std::enable_shared_from_this<Connection> {
                      if (self->runtime_) self->runtime_->receive(data);
                    },
                    [self](const std::string& reason) { self->on_closed(reason); });
-    runtime_->transport_up();
+    runtime_->transport_up(stream_->peer());
   }
 
   void stop() {
@@ -133,21 +133,22 @@ void DeskServer::accept() {
     transport::set_low_latency(sock);
     if (tls_) {
       // Mutual TLS: the handshake fails unless the server presents a certificate of our CA.
-      transport::async_accept_tls(std::move(sock), tls_, [this](std::shared_ptr<transport::Stream> s, std::string subject,
+      transport::async_accept_tls(std::move(sock), tls_, [this](std::shared_ptr<transport::Stream> s, PeerIdentity peer,
                                                                std::string error) {
         if (stopped_) return;
         if (!s) {
           logger->warn("TLS connection refused: {}", error);
           return;
         }
-        logger->info("server connected over TLS ({})", log::printable(subject));
+        logger->info("TLS handshake done with {} (authorisation next)", peer.describe());
         new_connection()->start_stream(std::move(s));
       });
     } else {
-      logger->info("server connected");
+      auto peer = transport::peer_of(sock);
+      logger->info("connection from {} (authorisation next)", peer.describe());
       boost::system::error_code ignored;
       const int fd = sock.release(ignored);
-      if (fd >= 0) new_connection()->start_socket(fd);
+      if (fd >= 0) new_connection()->start_socket(fd, std::move(peer));
     }
     accept();
   });

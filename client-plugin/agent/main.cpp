@@ -28,10 +28,6 @@ std::string host_name() {
   return buf;
 }
 
-bool is_loopback(const std::string& host) {
-  return host == "localhost" || host.starts_with("127.") || host == "::1";
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -46,6 +42,7 @@ int main(int argc, char** argv) {
   std::string controls = "all";
   std::string log_target = "auto";
   bool insecure_tcp = false;
+  std::vector<std::string> allowed_servers;
   cb::config::add_config_file(app, cb::client::desk_conf_path(), {{"agent", ""}}, {"desk"});
   cb::transport::TlsConfig tls;
   app.add_option("--listen", listen_spec,
@@ -54,6 +51,10 @@ int main(int argc, char** argv) {
   app.add_option("--tls-cert", tls.certificate, "tls: this desk's certificate (PEM; or $CARDBRIDGE_TLS_CERT)");
   app.add_option("--tls-key", tls.private_key, "tls: its private key (PEM; or $CARDBRIDGE_TLS_KEY)");
   app.add_option("--tls-ca", tls.ca, "tls: CA that signed the servers' certificates (PEM; or $CARDBRIDGE_TLS_CA)");
+  app.add_option("--tls-allow-server", allowed_servers,
+                 "tls: a server allowed to use this desk: its certificate's name (CN or DNS name) or its "
+                 "SHA-256 fingerprint (sha256:HEX); repeat or separate with commas. Required with tls:")
+      ->delimiter(',');
   app.add_option("--log-level", level, "trace, debug, info, warn, error, critical or off")->capture_default_str();
   app.add_option("--log-target", log_target,
                  "auto (the journal when stderr is a journal stream, as in the systemd unit; else stderr), "
@@ -69,9 +70,9 @@ int main(int argc, char** argv) {
                  "control codes programs may use: all, none, or a list (n = SCARD_CTL_CODE(n), 0x... = raw); "
                  "within desk.conf's allow-control")
       ->capture_default_str();
-  app.add_flag("--insecure-remote-tcp", insecure_tcp,
-               "allow plain TCP on a non-loopback address (test networks only: no encryption, "
-               "no authentication)");
+  app.add_flag("--insecure-tcp,--insecure-remote-tcp", insecure_tcp,
+               "allow plain TCP (tests only: no encryption, and anyone who can reach the port can use the "
+               "card; prefer unix:PATH on one machine, tls:HOST:PORT across a network)");
   CLI11_PARSE(app, argc, argv);
 
   auto lvl = cb::log::parse_level(level);
@@ -110,9 +111,10 @@ int main(int argc, char** argv) {
     std::cerr << "cardbridge-desk: --listen: " << ep.error() << "\n";
     return 2;
   }
-  if (ep->kind == cb::transport::Endpoint::Kind::kTcp && !is_loopback(ep->host) && !insecure_tcp) {
-    std::cerr << "cardbridge-desk: plain TCP is only allowed on loopback; across a network use tls:HOST:PORT "
-                 "or the RDP channel (FreeRDP add-in)\n";
+  if (ep->kind == cb::transport::Endpoint::Kind::kTcp && !insecure_tcp) {
+    std::cerr << "cardbridge-desk: plain TCP authenticates no one (any local user, or anyone who reaches the "
+                 "port, could use the card): use unix:PATH on one machine, tls:HOST:PORT across a network, or "
+                 "--insecure-tcp for tests\n";
     return 2;
   }
   cb::transport::TlsContext tls_ctx;
@@ -124,6 +126,11 @@ int main(int argc, char** argv) {
       return 2;
     }
     tls_ctx = *ctx;
+    if (allowed_servers.empty()) {
+      std::cerr << "cardbridge-desk: tls: needs --tls-allow-server (the servers allowed to use this desk: any "
+                 "certificate the CA signed is not enough)\n";
+      return 2;
+    }
   }
   auto own = cb::client::connection_policy({readers}, {deny_readers}, controls);
   if (!own) {
@@ -137,6 +144,21 @@ int main(int argc, char** argv) {
   cfg.capabilities = cb::protocol::caps::kAll;
   cfg.link = ep->to_string();
   cfg.policy = cb::client::Policy::narrowed(*admin_policy, *own);
+  // Who may be the server: over a UNIX socket this agent's user or root; over TLS the
+  // allowed servers; plain TCP only with --insecure-tcp.
+  cfg.server_policy.unix_uids = {static_cast<uint32_t>(::geteuid()), 0};
+  for (const auto& a : allowed_servers) {
+    if (a.rfind("sha256:", 0) == 0 && !cb::normalize_fingerprint(a)) {
+      std::cerr << "cardbridge-desk: --tls-allow-server " << a << ": not a SHA-256 fingerprint (64 hex digits)\n";
+      return 2;
+    }
+    if (cb::normalize_fingerprint(a)) {
+      cfg.server_policy.tls_fingerprints.push_back(a);
+    } else {
+      cfg.server_policy.tls_names.push_back(a);
+    }
+  }
+  cfg.server_policy.allow_insecure_tcp = insecure_tcp;
 
   boost::asio::io_context io;
   cb::client::DeskServer server(io, cb::client::process_pcsc_card_api(), cfg, tls_ctx);
@@ -144,7 +166,10 @@ int main(int argc, char** argv) {
     log->critical("{}", ok.error());
     return 1;
   }
-  if (insecure_tcp) log->warn("plain TCP on {}: card traffic is neither encrypted nor authenticated", ep->to_string());
+  if (ep->kind == cb::transport::Endpoint::Kind::kTcp) {
+    log->warn("INSECURE: plain TCP on {}: card traffic is neither encrypted nor authenticated (--insecure-tcp)",
+              ep->to_string());
+  }
   log->info("cardbridge-desk {} started as '{}'{}", CARDBRIDGE_VERSION, name,
             conf.empty() ? std::string() : " (policy from " + conf + ")");
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);

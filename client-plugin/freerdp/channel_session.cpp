@@ -66,6 +66,7 @@ ChannelSession::ChannelSession(const AddinOptions& options, std::string default_
   cfg.desk_name = options.name.empty() ? std::move(default_name) : options.name;
   cfg.software = "cardbridge-client";
   cfg.capabilities = protocol::caps::kAll;
+  cfg.server_policy.allow_rdp_channel = true;
   cfg.link = std::move(link);
   Policy admin = nothing();
   if (auto settings = load_desk_settings(desk_conf_path()); !settings) {
@@ -111,7 +112,9 @@ ChannelSession::ChannelSession(const AddinOptions& options, std::string default_
 ChannelSession::~ChannelSession() { shutdown(); }
 
 void ChannelSession::opened() {
-  if (runtime_) runtime_->transport_up();
+  // The RDP connection authenticated the server (and the user logged in to it): the channel
+  // belongs to that session.
+  if (runtime_) runtime_->transport_up(PeerIdentity::rdp_channel("RDP client channel"));
 }
 
 void ChannelSession::feed(const uint8_t* data, std::size_t n) {

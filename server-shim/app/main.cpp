@@ -47,11 +47,13 @@ int main(int argc, char** argv) {
   std::string disabled;
   std::string control_path;
   std::string log_target = "auto";
+  bool insecure_tcp = false;
+  std::vector<std::string> peer_fingerprints;
   cb::transport::TlsConfig tls;
   // /etc/cardbridge/server.conf [shim] (cardbridge/config/config_file.hpp); [cdrsession] and
   // [doctor] are cdrsession's.
   cb::config::add_config_file(app, cb::config::server_dir() + "/" + cb::config::kServerConf, {{"shim", ""}},
-                              {"cdrsession", "doctor"});
+                              {"cdrsession", "doctor", "status"});
   app.add_option("--socket", socket_path, "pcsc-lite socket to serve (its directory is created 0700)")
       ->capture_default_str();
   app.add_option("--desk", desk_spec,
@@ -64,7 +66,15 @@ int main(int argc, char** argv) {
   app.add_option("--tls-cert", tls.certificate, "tls: desk link: this server's certificate (or $CARDBRIDGE_TLS_CERT)");
   app.add_option("--tls-key", tls.private_key, "tls: its private key (or $CARDBRIDGE_TLS_KEY)");
   app.add_option("--tls-ca", tls.ca, "tls: CA that signed the desks' certificates (or $CARDBRIDGE_TLS_CA)");
-  app.add_option("--tls-peer-name", tls.peer_name, "tls: the desk's expected certificate name (or $CARDBRIDGE_TLS_PEER_NAME)");
+  app.add_option("--tls-peer-name", tls.peer_name,
+                 "tls: the desk's certificate name (CN or DNS name; or $CARDBRIDGE_TLS_PEER_NAME)");
+  app.add_option("--tls-peer-fingerprint", peer_fingerprints,
+                 "tls: the desk's certificate SHA-256 fingerprint (sha256:HEX); with tls: a name or a "
+                 "fingerprint is required (any certificate the CA signed is not enough)")
+      ->delimiter(',');
+  app.add_flag("--insecure-tcp", insecure_tcp,
+               "allow a plain TCP desk link (tests only: whoever listens on that port gets the card "
+               "traffic, PINs included)");
   app.add_option("--control", control_path,
                  "control socket for cdrsession status/doctor (default: <socket>.ctl)");
   app.add_option("--log-level", level, "trace, debug, info, warn, error, critical or off")
@@ -119,8 +129,24 @@ int main(int argc, char** argv) {
       return 2;
     }
     link_text = ep->to_string();
+    if (ep->kind == cb::transport::Endpoint::Kind::kTcp && !insecure_tcp) {
+      std::cerr << "cardbridge-shim: a plain TCP desk link authenticates no one (another user listening on "
+                   "that port would receive the PINs): use unix:PATH, tls:HOST:PORT with a pinned desk, or "
+                   "--insecure-tcp for tests\n";
+      return 2;
+    }
     if (ep->kind == cb::transport::Endpoint::Kind::kTls) {
       tls.fill_from_environment();
+      for (const auto& f : peer_fingerprints) {
+        if (!cb::normalize_fingerprint(f)) {
+          std::cerr << "cardbridge-shim: --tls-peer-fingerprint " << f << ": not a SHA-256 fingerprint (64 hex digits)\n";
+          return 2;
+        }
+      }
+      if (tls.peer_name.empty() && peer_fingerprints.empty()) {
+        std::cerr << "cardbridge-shim: tls: needs the desk's identity: --tls-peer-name or --tls-peer-fingerprint\n";
+        return 2;
+      }
       auto ctx = cb::transport::make_tls_context(tls, /*server=*/false);
       if (!ctx) {
         std::cerr << "cardbridge-shim: " << ctx.error() << "\n";
@@ -145,6 +171,18 @@ int main(int argc, char** argv) {
     std::cerr << "cardbridge-shim: --disable: " << err << "\n";
     return 2;
   }
+  // Who may be the desk (checked before the first byte): over a UNIX socket this session's
+  // user or root (a desk agent or the RDP host's relay); the session's xrdp channel; over TLS
+  // the pinned desk; plain TCP only with --insecure-tcp.
+  cfg.core.desk_policy.unix_uids = {static_cast<uint32_t>(::geteuid()), 0};
+  cfg.core.desk_policy.allow_rdp_channel = true;
+  if (!tls.peer_name.empty()) cfg.core.desk_policy.tls_names.push_back(tls.peer_name);
+  cfg.core.desk_policy.tls_fingerprints = peer_fingerprints;
+  cfg.core.desk_policy.allow_insecure_tcp = insecure_tcp;
+  if (insecure_tcp) {
+    log->warn("INSECURE: a plain TCP desk link is allowed (--insecure-tcp): card traffic, PINs included, is "
+              "neither encrypted nor authenticated");
+  }
   cb::shim::ShimService service(io, cfg, link);
   if (auto ok = service.start(); !ok) {
     log->critical("{}", ok.error());
@@ -156,6 +194,7 @@ int main(int argc, char** argv) {
                          {"uid", ::geteuid()},
                          {"socket", socket_path},
                          {"desk_link", link_text},
+                         {"desk_link_insecure", insecure_tcp},
                          {"mode", mode},
                          {"disabled", disabled},
                          {"config", config_file},

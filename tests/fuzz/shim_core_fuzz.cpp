@@ -109,6 +109,7 @@ class Harness {
     c.one_round_trip_per_call = (flags & script::kFlagOneRoundTrip) != 0;
     c.random_seed = 1;  // deterministic ids
     c.hello_retry = std::chrono::milliseconds(500);
+    c.desk_policy.unix_uids = {1000, 0};  // the kit's DeskEnd comes as uid 1000
     return c;
   }
 

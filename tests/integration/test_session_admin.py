@@ -180,7 +180,9 @@ def test_helpdesk_doctor_and_status_all(base, sessions):
                                 "sleep", "600"], env=env)
         code, rep, err = doctor(session_env(None), "--user", user.name, "--pings", "3", json_out=True)
         assert check_of(rep, "environment")["result"] == "ok", rep
-        assert code == rep["exit_code"] == EXIT["card-type"] == 1 and rep["first_problem"] == "card-type", rep
+        # Two warnings: the test's plain-TCP desk link (unauthenticated), and vicc's card (not a CPx card).
+        assert code == rep["exit_code"] == EXIT["card-type"] == 1 and rep["first_problem"] == "channel", rep
+        assert check_of(rep, "channel")["result"] == check_of(rep, "card-type")["result"] == "warning", rep
         assert rep["session"]["uid"] == user.uid and rep["desk"]["connected"], rep
         assert [c["reader"] for c in rep["cards"]] == [agent.readers[0]], rep
         code_t, text, _ = doctor(session_env(None), "--user", user.name, "--pings", "3")

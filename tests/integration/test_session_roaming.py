@@ -246,8 +246,8 @@ def test_roaming_from_desk_a_to_desk_b(rdp, desks):
     # The audit trail tells the story, per desk.
     r = cdr("status", "--json", env=rdp.env)
     events = [e["event"] for e in json.loads(r.stdout)["audit"]]
-    want = ["desk connected: name='DESK-A'", "card connected: reader='Desk A Reader 00 00'",
-            "desk disconnected: name='DESK-A'", "desk connected: name='DESK-B'",
+    want = ["desk connected: declared-name='DESK-A'", "card connected: reader='Desk A Reader 00 00'",
+            "desk disconnected: declared-name='DESK-A'", "desk connected: declared-name='DESK-B'",
             "card connected: reader='Desk B Reader 00 00'"]
     pos = 0
     for e in events:

@@ -157,7 +157,7 @@ def test_status_text(world):
     assert re.search(r"^traffic  \d+ requests from programs, \d+ desk round trips", text, re.M), text
     assert re.search(r"^  \S+  card connected: reader='Audit Reader 00 00' atr=" + CPS3_ATR +
                      rf" share=shared \(pid {w['app_pid']}\)$", text, re.M), text
-    assert "desk connected: name='ACCUEIL-03'" in text
+    assert "desk connected: declared-name='ACCUEIL-03'" in text
 
 
 def test_audit_events(world):
@@ -167,7 +167,7 @@ def test_audit_events(world):
     names = [e["event"] for e in events]
     print("\n".join(f"{e['time']} {e['event']} pid={e['pid']}" for e in events))
     desk = [e for e in events if e["event"].startswith("desk connected:")]
-    assert len(desk) == 1 and desk[0]["event"].startswith("desk connected: name='ACCUEIL-03' software='cardbridge-desk"), names
+    assert len(desk) == 1 and desk[0]["event"].startswith("desk connected: declared-name='ACCUEIL-03' software='cardbridge-desk"), names
     added = [n for n in names if n.startswith("reader added: reader='Audit Reader 00 00'")]
     assert added == [f"reader added: reader='Audit Reader 00 00' card present atr={CPS3_ATR}"], names
     # In order: connected, removed, inserted (with the ATR of the new card).
@@ -201,7 +201,7 @@ def test_audit_reaches_syslog(world):
     print("\n".join(msgs))
     prio = f"<{LOG_AUTHPRIV * 8 + LOG_NOTICE}>"
     assert all(m.startswith(prio) for m in msgs), msgs  # facility authpriv, level notice
-    assert any("desk connected: name='ACCUEIL-03'" in m and "[EVENT=desk-connected " in m for m in msgs), msgs
+    assert any("desk connected: declared-name='ACCUEIL-03'" in m and "[EVENT=desk-connected " in m for m in msgs), msgs
     # Structured (without journald, the fields close the line): who, which session, which program.
     card = [m for m in msgs if f"card connected: reader='Audit Reader 00 00' atr={CPS3_ATR} share=shared "
                                 f"pid={w['app_pid']}" in m]

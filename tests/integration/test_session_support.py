@@ -215,6 +215,8 @@ class Sessions:
         """wrap: argv prefix (e.g. ip netns exec NS) for the supervisor and its shim."""
         sd = SessionDir(env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}", key)
         self.started.append((sd, env, user))
+        if any(a.startswith("tcp:") for a in args):
+            args = (*args, "--insecure-tcp")  # a plain TCP desk link is refused without it (test links on 127.0.0.1)
         r = run([*wrap, CDRSESSION, "start", *args], env, user)
         self.supervisors.append(sd.supervisor_pid())  # before a test may remove the directory
         if expect_ok:
@@ -278,8 +280,9 @@ class DeskAgent:
             else:
                 self.spec = f"unix:{self.rt}/agent.sock"
             prefix = ["ip", "netns", "exec", netns] if netns else []
+            insecure = ["--insecure-tcp"] if self.spec.startswith("tcp:") else []
             self.agent = Proc([*prefix, str(DESK_BIN), "--listen", self.spec, "--name", desk_name or name,
-                               "--log-level", log_level, *agent_args], name=f"agent-{name}",
+                               "--log-level", log_level, *insecure, *agent_args], name=f"agent-{name}",
                               log_path=self.rt / "agent.log", env={**session_env(None), **self.desk.env()}).start()
             agent = self.agent
             wait_until(lambda: "listening on" in agent.log_text(), timeout=HANG_GUARD_S, desc=f"desk agent {name}",

@@ -10,8 +10,13 @@
 #include <atomic>
 #include <barrier>
 #include <chrono>
+#include <cerrno>
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <iostream>
 #include <mutex>
 #include <set>
 #include <string>
@@ -87,6 +92,63 @@ const SCARD_IO_REQUEST* pci_for(DWORD proto) {
   return proto == SCARD_PROTOCOL_T0 ? SCARD_PCI_T0 : proto == SCARD_PROTOCOL_T1 ? SCARD_PCI_T1 : SCARD_PCI_RAW;
 }
 
+// CPU time of this process (all threads), nanoseconds.
+int64_t process_cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+int64_t monotonic_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
+// One benchmarked PC/SC call (cb-pcsc bench / serve). Returns the call's result; |ok| says
+// whether the answer is what the call must give (GET CHALLENGE: 8 bytes + 90 00).
+struct BenchCall {
+  std::string op;
+  SCARDCONTEXT ctx = 0;
+  SCARDHANDLE h = 0;
+  DWORD proto = 0;
+  std::string reader;
+  std::vector<BYTE> cmd;
+  bool check_challenge = false;
+
+  LONG operator()(bool* ok) const {
+    LONG rv;
+    *ok = true;
+    if (op == "transmit") {
+      BYTE resp[MAX_BUFFER_SIZE_EXTENDED];
+      DWORD len = sizeof resp;
+      rv = SCardTransmit(h, pci_for(proto), cmd.data(), static_cast<DWORD>(cmd.size()), nullptr, resp, &len);
+      if (check_challenge) *ok = rv == SCARD_S_SUCCESS && len == 10 && resp[8] == 0x90 && resp[9] == 0x00;
+    } else if (op == "status") {
+      char name[256];
+      DWORD name_len = sizeof name, s = 0, p = 0;
+      BYTE atr[MAX_ATR_SIZE];
+      DWORD atr_len = sizeof atr;
+      rv = SCardStatus(h, name, &name_len, &s, &p, atr, &atr_len);
+      *ok = rv == SCARD_S_SUCCESS && reader == name && (s & SCARD_PRESENT) != 0;
+    } else if (op == "list") {
+      char buf[4096];
+      DWORD len = sizeof buf;
+      rv = SCardListReaders(ctx, nullptr, buf, &len);
+    } else if (op == "getstatuschange") {
+      SCARD_READERSTATE rs{};
+      rs.szReader = reader.c_str();
+      rs.dwCurrentState = SCARD_STATE_UNAWARE;
+      rv = SCardGetStatusChange(ctx, 0, &rs, 1);
+      *ok = rv == SCARD_S_SUCCESS && (rs.dwEventState & SCARD_STATE_PRESENT) != 0;
+    } else {
+      SCARDCONTEXT c2;
+      rv = SCardEstablishContext(SCARD_SCOPE_SYSTEM, nullptr, nullptr, &c2);
+      if (rv == SCARD_S_SUCCESS) rv = SCardReleaseContext(c2);
+    }
+    if (rv != SCARD_S_SUCCESS) *ok = false;
+    return rv;
+  }
+};
+
 struct Stats {
   std::vector<double> us;
   json to_json() {
@@ -153,6 +215,21 @@ int main(int argc, char** argv) {
   bench->add_option("--iterations", iterations);
   bench->add_option("--reader", reader);
   bench->add_option("--apdu", apdu);
+  // serve: the benchmark driver's client (tests/bench/core_bench.py). Sets up (context, card
+  // handle), warms up, prints {"ready":...}, then answers stdin commands one JSON line each:
+  //   run N  -> N calls; per call its start (ns after the block's first start) and its duration
+  //             (ns), the block's first start (t0_ns, absolute CLOCK_MONOTONIC, comparable across
+  //             processes), failures (wrong answers) and this process's CPU time over the block;
+  //   until START END -> calls from START until END (absolute CLOCK_MONOTONIC ns), same answer;
+  //   quit (or end of input) -> tears down and exits.
+  // The driver samples other processes' counters between blocks, so a block is exactly the
+  // measured window, and several clients can be run alternately or all at once.
+  int warmup = 200;
+  auto* serve = app.add_subcommand("serve", "benchmark client driven by stdin commands (run N / until START END / quit)");
+  serve->add_option("--op", op)->check(CLI::IsMember({"transmit", "status", "list", "getstatuschange", "establish"}));
+  serve->add_option("--reader", reader);
+  serve->add_option("--apdu", apdu);
+  serve->add_option("--warmup", warmup, "calls made and discarded before ready");
   CLI11_PARSE(app, argc, argv);
 
   json out;
@@ -353,6 +430,76 @@ int main(int argc, char** argv) {
     out["ok"] = ok.load();
     out["failures"] = failures.load();
     out["duplicates"] = duplicates.load();
+  } else if (*serve) {
+    BenchCall call;
+    call.op = op;
+    call.ctx = ctx.h;
+    call.reader = reader;
+    call.cmd = unhex(apdu);
+    call.check_challenge = apdu == "0084000008";
+    if (op == "transmit" || op == "status") {
+      LONG rv = connect(ctx.h, &call.h, &call.proto, SCARD_SHARE_SHARED);
+      if (rv != SCARD_S_SUCCESS) {
+        out["connect"] = rvs(rv);
+        std::puts(out.dump().c_str());
+        return 1;
+      }
+    }
+    int bad = 0;
+    LONG last = SCARD_S_SUCCESS;
+    for (int i = 0; i < warmup; ++i) {
+      bool ok;
+      last = call(&ok);
+      bad += ok ? 0 : 1;
+    }
+    std::printf("%s\n", json{{"ready", bad == 0}, {"op", op}, {"rv", rvs(last)}, {"warmup_failures", bad}}.dump().c_str());
+    std::fflush(stdout);
+    std::string line;
+    std::vector<int64_t> starts, ends;
+    while (bad == 0 && std::getline(std::cin, line)) {
+      // "run N", or "until START END": from START until END (absolute CLOCK_MONOTONIC ns), so
+      // that clients started one after the other all run over the same stretch of time.
+      long long n = 0, from = 0, until = 0;
+      if (std::sscanf(line.c_str(), "run %lld", &n) == 1 && n > 0) {
+      } else if (std::sscanf(line.c_str(), "until %lld %lld", &from, &until) == 2 && until > from) {
+        n = -1;
+      } else {
+        break;
+      }
+      if (from > 0) {
+        timespec ts{static_cast<time_t>(from / 1000000000), static_cast<long>(from % 1000000000)};
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nullptr) == EINTR) {
+        }
+      }
+      starts.clear();
+      ends.clear();
+      int failures = 0;
+      const int64_t cpu0 = process_cpu_ns();
+      for (long long i = 0; n < 0 ? monotonic_ns() < until : i < n; ++i) {
+        bool ok;
+        starts.push_back(monotonic_ns());
+        last = call(&ok);
+        ends.push_back(monotonic_ns());
+        failures += ok ? 0 : 1;
+      }
+      const int64_t cpu = process_cpu_ns() - cpu0;
+      json r;
+      r["n"] = starts.size();
+      r["rv"] = rvs(last);
+      r["failures"] = failures;
+      r["cpu_ns"] = cpu;
+      r["t0_ns"] = starts.empty() ? monotonic_ns() : starts.front();  // empty: START came after END
+      auto& st = r["start_ns"] = json::array();
+      auto& du = r["ns"] = json::array();
+      for (size_t i = 0; i < starts.size(); ++i) {
+        st.push_back(starts[i] - starts.front());
+        du.push_back(ends[i] - starts[i]);
+      }
+      std::printf("%s\n", r.dump().c_str());
+      std::fflush(stdout);
+    }
+    if (call.h) out["disconnect"] = rvs(SCardDisconnect(call.h, SCARD_LEAVE_CARD));
+    out["done"] = true;
   } else if (*bench) {
     Stats st;
     SCARDHANDLE h = 0;

@@ -292,8 +292,16 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
       }
     } else {
       c.result = CheckResult::kOk;
-      c.detail = fmt::format("desk '{}' connected over {} ({})", log::printable(desk.value("name", "")),
-                             st.value("desk_link", "?"), log::printable(desk.value("software", "")));
+      c.detail = fmt::format("desk '{}' connected over {} ({}; verified: {})", log::printable(desk.value("name", "")),
+                             st.value("desk_link", "?"), log::printable(desk.value("software", "")),
+                             log::printable(desk.value("identity", "?")));
+      if (st.value("desk_link_insecure", false)) {
+        // Works, but anyone who can reach that port can pose as the desk and read PINs.
+        c.result = CheckResult::kWarn;
+        c.detail += "; the link is plain TCP, neither encrypted nor authenticated (--insecure-tcp)";
+        c.advice = "use the RDP channel, a unix: socket on the same machine, or tls: with a pinned desk "
+                   "(docs/security.md)";
+      }
     }
     add(std::move(c));
   }

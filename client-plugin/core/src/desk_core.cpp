@@ -27,6 +27,7 @@ pr::LinkSettings link_settings(const DeskConfig& c) {
   s.name = c.desk_name;
   s.hello_retry = c.hello_retry;
   s.random_seed = c.random_seed;
+  s.peer_policy = c.server_policy;
   return s;
 }
 
@@ -80,10 +81,10 @@ DeskCore::~DeskCore() = default;
 
 // ---- the server link ----------------------------------------------------------------------
 
-void DeskCore::transport_up(TimePoint now) {
+void DeskCore::transport_up(TimePoint now, PeerIdentity peer) {
   now_ = now;
   if (shutting_down_) return;
-  link_.transport_up(now);
+  link_.transport_up(now, std::move(peer));
 }
 
 void DeskCore::transport_down(TimePoint now) {
@@ -108,6 +109,8 @@ void DeskCore::link_close(const std::string& reason) { fx_.close_link(reason); }
 
 void DeskCore::session_started(const pr::PeerSession& peer, TimePoint) {
   server_name_ = peer.name;
+  logger->info("audit: server connected: declared-name='{}' software='{}' identity='{}'", log::printable(peer.name),
+               log::printable(peer.software), peer.verified.describe());
   ++stats_.sessions;
   DeskAudit a;
   a.kind = DeskAudit::Kind::kServerConnected;

@@ -106,10 +106,10 @@ void DeskRuntime::set_timer(std::function<void(std::optional<TimePoint>)> arm_ti
 
 // ---- events from a host --------------------------------------------------------------------
 
-void DeskRuntime::transport_up() {
+void DeskRuntime::transport_up(PeerIdentity peer) {
   Lock lock(mu_);
   if (stopped_) return;
-  core_.transport_up(now());
+  core_.transport_up(now(), std::move(peer));
   after_event();
   wake_pool(lock);
 }
@@ -307,7 +307,7 @@ void DeskRuntime::socket_closed(Lock& lock, const std::string& reason) {
   lock.lock();
 }
 
-void DeskRuntime::serve_socket(int fd, std::function<void(const std::string&)> closed) {
+void DeskRuntime::serve_socket(int fd, PeerIdentity peer, std::function<void(const std::string&)> closed) {
   Lock lock(mu_);
   fd_ = fd;
   socket_closed_ = std::move(closed);
@@ -315,7 +315,7 @@ void DeskRuntime::serve_socket(int fd, std::function<void(const std::string&)> c
   tv.tv_sec = kSendTimeoutSeconds;
   ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   if (stopped_) return;
-  core_.transport_up(now());
+  core_.transport_up(now(), std::move(peer));
   after_event();
   wake_pool(lock);
 }

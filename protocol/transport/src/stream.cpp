@@ -1,6 +1,7 @@
 #include "cardbridge/transport/stream.hpp"
 #include "stream_impl.hpp"
 
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -11,6 +12,31 @@
 #include <fmt/format.h>
 
 namespace cardbridge::transport {
+
+PeerIdentity peer_of(GenericSocket& s) {
+  if (auto cred = peer_credentials(s)) return PeerIdentity::unix_user(cred->uid, cred->pid);
+  boost::system::error_code ec;
+  const auto remote = s.remote_endpoint(ec);
+  if (ec) return {};
+  char host[128] = {};
+  unsigned port = 0;
+  if (remote.protocol().family() == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(remote.data());
+    ::inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    port = ntohs(in->sin_port);
+  } else if (remote.protocol().family() == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(remote.data());
+    ::inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    port = ntohs(in6->sin6_port);
+  }
+  return PeerIdentity::insecure_tcp(fmt::format("{}:{}", host, port));
+}
+
+template <>
+PeerIdentity BasicByteStream<GenericSocket>::peer() const {
+  if (peer_.kind != PeerIdentity::Kind::kNone) return peer_;
+  return peer_of(const_cast<GenericSocket&>(socket_));
+}
 
 template class BasicByteStream<GenericSocket>;
 

@@ -29,10 +29,19 @@ LinkSession::LinkSession(Handler& handler, LinkSettings settings)
 
 // ---- transport -------------------------------------------------------------------------
 
-void LinkSession::transport_up(TimePoint now) {
+void LinkSession::transport_up(TimePoint now, PeerIdentity peer) {
   if (established()) end_session("the link was re-established", now);
   transport_up_ = true;
   failed_ = false;
+  if (auto why = settings_.peer_policy.refusal(peer)) {
+    // Not one byte for an unauthorised peer (our hello included).
+    logger->error("refusing the {} link with {}: {}", role_name(peer_role()), peer.describe(), *why);
+    failed_ = true;
+    hello_due_.reset();
+    handler_.link_close("unauthorised peer: " + *why);
+    return;
+  }
+  transport_peer_ = std::move(peer);
   frames_ = FrameDecoder(settings_.max_frame);
   outstanding_.clear();
   busy_since_.reset();
@@ -215,6 +224,7 @@ void LinkSession::on_hello(const Hello& h, TimePoint now) {
   hello_due_.reset();
   PeerSession p;
   p.generation = ++generation_;
+  p.verified = transport_peer_;
   p.name = h.peer_name;
   p.software = h.software;
   p.instance = h.instance;
@@ -222,9 +232,9 @@ void LinkSession::on_hello(const Hello& h, TimePoint now) {
   p.capabilities = n->capabilities;
   peer_ = std::move(p);
   ++stats_.sessions;
-  logger->info("{} '{}' ({}) connected, protocol {}.{}, capabilities {}", role_name(expected),
-               log::printable(peer_->name), log::printable(peer_->software), kVersionMajor, peer_->minor,
-               capabilities_text(peer_->capabilities));
+  logger->info("{} '{}' ({}) connected, protocol {}.{}, capabilities {}; verified: {} (the name is declared)",
+               role_name(expected), log::printable(peer_->name), log::printable(peer_->software), kVersionMajor,
+               peer_->minor, capabilities_text(peer_->capabilities), peer_->verified.describe());
   handler_.session_started(*peer_, now);
 }
 

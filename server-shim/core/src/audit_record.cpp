@@ -30,10 +30,11 @@ std::string AuditRecord::text() const {
   const auto name = log::printable(reader);
   switch (kind) {
     case Kind::kDeskConnected:
-      return fmt::format("desk connected: name='{}' software='{}'", log::printable(desk_name),
-                         log::printable(desk_software));
+      return fmt::format("desk connected: declared-name='{}' software='{}' identity='{}'", log::printable(desk_name),
+                         log::printable(desk_software), log::printable(desk_identity));
     case Kind::kDeskDisconnected:
-      return fmt::format("desk disconnected: name='{}' reason='{}'", log::printable(desk_name), log::printable(reason));
+      return fmt::format("desk disconnected: declared-name='{}' reason='{}'", log::printable(desk_name),
+                         log::printable(reason));
     case Kind::kReaderAdded:
       return card_present ? fmt::format("reader added: reader='{}' card present atr={}", name, to_hex(atr, false))
                           : fmt::format("reader added: reader='{}' no card", name);

@@ -35,6 +35,7 @@ pr::LinkSettings link_settings(const ShimConfig& c) {
   s.liveness_after = c.liveness_after;
   s.liveness_timeout = c.liveness_timeout;
   s.random_seed = c.random_seed;
+  s.peer_policy = c.desk_policy;
   return s;
 }
 
@@ -480,9 +481,9 @@ void ShimCore::fail_call(Client& c, PendingCall call, uint32_t rv) {
 // ---------------------------------------------------------------------------------------
 // The desk session (protocol::LinkSession)
 
-void ShimCore::desk_connected(TimePoint now) {
+void ShimCore::desk_connected(TimePoint now, PeerIdentity peer) {
   now_ = now;
-  link_.transport_up(now);
+  link_.transport_up(now, std::move(peer));
 }
 
 void ShimCore::desk_bytes(std::span<const uint8_t> bytes, TimePoint now) {
@@ -513,10 +514,12 @@ void ShimCore::session_started(const pr::PeerSession& peer, TimePoint) {
   desk_ = peer;
   desk_service_rv_ = 0;
   handles_.set_live_generation(peer.generation);
+  // What the transport verified, and what the desk only declares (its name and software).
   AuditRecord audit;
   audit.kind = AuditRecord::Kind::kDeskConnected;
   audit.desk_name = peer.name;
   audit.desk_software = peer.software;
+  audit.desk_identity = peer.verified.describe();
   fx_.audit_record(0, audit);
   after_state_change();
 }
@@ -529,6 +532,7 @@ void ShimCore::session_ended(const std::string& reason, TimePoint) {
   audit.kind = AuditRecord::Kind::kDeskDisconnected;
   audit.desk_name = desk_.name;
   audit.desk_software = desk_.software;
+  audit.desk_identity = desk_.verified.describe();
   audit.reason = reason;
   fx_.audit_record(0, audit);
   async_.clear();

@@ -89,6 +89,7 @@ nlohmann::json ControlServer::status(const ShimCore& core, const nlohmann::json&
   j["desk"] = {{"connected", core.desk_up()},
                {"name", core.desk_up() ? core.desk_name() : ""},
                {"software", core.desk_up() ? core.desk_software() : ""},
+               {"identity", core.desk_up() ? core.desk_identity() : ""},
                {"capabilities", protocol::capabilities_text(core.negotiated_capabilities())},
                {"session", core.desk_generation()},
                // The desk's own PC/SC service (capability desk-service): "ok", or the error.

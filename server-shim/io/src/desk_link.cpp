@@ -22,7 +22,12 @@ StreamDeskLink::StreamDeskLink(boost::asio::io_context& io, transport::Endpoint 
 
 Connector StreamDeskLink::tls_connector(boost::asio::io_context& io, transport::Endpoint ep, transport::TlsContext ctx,
                                         std::string peer_name) {
-  return [&io, ep, ctx, peer_name](auto done) { transport::async_connect_tls(io, ep, ctx, peer_name, std::move(done)); };
+  return [&io, ep, ctx, peer_name](auto done) {
+    transport::async_connect_tls(io, ep, ctx, peer_name,
+                                 [done](std::shared_ptr<transport::Stream> s, PeerIdentity, std::string err) {
+                                   done(std::move(s), std::move(err));
+                                 });
+  };
 }
 
 StreamDeskLink::StreamDeskLink(boost::asio::io_context& io, std::string description, Connector connector,
@@ -76,7 +81,7 @@ void StreamDeskLink::connect() {
           s->schedule_retry();
         });
     self->arm_health();
-    if (self->events_.up) self->events_.up();
+    if (self->events_.up) self->events_.up(self->stream_->peer());
   });
 }
 

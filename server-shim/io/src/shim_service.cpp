@@ -66,9 +66,9 @@ Result<bool, std::string> ShimService::start() {
 
   std::weak_ptr<bool> alive = alive_;
   desk_->start(DeskLink::Events{
-      [this, alive] {
+      [this, alive](PeerIdentity peer) {
         if (alive.expired()) return;
-        core_.desk_connected(Clock::now());
+        core_.desk_connected(Clock::now(), std::move(peer));
         arm_timer();
       },
       [this, alive](std::span<const uint8_t> b) {
@@ -194,6 +194,7 @@ void ShimService::audit_record(ClientId client, const AuditRecord& record) {
       .with("DESK", log::printable(desk_event ? record.desk_name : core_.desk_name()))
       .with("DESK_SOFTWARE", log::printable(desk_event ? record.desk_software : core_.desk_software()))
       .with("DESK_LINK", config_.desk_link)
+      .with("DESK_IDENTITY", desk_event ? log::printable(record.desk_identity) : core_.desk_identity())
       .with("READER", log::printable(record.reader))
       .with("ATR", to_hex(record.atr, false))
       .with("SHARE", record.kind == AuditRecord::Kind::kCardConnected ? record.share_text() : "")

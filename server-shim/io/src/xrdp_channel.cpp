@@ -251,6 +251,14 @@ class RacingChannel final : public transport::Stream, public std::enable_shared_
   void close_after_flush(const std::string& reason) override { inner_->close_after_flush(reason); }
   bool is_open() const override { return !closed_ && inner_->is_open(); }
   std::size_t queued_bytes() const override { return inner_->queued_bytes(); }
+  // The channel's socket leads to this session's chansrv, which runs as the session's user
+  // (or root): anything else is not xrdp, and shows as the foreign UNIX peer it is.
+  PeerIdentity peer() const override {
+    auto inner = inner_->peer();
+    if (inner.kind == PeerIdentity::Kind::kUnixUser && (inner.uid == ::geteuid() || inner.uid == 0))
+      return PeerIdentity::rdp_channel(dynamic_ ? "xrdp dynamic" : "xrdp static");
+    return inner;
+  }
 
  private:
   void release() {

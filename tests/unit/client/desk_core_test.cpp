@@ -33,6 +33,7 @@ const Bytes kGetChallenge = {0x00, 0x84, 0x00, 0x00, 0x08};
 constexpr uint32_t kFeatureRequest = 0x42000D48;  // SCARD_CTL_CODE(3400)
 
 TimePoint t0() { return TimePoint{} + 1000h; }
+const PeerIdentity kServer = PeerIdentity::unix_user(0, 99);
 
 FakeCard test_card() {
   FakeCard c;
@@ -119,6 +120,7 @@ class DeskCoreTest : public ::testing::Test {
     config.desk_name = "desk-042";
     config.capabilities = pr::caps::kAll;
     config.random_seed = 3;
+    config.server_policy.unix_uids = {0};  // the tests' server comes as root over a UNIX socket
   }
 
   DeskCore& core() {
@@ -127,7 +129,7 @@ class DeskCoreTest : public ::testing::Test {
   }
   void hear(const pr::Message& m) { core().receive(pr::encode_frame(m), t0()); }
   void establish(uint64_t instance = 0x5E55100, uint64_t caps = pr::caps::kAll) {
-    core().transport_up(t0());
+    core().transport_up(t0(), kServer);
     hear(pr::Message{0, server_hello(instance, caps)});
     ASSERT_TRUE(core().session_established());
   }
@@ -205,7 +207,7 @@ class DeskCoreTest : public ::testing::Test {
 // ---- the session ------------------------------------------------------------------------
 
 TEST_F(DeskCoreTest, TransportUpSaysHelloAsTheDeskWithItsName) {
-  core().transport_up(t0());
+  core().transport_up(t0(), kServer);
   auto hellos = sent_of<pr::Hello>();
   ASSERT_EQ(hellos.size(), 1u);
   EXPECT_EQ(hellos[0].role, pr::Role::kDesk);
@@ -244,7 +246,7 @@ TEST_F(DeskCoreTest, ReaderChangesArePushedOnceAndAnIdleDeskSendsNothing) {
 }
 
 TEST_F(DeskCoreTest, RequestsBeforeTheHelloAreIgnored) {
-  core().transport_up(t0());
+  core().transport_up(t0(), kServer);
   submit(req(pr::Op::kEstablishContext, 1));
   EXPECT_TRUE(edge.calls.empty());
   EXPECT_TRUE(sent_of<pr::Reply>().empty());
@@ -256,6 +258,15 @@ TEST_F(DeskCoreTest, AMalformedFrameClosesTheLink) {
   core().receive(junk, t0());
   ASSERT_EQ(edge.closed.size(), 1u);
   EXPECT_FALSE(core().session_established());
+}
+
+TEST_F(DeskCoreTest, AServerThePolicyDoesNotAllowGetsNoHelloAndTheLinkIsClosed) {
+  core().transport_up(t0(), PeerIdentity::unix_user(1001, 5));
+  EXPECT_TRUE(edge.sent.empty());
+  ASSERT_EQ(edge.closed.size(), 1u);
+  hear(pr::Message{0, server_hello(9)});
+  EXPECT_FALSE(core().session_established());
+  EXPECT_TRUE(edge.calls.empty());
 }
 
 // ---- contexts and calls -----------------------------------------------------------------

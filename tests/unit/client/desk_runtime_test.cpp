@@ -164,6 +164,7 @@ class DeskRuntimeTest : public ::testing::Test {
     api.add_reader(kReader2);
     config.desk_name = "desk-042";
     config.capabilities = pr::caps::kAll;
+    config.server_policy.unix_uids = {0};
   }
   ~DeskRuntimeTest() override {
     // Wake whatever still waits in the fake, so that the runtime stops while the fake lives.
@@ -180,7 +181,7 @@ class DeskRuntimeTest : public ::testing::Test {
     make();
     // The monitor has seen the readers: the session's first snapshot describes them.
     ASSERT_TRUE(api.wait_watcher_idle(kDeadline));
-    rt->transport_up();
+    rt->transport_up(PeerIdentity::unix_user(0, 1));
     hear(pr::Message{0, server_hello(0x5E55100)});
     ASSERT_TRUE(host.wait([](const Messages& ms) { return !bodies<pr::ReaderSnapshot>(ms).empty(); }));
   }
@@ -312,7 +313,7 @@ TEST_F(DeskRuntimeTest, ABlockedBeginHoldsUpOnlyItsOwnContext) {
 TEST_F(DeskRuntimeTest, HelloRetriesFollowTheHostsTimer) {
   config.hello_retry = 1ms;
   make();
-  rt->transport_up();
+  rt->transport_up(PeerIdentity::unix_user(0, 1));
   auto armed = host.armed();
   ASSERT_TRUE(armed) << "the runtime asks its host for a timer";
   std::this_thread::sleep_until(*armed);  // the host's timer fires at the armed time

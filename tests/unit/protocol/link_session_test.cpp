@@ -62,6 +62,10 @@ Hello peer_hello(Role role, uint64_t instance, bool reply = false, uint64_t caps
 
 std::vector<uint8_t> framed(const Message& m) { return encode_frame(m); }
 
+// The peers the tests' transports report.
+const PeerIdentity kDeskPeer = PeerIdentity::unix_user(1000, 77);
+const PeerIdentity kServerPeer = PeerIdentity::unix_user(0, 88);
+
 LinkSettings server_settings() {
   LinkSettings s;
   s.role = Role::kServer;
@@ -72,6 +76,7 @@ LinkSettings server_settings() {
   s.liveness_after = 5s;
   s.liveness_timeout = 5s;
   s.random_seed = 42;
+  s.peer_policy.unix_uids = {1000, 0};
   return s;
 }
 
@@ -82,13 +87,14 @@ LinkSettings desk_settings() {
   s.software = "cardbridge-desk test";
   s.name = "desk-7";
   s.random_seed = 7;
+  s.peer_policy.unix_uids = {0};
   return s;
 }
 
 struct Server {
   Recorder rec;
   LinkSession link{rec, server_settings()};
-  void up() { link.transport_up(t0()); }
+  void up() { link.transport_up(t0(), kDeskPeer); }
   void hear(const Message& m, TimePoint now = t0()) { link.receive(framed(m), now); }
   void establish(uint64_t instance = 99) {
     up();
@@ -372,7 +378,7 @@ TEST(LinkSession, TransportDownEndsTheSessionOnce) {
 TEST(LinkSession, DeskRoleReceivesRequestsAndSendsRepliesAndSnapshots) {
   Recorder rec;
   LinkSession desk{rec, desk_settings()};
-  desk.transport_up(t0());
+  desk.transport_up(t0(), kServerPeer);
   desk.receive(framed(Message{0, peer_hello(Role::kServer, 3)}), t0());
   ASSERT_TRUE(desk.established());
   EXPECT_EQ(desk.peer().capabilities, caps::kReaderPush | caps::kDeferredBegin);
@@ -395,9 +401,60 @@ TEST(LinkSession, DeskRoleReceivesRequestsAndSendsRepliesAndSnapshots) {
 TEST(LinkSession, ADeskWithoutLivenessNeverPings) {
   Recorder rec;
   LinkSession desk{rec, desk_settings()};
-  desk.transport_up(t0());
+  desk.transport_up(t0(), kServerPeer);
   desk.receive(framed(Message{0, peer_hello(Role::kServer, 3)}), t0());
   EXPECT_FALSE(desk.next_deadline());
+}
+
+// ---- who may be the peer (docs/security.md): checked before the first byte -------------
+
+TEST(LinkSession, AnUnauthorisedPeerGetsNotOneByteAndTheLinkIsClosed) {
+  Recorder rec;
+  LinkSession link{rec, server_settings()};
+  link.transport_up(t0(), PeerIdentity::unix_user(1001, 5));  // another user's process on the socket
+  EXPECT_TRUE(rec.sent.empty()) << "not even our hello";
+  ASSERT_EQ(rec.closed.size(), 1u);
+  EXPECT_NE(rec.closed[0].find("uid 1001"), std::string::npos) << rec.closed[0];
+  EXPECT_FALSE(link.next_deadline()) << "no hello retries to an unauthorised peer";
+  link.receive(framed(Message{0, peer_hello(Role::kDesk, 5)}), t0());
+  EXPECT_FALSE(link.established()) << "its hello is not even read";
+  EXPECT_TRUE(rec.started.empty());
+}
+
+TEST(LinkSession, TheVerifiedIdentityTravelsWithTheSessionApartFromTheDeclaredName) {
+  Server s;
+  s.up();
+  s.hear(Message{0, peer_hello(Role::kDesk, 5)});
+  ASSERT_EQ(s.rec.started.size(), 1u);
+  EXPECT_EQ(s.rec.started[0].verified.kind, PeerIdentity::Kind::kUnixUser);
+  EXPECT_EQ(s.rec.started[0].verified.uid, 1000u);
+  EXPECT_EQ(s.rec.started[0].name, "the-peer") << "what the hello declared";
+}
+
+TEST(LinkSession, PlainTcpIsRefusedUnlessAllowedByName) {
+  Recorder rec;
+  LinkSession link{rec, server_settings()};
+  link.transport_up(t0(), PeerIdentity::insecure_tcp("127.0.0.1:7000"));
+  EXPECT_TRUE(rec.sent.empty());
+  ASSERT_EQ(rec.closed.size(), 1u);
+  auto settings = server_settings();
+  settings.peer_policy.allow_insecure_tcp = true;
+  Recorder rec2;
+  LinkSession allowed{rec2, settings};
+  allowed.transport_up(t0(), PeerIdentity::insecure_tcp("127.0.0.1:7000"));
+  EXPECT_EQ(rec2.sent_of<Hello>().size(), 1u);
+  EXPECT_TRUE(rec2.closed.empty());
+}
+
+TEST(LinkSession, ARefusedConnectionDoesNotStopTheNextAuthorisedOne) {
+  Recorder rec;
+  LinkSession link{rec, server_settings()};
+  link.transport_up(t0(), PeerIdentity::unix_user(1001, 5));
+  link.transport_down(t0());
+  link.transport_up(t0(), kDeskPeer);
+  EXPECT_EQ(rec.sent_of<Hello>().size(), 1u);
+  link.receive(framed(Message{0, peer_hello(Role::kDesk, 5)}), t0());
+  EXPECT_TRUE(link.established());
 }
 
 TEST(LinkSession, StatsCountBytesBothWays) {

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include "cardbridge/support/hex.hpp"
+#include "cardbridge/support/peer.hpp"
 #include "cardbridge/support/result.hpp"
 #include "cardbridge/support/scard.hpp"
 
@@ -124,6 +125,74 @@ TEST(ResultTest, ValueAndError) {
 TEST(ResultDeathTest, ValueOfAnErrorAborts) {
   Result<int, std::string> bad = unexpected(std::string("nope"));
   EXPECT_DEATH((void)bad.value(), "internal check failed");
+}
+
+}  // namespace
+}  // namespace cardbridge
+
+// ---- PeerPolicy: who may be at the other end of a desk link (support/peer.hpp) ----------
+namespace cardbridge {
+namespace {
+
+PeerIdentity cert(std::string cn, std::vector<std::string> dns, std::string fp) {
+  PeerIdentity p;
+  p.kind = PeerIdentity::Kind::kTlsCertificate;
+  p.common_name = std::move(cn);
+  p.dns_names = std::move(dns);
+  p.fingerprint = std::move(fp);
+  return p;
+}
+const std::string kFp(64, 'a');
+
+TEST(PeerPolicy, UnixPeersByUid) {
+  PeerPolicy p;
+  p.unix_uids = {1000, 0};
+  EXPECT_FALSE(p.refusal(PeerIdentity::unix_user(1000, 1)));
+  EXPECT_FALSE(p.refusal(PeerIdentity::unix_user(0, 1)));
+  auto why = p.refusal(PeerIdentity::unix_user(1001, 1));
+  ASSERT_TRUE(why);
+  EXPECT_NE(why->find("uid 1001"), std::string::npos);
+}
+
+TEST(PeerPolicy, ATlsPeerMustBePinnedByNameOrFingerprint) {
+  PeerPolicy none;
+  EXPECT_TRUE(none.refusal(cert("desk-07", {}, kFp))) << "a CA signature alone is not enough";
+  PeerPolicy by_name;
+  by_name.tls_names = {"Desk-07.hospital.example"};
+  EXPECT_FALSE(by_name.refusal(cert("x", {"desk-07.hospital.example"}, kFp))) << "DNS name, any case";
+  EXPECT_FALSE(by_name.refusal(cert("DESK-07.hospital.example", {}, kFp))) << "or the CN";
+  EXPECT_TRUE(by_name.refusal(cert("web.hospital.example", {"web.hospital.example"}, kFp)));
+  EXPECT_TRUE(by_name.refusal(cert("desk-07.hospital.example.evil", {}, kFp))) << "exact, not a prefix";
+  PeerPolicy by_fp;
+  by_fp.tls_fingerprints = {"sha256:" + std::string(32, 'A') + std::string(32, 'b')};
+  EXPECT_TRUE(by_fp.refusal(cert("desk-07", {}, kFp))) << "another certificate";
+  by_fp.tls_fingerprints = {"sha256:" + std::string(63, 'a')};
+  EXPECT_TRUE(by_fp.refusal(cert("desk-07", {}, kFp))) << "a malformed pin matches nothing";
+  by_fp.tls_fingerprints = {"AA:" + std::string(62, 'a')};
+  EXPECT_FALSE(by_fp.refusal(cert("anything", {}, kFp)));
+}
+
+TEST(PeerPolicy, RdpAndPlainTcpOnlyWhenAllowed) {
+  PeerPolicy p;
+  EXPECT_TRUE(p.refusal(PeerIdentity::rdp_channel("xrdp static")));
+  EXPECT_TRUE(p.refusal(PeerIdentity::insecure_tcp("127.0.0.1:1")));
+  EXPECT_TRUE(p.refusal(PeerIdentity{})) << "unidentified";
+  p.allow_rdp_channel = true;
+  p.allow_insecure_tcp = true;
+  EXPECT_FALSE(p.refusal(PeerIdentity::rdp_channel("xrdp static")));
+  EXPECT_FALSE(p.refusal(PeerIdentity::insecure_tcp("127.0.0.1:1")));
+}
+
+TEST(PeerPolicy, FingerprintsAreNormalised) {
+  EXPECT_EQ(normalize_fingerprint("sha256:" + std::string(64, 'F')), std::string(64, 'f'));
+  EXPECT_FALSE(normalize_fingerprint("sha256:abc"));
+  EXPECT_FALSE(normalize_fingerprint(std::string(64, 'g')));
+}
+
+TEST(PeerIdentity, DescribeSaysWhatWasVerified) {
+  EXPECT_EQ(PeerIdentity::unix_user(1000, 42).describe(), "uid 1000 pid 42");
+  EXPECT_EQ(PeerIdentity::insecure_tcp("127.0.0.1:7").describe(), "UNAUTHENTICATED tcp 127.0.0.1:7");
+  EXPECT_EQ(cert("desk-07", {}, kFp).describe(), "certificate CN=desk-07 sha256:" + kFp);
 }
 
 }  // namespace

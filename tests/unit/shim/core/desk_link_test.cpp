@@ -401,7 +401,7 @@ TEST(ShimCoreAudit, DeskSessionsReadersAndCardConnectsAreAuditedATransmitIsNot) 
       return a.second.find(text) != std::string::npos && (a.first != 0) == from_client;
     });
   };
-  EXPECT_TRUE(has("desk connected: name='desk-under-test'", false));
+  EXPECT_TRUE(has("desk connected: declared-name='desk-under-test'", false));
   EXPECT_TRUE(has("reader added: reader='" + kReaderA + "'", false));
   auto [c, card] = r.connected_client();
   EXPECT_TRUE(has("card connected: reader='" + kReaderA + "'", true));
@@ -410,7 +410,7 @@ TEST(ShimCoreAudit, DeskSessionsReadersAndCardConnectsAreAuditedATransmitIsNot) 
   c.send_transmit(card, Bytes{0x00, 0x84, 0x00, 0x00, 0x08}, 300);
   EXPECT_EQ(r.fx.audits.size(), before) << "a transmit is no audit event";
   r.desk.transport_down();
-  EXPECT_TRUE(has("desk disconnected: name='desk-under-test'", false));
+  EXPECT_TRUE(has("desk disconnected: declared-name='desk-under-test'", false));
 }
 
 }  // namespace

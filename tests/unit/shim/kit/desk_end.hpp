@@ -34,11 +34,13 @@ class DeskEnd {
   uint64_t capabilities = protocol::caps::kAll;
   std::string name = "desk-under-test";
   std::string software = "fake-desk 1";
+  // Who the transport says the desk is (the rig's policy allows uid 1000 and root).
+  PeerIdentity identity = PeerIdentity::unix_user(1000, 4242);
 
   // ---- the transport ----
   void transport_up() {
     fx_->desk_transport_up();
-    core_->desk_connected(*now_);
+    core_->desk_connected(*now_, identity);
   }
   void transport_down() {
     fx_->desk_transport_down();

@@ -31,12 +31,15 @@ inline const std::string kReaderA = "Virtual PCD 00 00";
 inline const std::string kReaderB = "Virtual PCD 00 01";
 inline const std::string kReaderC = "Gemalto PC Twin Reader 00 00";
 
-// What the shim offers (everything, as cardbridge-shim does); no optimisations.
+// What the shim offers (everything, as cardbridge-shim does); no optimisations. The fake
+// desk comes as the session's user over a UNIX socket (uid kDeskUid), which the policy allows.
+inline constexpr uint32_t kDeskUid = 1000;
 inline ShimConfig rig_config() {
   ShimConfig c;
   c.server_name = "shim-under-test";
   c.capabilities = protocol::caps::kAll;
   c.random_seed = 0x5EED1234;
+  c.desk_policy.unix_uids = {kDeskUid, 0};
   return c;
 }
 inline ShimConfig optimized_config() {

@@ -55,6 +55,10 @@ struct DeskConfig {
   // contexts). A request for one more context is answered SCARD_E_NO_MEMORY.
   std::size_t max_contexts = 64;
   uint64_t random_seed = 0;  // hello instances; 0: std::random_device
+  // Who may be the server (docs/security.md): the agent's UNIX peers (its own user, root),
+  // the allowed TLS servers, the RDP channel for the add-in; plain TCP only when the admin
+  // says so.
+  PeerPolicy server_policy;
 };
 
 // What the core asks of its edge. Called synchronously from the core's methods.
@@ -89,7 +93,9 @@ class DeskCore : private protocol::LinkSession::Handler {
   DeskCore& operator=(const DeskCore&) = delete;
 
   // ---- the server link ----
-  void transport_up(TimePoint now);
+  // The transport is up, to a server it identified as |peer|: hello if the policy allows
+  // it, else the link is closed without a byte sent.
+  void transport_up(TimePoint now, PeerIdentity peer);
   void transport_down(TimePoint now);
   void receive(std::span<const uint8_t> bytes, TimePoint now);
   std::optional<TimePoint> next_deadline() const { return link_.next_deadline(); }

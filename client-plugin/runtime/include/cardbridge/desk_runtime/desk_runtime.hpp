@@ -60,7 +60,8 @@ class DeskRuntime : private DeskEffects {
   // Serves the server on connected socket |fd| (taken over: closed by the runtime), as
   // described above; |closed| runs once, on a pool thread, when the peer or a protocol
   // error ended the connection (not after stop()). Io::send/close_link/arm_timer unused.
-  void serve_socket(int fd, std::function<void(const std::string& reason)> closed);
+  // |peer|: who the socket leads to (SO_PEERCRED for a UNIX socket; plain TCP proves nothing).
+  void serve_socket(int fd, PeerIdentity peer, std::function<void(const std::string& reason)> closed);
   bool stop(std::chrono::milliseconds grace = std::chrono::seconds(2));
   bool finished() const;
   // Forgets the host's callbacks: the runtime may outlive its host (Janitor).
@@ -71,7 +72,7 @@ class DeskRuntime : private DeskEffects {
   void set_io(std::function<void(std::vector<uint8_t>)> send, std::function<void(const std::string&)> close_link,
               std::function<void(std::optional<TimePoint>)> arm_timer);
 
-  void transport_up();
+  void transport_up(PeerIdentity peer);  // the transport's verified peer
   void transport_down();
   void receive(std::span<const uint8_t> bytes);  // bytes from the server, any chunking
   void tick();

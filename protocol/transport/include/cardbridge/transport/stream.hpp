@@ -16,6 +16,7 @@
 
 #include <boost/asio.hpp>
 
+#include "cardbridge/support/peer.hpp"
 #include "cardbridge/transport/endpoint.hpp"
 
 namespace cardbridge::transport {
@@ -41,6 +42,9 @@ class Stream {
   virtual void close_after_flush(const std::string& reason) = 0;
   virtual bool is_open() const = 0;
   virtual std::size_t queued_bytes() const = 0;
+  // Who is at the other end, as far as this transport can tell: a UNIX socket's peer
+  // credentials, a TLS peer's verified certificate, an RDP channel; plain TCP proves nothing.
+  virtual PeerIdentity peer() const = 0;
 };
 
 // Stream over an Asio stream socket type S (a UNIX/TCP socket, or a TLS stream).
@@ -56,6 +60,9 @@ class BasicByteStream final : public Stream, public std::enable_shared_from_this
   void close_after_flush(const std::string& reason) override;
   bool is_open() const override { return open_; }
   std::size_t queued_bytes() const override { return queued_bytes_; }
+  PeerIdentity peer() const override;
+  // TLS: the identity the handshake verified (plain sockets compute theirs).
+  void set_peer(PeerIdentity p) { peer_ = std::move(p); }
   S& socket() { return socket_; }
 
  private:
@@ -73,8 +80,11 @@ class BasicByteStream final : public Stream, public std::enable_shared_from_this
   std::string close_reason_;
   DataHandler on_data_;
   CloseHandler on_close_;
+  PeerIdentity peer_;
 };
 
+template <>
+PeerIdentity BasicByteStream<GenericSocket>::peer() const;
 extern template class BasicByteStream<GenericSocket>;
 using ByteStream = BasicByteStream<GenericSocket>;
 
@@ -97,5 +107,7 @@ struct PeerCred {
   unsigned gid = 0;
 };
 std::optional<PeerCred> peer_credentials(GenericSocket& s);
+// A plain socket's peer: a UNIX peer's credentials, else the TCP address (which proves nothing).
+PeerIdentity peer_of(GenericSocket& s);
 
 }  // namespace cardbridge::transport

@@ -35,6 +35,7 @@
 
 #include "cardbridge/protocol/framing.hpp"
 #include "cardbridge/protocol/messages.hpp"
+#include "cardbridge/support/peer.hpp"
 
 namespace cardbridge::protocol {
 
@@ -53,12 +54,15 @@ struct LinkSettings {
   std::chrono::milliseconds liveness_timeout{0};
   std::size_t max_frame = kDefaultMaxFrame;
   uint64_t random_seed = 0;  // for instance numbers; 0: std::random_device
+  // Who may be at the other end (checked at transport_up(), before our first byte).
+  PeerPolicy peer_policy;
 };
 
-// The peer of an established session, as its hello declared it (names are declarations,
-// not verified identities) and as negotiated.
+// The peer of an established session: who the transport verified it is, what its hello
+// declared (name and software are declarations, not identities), and what was negotiated.
 struct PeerSession {
   uint64_t generation = 0;  // 1 for the first session of this LinkSession, +1 for each next
+  PeerIdentity verified;
   std::string name;
   std::string software;
   uint64_t instance = 0;
@@ -97,7 +101,10 @@ class LinkSession {
   LinkSession& operator=(const LinkSession&) = delete;
 
   // ---- transport events ----
-  void transport_up(TimePoint now);    // a new connection: hello (new instance)
+  // A new connection, whose other end the transport identified as |peer|: if the policy
+  // allows it, our hello (new instance); if not, nothing is sent and the handler is asked
+  // to close the connection (link_close) with the reason.
+  void transport_up(TimePoint now, PeerIdentity peer);
   void transport_down(TimePoint now);  // the connection is gone
   void receive(std::span<const uint8_t> bytes, TimePoint now);
   // ---- time ----
@@ -148,6 +155,7 @@ class LinkSession {
   FrameDecoder frames_;
   bool transport_up_ = false;
   bool failed_ = false;  // a protocol error closed this connection: ignore its bytes
+  PeerIdentity transport_peer_;
   uint64_t local_instance_ = 0;
   std::optional<TimePoint> hello_due_;
   std::optional<PeerSession> peer_;

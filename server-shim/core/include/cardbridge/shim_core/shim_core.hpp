@@ -49,8 +49,8 @@ using TimePoint = Clock::time_point;
 // who and where (user, session, program pid and executable) and records it (journald).
 struct AuditRecord {
   enum class Kind : uint8_t {
-    kDeskConnected,     // desk_name, desk_software
-    kDeskDisconnected,  // desk_name, reason
+    kDeskConnected,     // desk_name (declared), desk_software, desk_identity (verified)
+    kDeskDisconnected,  // desk_name, desk_identity, reason
     kReaderAdded,       // reader, card_present, atr
     kReaderRemoved,     // reader
     kCardInserted,      // reader, atr
@@ -62,6 +62,7 @@ struct AuditRecord {
   std::vector<uint8_t> atr;
   std::string desk_name;       // peer text
   std::string desk_software;   // peer text
+  std::string desk_identity;   // what the transport verified (a uid, a certificate, an RDP channel)
   std::string reason;
   uint32_t share_mode = 0;
   bool card_present = false;
@@ -135,6 +136,9 @@ struct ShimConfig {
   // does not trip it.
   std::chrono::milliseconds liveness_after{5000};
   std::chrono::milliseconds liveness_timeout{5000};
+  // Who may be the desk (docs/security.md): the UNIX peers (the session's user, root), the
+  // pinned TLS desk, the session's RDP channel; plain TCP only when the admin says so.
+  PeerPolicy desk_policy;
 };
 
 struct ShimStats {
@@ -167,7 +171,9 @@ class ShimCore : private protocol::LinkSession::Handler {
   void client_closed(ClientId id, TimePoint now);
 
   // ---- desk side ----
-  void desk_connected(TimePoint now);  // transport up: we say hello
+  // Transport up, to a desk the transport identified as |peer|: we say hello if
+  // ShimConfig::desk_policy allows it, else the link is reset without a byte sent.
+  void desk_connected(TimePoint now, PeerIdentity peer);
   void desk_bytes(std::span<const uint8_t> bytes, TimePoint now);
   void desk_disconnected(TimePoint now);  // transport down
   // Timers: call tick() at or after next_deadline().
@@ -186,6 +192,8 @@ class ShimCore : private protocol::LinkSession::Handler {
   // 0 while the desk's PC/SC service answers (or the desk does not say: no desk-service
   // capability), else the error the desk's own pcscd fails with (SCARD_E_NO_SERVICE).
   uint32_t desk_service_rv() const { return desk_up() ? desk_service_rv_ : 0; }
+  // Who the transport verified the desk to be (a uid, a certificate, an RDP channel), for status.
+  std::string desk_identity() const { return desk_.verified.describe(); }
   uint64_t negotiated_capabilities() const { return link_.established() ? link_.peer().capabilities : 0; }
   const ReaderTable& readers() const { return readers_; }
   ShimStats stats() const;

@@ -20,7 +20,7 @@ namespace cardbridge::shim {
 class DeskLink {
  public:
   struct Events {
-    std::function<void()> up;
+    std::function<void(PeerIdentity)> up;  // the transport's verified peer
     std::function<void(std::span<const uint8_t>)> bytes;
     std::function<void(const std::string& reason)> down;
   };
