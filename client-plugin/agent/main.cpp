@@ -1,5 +1,8 @@
 // cardbridge-desk: the standalone desk agent. Serves the desk's PC/SC readers (through
 // the local pcscd, honouring PCSCLITE_CSOCK_NAME) to CardBridge server shims.
+// Configuration: /etc/cardbridge/desk.conf, [agent] for this program's options (same names
+// as on the command line) and [desk] for the admin's desk policy, which this program's own
+// --readers, --deny-readers and --allow-control can only narrow.
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -8,6 +11,10 @@
 #include <CLI/CLI.hpp>
 
 #include "desk_server.hpp"
+#include "cardbridge/config/config_file.hpp"
+#include "cardbridge/desk_config/desk_settings.hpp"
+#include "cardbridge/journal/audit.hpp"
+#include "cardbridge/journal/journal.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
 #include "cardbridge/support/redact.hpp"
@@ -39,8 +46,11 @@ int main(int argc, char** argv) {
   bool log_card_data = false;
   std::size_t max_connections = 64;
   std::size_t max_contexts = cb::client::kDefaultContextBudget;
+  std::string deny_readers;
+  std::string log_target = "auto";
   bool insecure_tcp = false;
   std::vector<std::string> allowed_servers;
+  cb::config::add_config_file(app, cb::client::desk_conf_path(), {{"agent", ""}}, {"desk"});
   cb::transport::TlsConfig tls;
   app.add_option("--listen", listen_spec,
                  "where shims connect: unix:PATH, tcp:127.0.0.1:PORT, or tls:HOST:PORT (mutual TLS 1.3)")
@@ -53,12 +63,20 @@ int main(int argc, char** argv) {
                  "SHA-256 fingerprint (sha256:HEX); repeat or separate with commas. Required with tls:")
       ->delimiter(',');
   app.add_option("--log-level", level, "trace, debug, info, warn, error, critical or off")->capture_default_str();
-  app.add_option("--name", name, "desk name shown on the server (doctor, audit log)")->capture_default_str();
-  app.add_option("--readers", readers, "only expose readers whose name contains one of these (comma-separated)");
+  app.add_option("--log-target", log_target,
+                 "auto (the journal when stderr is a journal stream, as in the systemd unit; else stderr), "
+                 "journal, or stderr")
+      ->check(CLI::IsMember({"auto", "journal", "stderr"}))
+      ->capture_default_str();
+  app.add_option("--name", name, "desk name shown on the server (doctor, audit log); desk.conf [desk] name wins")
+      ->capture_default_str();
+  app.add_option("--readers", readers,
+                 "only expose readers whose name contains one of these (comma-separated; within desk.conf's)");
+  app.add_option("--deny-readers", deny_readers, "never expose readers whose name contains one of these");
   app.add_option("--allow-control", controls,
                  "control codes programs may use, comma-separated: pinpad (feature discovery and the "
                  "PIN-pad codes the reader announces), escape (reader escape commands), all, none, "
-                 "numbers (n = SCARD_CTL_CODE(n), 0x... = raw)")
+                 "numbers (n = SCARD_CTL_CODE(n), 0x... = raw); within desk.conf's allow-control")
       ->capture_default_str();
   app.add_option("--allow-set-attrib", set_attribs,
                  "attributes programs may set with SCardSetAttrib: none, all, or attribute ids (0x...)")
@@ -86,8 +104,31 @@ int main(int argc, char** argv) {
     std::cerr << "cardbridge-desk: unknown log level '" << level << "'\n";
     return 2;
   }
-  cb::log::init(*lvl, "cardbridge-desk");
+  cb::journal::init_logging(*lvl, "cardbridge-desk", *cb::journal::parse_target(log_target));
+  cb::audit::set_identifier("cardbridge-desk");
   auto log = cb::log::get("cardbridge.desk");
+
+  // The admin's policy (desk.conf [desk]) encloses this program's own options.
+  const std::string conf = cb::config::file_read(app);
+  cb::client::DeskSettings admin;
+  if (!conf.empty()) {
+    auto s = cb::client::load_desk_settings(conf);
+    if (!s) {
+      std::cerr << "cardbridge-desk: " << s.error() << "\n";
+      return 2;
+    }
+    admin = *s;
+  }
+  auto admin_policy = cb::client::admin_policy(admin);
+  if (!admin_policy) {
+    std::cerr << "cardbridge-desk: " << admin_policy.error() << "\n";
+    return 2;
+  }
+  if (!admin.name.empty()) {
+    if (app.count("--name") && name != admin.name)
+      log->warn("{} sets the desk name '{}': --name '{}' ignored", admin.file, admin.name, name);
+    name = admin.name;
+  }
 
   auto ep = cb::transport::Endpoint::parse(listen_spec);
   if (!ep) {
@@ -115,14 +156,9 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  auto allow = cb::client::Policy::parse_control_allow(controls);
-  if (!allow) {
-    std::cerr << "cardbridge-desk: --allow-control: " << allow.error() << "\n";
-    return 2;
-  }
-  auto allow_set = cb::client::Policy::parse_set_attrib_allow(set_attribs);
-  if (!allow_set) {
-    std::cerr << "cardbridge-desk: --allow-set-attrib: " << allow_set.error() << "\n";
+  auto own = cb::client::connection_policy({readers}, {deny_readers}, controls, set_attribs);
+  if (!own) {
+    std::cerr << "cardbridge-desk: " << own.error() << "\n";
     return 2;
   }
   cb::redact::set_card_data_logging(log_card_data);
@@ -131,9 +167,8 @@ int main(int argc, char** argv) {
   cfg.desk_name = name;
   cfg.software = "cardbridge-desk";
   cfg.capabilities = cb::protocol::caps::kAll;
-  cfg.policy.reader_filter = cb::client::Policy::parse_reader_filter(readers);
-  cfg.policy.control_allow = *allow;
-  cfg.policy.set_attrib_allow = *allow_set;
+  cfg.link = ep->to_string();
+  cfg.policy = cb::client::Policy::narrowed(*admin_policy, *own);
   // Who may be the server: over a UNIX socket this agent's user or root; over TLS the
   // allowed servers; plain TCP only with --insecure-tcp.
   cfg.server_policy.unix_uids = {static_cast<uint32_t>(::geteuid()), 0};
@@ -165,10 +200,11 @@ int main(int argc, char** argv) {
     log->warn("INSECURE: plain TCP on {}: card traffic is neither encrypted nor authenticated (--insecure-tcp)",
               ep->to_string());
   }
-  log->info("cardbridge-desk {} started as '{}' (control codes: {}; set-attrib: {}; at most {} connections, {} "
+  log->info("cardbridge-desk {} started as '{}'{} (control codes: {}; set-attrib: {}; at most {} connections, {} "
             "PC/SC contexts)",
-            CARDBRIDGE_VERSION, name, cb::client::Policy::describe(cfg.policy.control_allow),
-            cb::client::Policy::describe(cfg.policy.set_attrib_allow), max_connections, max_contexts);
+            CARDBRIDGE_VERSION, name, conf.empty() ? std::string() : " (policy within " + conf + ")",
+            cb::client::Policy::describe(own->control_allow), cb::client::Policy::describe(own->set_attrib_allow),
+            max_connections, max_contexts);
   if (log_card_data) log->warn("--unsafe-log-card-data: card answers (personal data) are logged at debug level");
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code ec, int sig) {

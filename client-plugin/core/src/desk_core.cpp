@@ -116,18 +116,46 @@ void DeskCore::session_started(const pr::PeerSession& peer, TimePoint) {
   logger->info("audit: server connected: declared-name='{}' software='{}' identity='{}'", log::printable(peer.name),
                log::printable(peer.software), peer.verified.describe());
   ++stats_.sessions;
+  DeskAudit a;
+  a.kind = DeskAudit::Kind::kServerConnected;
+  a.server = server_name_;
+  fx_.audit(a);
+  send_snapshot();
+}
+
+// The snapshot as this session may see it: the service status only with desk-service.
+void DeskCore::send_snapshot() {
   ++stats_.snapshots_sent;
+  if (snapshot_.service_rv != 0 && !link_.uses(pr::caps::kDeskService)) {
+    pr::ReaderSnapshot plain = snapshot_;
+    plain.service_rv = 0;
+    link_.snapshot(plain);
+    return;
+  }
   link_.snapshot(snapshot_);
 }
 
 void DeskCore::session_ended(const std::string& reason, TimePoint) {
   logger->info("server session ended: {}", reason);
+  DeskAudit a;
+  a.kind = DeskAudit::Kind::kServerDisconnected;
+  a.server = server_name_;
+  a.reason = reason;
+  fx_.audit(a);
   retire_all();
 }
 
-void DeskCore::readers(std::vector<pr::ReaderInfo> readers, TimePoint now) {
+void DeskCore::readers(std::vector<pr::ReaderInfo> readers, TimePoint now, uint32_t service_rv) {
   now_ = now;
-  if (readers == snapshot_.readers) return;
+  if (readers == snapshot_.readers && service_rv == snapshot_.service_rv) return;
+  if (service_rv != snapshot_.service_rv) {
+    if (service_rv != 0) {
+      logger->warn("the desk's PC/SC service fails ({}): no reader to show", sc::rv_text(service_rv));
+    } else {
+      logger->info("the desk's PC/SC service answers again");
+    }
+  }
+  snapshot_.service_rv = service_rv;
   snapshot_.readers = std::move(readers);
   ++snapshot_.sequence;
   if (logger->should_log(spdlog::level::debug)) {
@@ -136,8 +164,7 @@ void DeskCore::readers(std::vector<pr::ReaderInfo> readers, TimePoint now) {
     }
   }
   if (!link_.established()) return;
-  ++stats_.snapshots_sent;
-  link_.snapshot(snapshot_);
+  send_snapshot();
 }
 
 void DeskCore::shutdown(TimePoint now) {
@@ -240,6 +267,14 @@ std::optional<ScardHandle> DeskCore::card_of(const Lane& lane, pr::DeskHandle h)
   return it->second.card;
 }
 
+void DeskCore::audit_control_refused(uint32_t code) {
+  DeskAudit a;
+  a.kind = DeskAudit::Kind::kControlRefused;
+  a.server = server_name_;
+  a.code = code;
+  fx_.audit(a);
+}
+
 void DeskCore::start(Lane& lane, Task& task) {
   const pr::Request& q = task.req;
   if (q.op == pr::Op::kReleaseContext) {
@@ -275,6 +310,11 @@ void DeskCore::start(Lane& lane, Task& task) {
   switch (q.op) {
     case pr::Op::kConnect:
       if (!config_.policy.reader_allowed(q.reader)) {
+        DeskAudit a;
+        a.kind = DeskAudit::Kind::kReaderRefused;
+        a.server = server_name_;
+        a.reader = q.reader;
+        fx_.audit(a);
         refused.rv = sc::kEUnknownReader;
         return finish(lane, refused);
       }
@@ -305,6 +345,7 @@ void DeskCore::start(Lane& lane, Task& task) {
       }
       logger->info("control code 0x{:08X} refused by policy (allowed: {}; --allow-control)", q.code,
                    Policy::describe(config_.policy.control_allow));
+      audit_control_refused(q.code);
       refused.rv = sc::kEUnsupportedFeature;
       return finish(lane, refused);
     }
@@ -396,6 +437,15 @@ void DeskCore::advance(Lane& lane, Task& task, CallResult r) {
         task.reply.state = r.state;
         task.reply.atr = std::move(r.atr);
         task.reply.card_protocol = r.protocol;
+      }
+      if (q.op == pr::Op::kConnect) {
+        DeskAudit a;
+        a.kind = DeskAudit::Kind::kCardConnected;
+        a.server = server_name_;
+        a.reader = q.reader;
+        a.atr = task.reply.atr;
+        a.share_mode = q.share_mode;
+        fx_.audit(a);
       }
       return finish(lane, std::move(task.reply));
     case Task::Step::kSpeculate:

@@ -40,10 +40,22 @@ std::vector<std::string_view> split(std::string_view text) {
 }  // namespace
 
 bool Policy::reader_allowed(std::string_view name) const {
-  if (reader_filter.empty()) return true;
+  if (within && !within->reader_allowed(name)) return false;
   const auto n = lower(name);
-  return std::any_of(reader_filter.begin(), reader_filter.end(),
-                     [&](const std::string& f) { return n.find(lower(f)) != std::string::npos; });
+  auto matches = [&](const std::string& f) { return n.find(lower(f)) != std::string::npos; };
+  if (std::any_of(reader_deny.begin(), reader_deny.end(), matches)) return false;
+  if (reader_filter.empty()) return true;
+  return std::any_of(reader_filter.begin(), reader_filter.end(), matches);
+}
+
+Policy Policy::narrowed(Policy admin, Policy connection) {
+  if (connection.within) {  // already nested: nest its outermost policy in |admin|
+    Policy outer = narrowed(std::move(admin), *connection.within);
+    connection.within = std::make_shared<const Policy>(std::move(outer));
+    return connection;
+  }
+  connection.within = std::make_shared<const Policy>(std::move(admin));
+  return connection;
 }
 
 namespace {
@@ -65,6 +77,19 @@ Result<uint32_t, std::string> parse_number(std::string_view part) {
 }  // namespace
 
 ControlVerdict Policy::control_verdict(uint32_t code, const std::vector<ReaderFeature>* announced) const {
+  if (within) {
+    // Both must allow: a refusal by either wins, then a need for the reader's features.
+    const auto outer = within->control_verdict(code, announced);
+    const auto inner = own_control_verdict(code, announced);
+    if (outer == ControlVerdict::kRefused || inner == ControlVerdict::kRefused) return ControlVerdict::kRefused;
+    if (outer == ControlVerdict::kNeedsFeatures || inner == ControlVerdict::kNeedsFeatures)
+      return ControlVerdict::kNeedsFeatures;
+    return ControlVerdict::kAllowed;
+  }
+  return own_control_verdict(code, announced);
+}
+
+ControlVerdict Policy::own_control_verdict(uint32_t code, const std::vector<ReaderFeature>* announced) const {
   const ControlAllow& c = control_allow;
   if (c.all || c.codes.contains(code)) return ControlVerdict::kAllowed;
   // The two codes with a fixed meaning are decided by name alone, whatever a reader announces.
@@ -81,6 +106,7 @@ ControlVerdict Policy::control_verdict(uint32_t code, const std::vector<ReaderFe
 }
 
 bool Policy::set_attrib_allowed(uint32_t attribute) const {
+  if (within && !within->set_attrib_allowed(attribute)) return false;
   return set_attrib_allow.all || set_attrib_allow.attributes.contains(attribute);
 }
 

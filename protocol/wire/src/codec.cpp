@@ -53,6 +53,7 @@ void fill(pb::Hello& out, const Hello& h) {
 
 void fill(pb::ReaderSnapshot& out, const ReaderSnapshot& s) {
   out.set_sequence(s.sequence);
+  out.set_service_rv(s.service_rv);
   for (const auto& r : s.readers) {
     auto* pr = out.add_readers();
     pr->set_name(r.name);
@@ -133,6 +134,7 @@ R from(const pb::ReaderSnapshot& s) {
     return unexpected(bad("reader snapshot: too many readers"));
   ReaderSnapshot out;
   out.sequence = s.sequence();
+  out.service_rv = s.service_rv();
   for (const auto& r : s.readers()) {
     if (r.name().empty() || !name_ok(r.name()))
       return unexpected(bad("reader snapshot: bad reader name"));
@@ -364,7 +366,8 @@ std::string describe(const Message& m) {
                              static_cast<int>(b.role), b.capabilities, log::printable(b.software),
                              log::printable(b.peer_name));
         } else if constexpr (std::is_same_v<T, ReaderSnapshot>) {
-          return fmt::format("readers seq={} count={}", b.sequence, b.readers.size());
+          return b.service_rv ? fmt::format("readers seq={} count={} service_rv=0x{:08X}", b.sequence, b.readers.size(), b.service_rv)
+                              : fmt::format("readers seq={} count={}", b.sequence, b.readers.size());
         } else if constexpr (std::is_same_v<T, Error>) {
           return fmt::format("error {} '{}'", static_cast<uint32_t>(b.code), log::printable(b.message));
         } else if constexpr (std::is_same_v<T, Request>) {

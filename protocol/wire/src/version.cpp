@@ -25,7 +25,8 @@ std::string capabilities_text(uint64_t c) {
       {caps::kDeferredBegin, "deferred-begin"},
       {caps::kPrefetchGetResponse, "prefetch-get-response"},
       {caps::kReadAhead, "read-ahead"},
-      {caps::kDeskOrdering, "desk-ordering"}};
+      {caps::kDeskOrdering, "desk-ordering"},
+      {caps::kDeskService, "desk-service"}};
   std::string out;
   for (auto [bit, name] : kNames) {
     if (c & bit) {

@@ -1,7 +1,6 @@
 #include "cardbridge/shim_io/shim_service.hpp"
 
 #include <sys/stat.h>
-#include <syslog.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,6 +11,8 @@
 
 #include <fmt/format.h>
 
+#include "cardbridge/journal/audit.hpp"
+#include "cardbridge/support/hex.hpp"
 #include "cardbridge/support/log.hpp"
 
 namespace cardbridge::shim {
@@ -214,23 +215,38 @@ void ShimService::close_client(ClientId id) {
   s->close("closed by the shim");
 }
 
-void ShimService::audit(ClientId client, const std::string& event) {
-  static bool opened = false;
-  if (!opened) {
-    ::openlog("cardbridge-shim", LOG_PID, LOG_AUTHPRIV);
-    opened = true;
-  }
+// The core's event, with who and where: journald entry (audit.hpp), log line, and the recent
+// events the control socket shows (cdrsession status).
+void ShimService::audit_record(ClientId client, const AuditRecord& record) {
   int pid = 0;
   if (auto it = client_pids_.find(client); it != client_pids_.end()) pid = it->second;
-  const std::string line = pid ? fmt::format("{} pid={}", event, pid) : event;
-  ::syslog(LOG_INFO, "%s", line.c_str());
+  const std::string exe = pid ? audit::executable_of(pid) : std::string();
+  const std::string text = record.text();
+  const std::string line = pid ? fmt::format("{} pid={}", text, pid) : text;
+  const bool desk_event = record.kind == AuditRecord::Kind::kDeskConnected ||
+                          record.kind == AuditRecord::Kind::kDeskDisconnected;
+  audit::Event e(record.event_name(), line);
+  e.with("USER", audit::user_name(::geteuid()))
+      .with("UID", std::to_string(::geteuid()))
+      .with("SESSION", config_.session)
+      .with("DESK", log::printable(desk_event ? record.desk_name : core_.desk_name()))
+      .with("DESK_SOFTWARE", log::printable(desk_event ? record.desk_software : core_.desk_software()))
+      .with("DESK_LINK", config_.desk_link)
+      .with("DESK_IDENTITY", desk_event ? log::printable(record.desk_identity) : core_.desk_identity())
+      .with("READER", log::printable(record.reader))
+      .with("ATR", to_hex(record.atr, false))
+      .with("SHARE", record.kind == AuditRecord::Kind::kCardConnected ? record.share_text() : "")
+      .with("PROGRAM_PID", pid ? std::to_string(pid) : "")
+      .with("PROGRAM_EXE", exe)
+      .with("REASON", record.reason);
+  audit::emit(e);
   logger->info("audit: {}", line);
   char when[32] = {};
   const std::time_t now = std::time(nullptr);
   struct tm tm {};
   ::localtime_r(&now, &tm);
   std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S%z", &tm);
-  audit_.push_back(AuditEvent{when, pid, event});
+  audit_.push_back(AuditEvent{when, pid, exe, text});
   while (audit_.size() > 200) audit_.pop_front();
 }
 

@@ -101,6 +101,8 @@ class Edge : public DeskEffects {
     calls.push_back(Pending{lane, std::move(c)});
   }
   void lane_closed(LaneId lane) override { lanes_closed.push_back(lane); }
+  void audit(const DeskAudit& a) override { audits.push_back(a); }
+  std::vector<DeskAudit> audits;
 
   std::set<LaneId> busy_lanes() const {
     std::set<LaneId> out;
@@ -892,6 +894,75 @@ TEST_F(DeskCoreTest, ADeferredBeginFlagOnAConnectIsIgnored) {
   ASSERT_TRUE(r);
   EXPECT_EQ(r->rv, sc::kSuccess);
   EXPECT_NE(r->handle.value, 0u);
+}
+
+// ---- issue 10: the desk's PC/SC service and the desk's audit events ------------------------
+
+TEST_F(DeskCoreTest, AMissingDeskServiceIsPushedToServersThatUnderstandIt) {
+  establish();
+  core().readers({}, t0(), sc::kENoService);
+  auto snaps = sent_of<pr::ReaderSnapshot>();
+  EXPECT_EQ(snaps.back().service_rv, sc::kENoService);
+  EXPECT_TRUE(snaps.back().readers.empty());
+  // The service coming back is a change too, even with still no reader.
+  core().readers({}, t0(), 0);
+  snaps = sent_of<pr::ReaderSnapshot>();
+  EXPECT_EQ(snaps.back().service_rv, 0u);
+  EXPECT_GT(snaps.back().sequence, snaps[snaps.size() - 2].sequence);
+}
+
+TEST_F(DeskCoreTest, OlderServersGetNoServiceField) {
+  establish(0x5E55100, pr::caps::kAll & ~pr::caps::kDeskService);
+  core().readers({}, t0(), sc::kENoService);
+  auto snaps = sent_of<pr::ReaderSnapshot>();
+  ASSERT_FALSE(snaps.empty());
+  EXPECT_EQ(snaps.back().service_rv, 0u) << "a field the server did not announce is not sent";
+}
+
+TEST_F(DeskCoreTest, AuditsServerSessionsCardConnectsAndRefusals) {
+  config.policy.reader_filter = {"Reader"};
+  config.policy.reader_deny = {"01"};
+  config.policy.control_allow = ControlAllow{.pinpad = false};
+  establish();
+  ASSERT_FALSE(edge.audits.empty());
+  EXPECT_EQ(edge.audits[0].kind, DeskAudit::Kind::kServerConnected);
+  EXPECT_EQ(edge.audits[0].server, "session-server-7");
+  EXPECT_STREQ(edge.audits[0].event_name(), "server-connected");
+
+  const uint32_t h = connected(1);
+  auto card = std::find_if(edge.audits.begin(), edge.audits.end(),
+                           [](const DeskAudit& a) { return a.kind == DeskAudit::Kind::kCardConnected; });
+  ASSERT_NE(card, edge.audits.end());
+  EXPECT_EQ(card->reader, kReader1);
+  EXPECT_EQ(card->atr, kAtr1);
+  EXPECT_EQ(card->share_mode, sc::kShareShared);
+
+  EXPECT_EQ(call(connect_req(2, kReader2)).rv, sc::kEUnknownReader);
+  EXPECT_EQ(edge.audits.back().kind, DeskAudit::Kind::kReaderRefused);
+  EXPECT_EQ(edge.audits.back().reader, kReader2);
+
+  auto ctl = req(pr::Op::kControl, 1, h);
+  ctl.code = 0x42000D48;
+  ctl.recv_length = 16;
+  EXPECT_EQ(call(ctl).rv, sc::kEUnsupportedFeature);
+  EXPECT_EQ(edge.audits.back().kind, DeskAudit::Kind::kControlRefused);
+  EXPECT_EQ(edge.audits.back().code, 0x42000D48u);
+  EXPECT_NE(edge.audits.back().text().find("42000D48"), std::string::npos) << edge.audits.back().text();
+
+  core().transport_down(t0());
+  EXPECT_EQ(edge.audits.back().kind, DeskAudit::Kind::kServerDisconnected);
+}
+
+TEST_F(DeskCoreTest, AuditTextsNeverCarryApduData) {
+  establish();
+  const uint32_t h = connected(1);
+  const std::size_t before = edge.audits.size();
+  call(transmit_req(1, h, kGetChallenge));
+  EXPECT_EQ(edge.audits.size(), before) << "a transmit is no audit event";
+  for (const auto& a : edge.audits) {
+    EXPECT_EQ(a.text().find("0102030405060708"), std::string::npos) << a.text();
+    EXPECT_EQ(a.text().find('\x1b'), std::string::npos);
+  }
 }
 
 }  // namespace

@@ -215,5 +215,63 @@ TEST(PolicySetAttrib, AllOrAList) {
   for (const char* bad : {"x", "0x", "1 2", "-3"}) EXPECT_FALSE(Policy::parse_set_attrib_allow(bad).ok()) << bad;
 }
 
+// ---- the admin's policy encloses the connection's (issue 10) ---------------------------------
+
+TEST(PolicyNarrowed, DenyListHidesWhateverTheFilterSays) {
+  Policy p;
+  p.reader_deny = {"hello"};
+  EXPECT_FALSE(p.reader_allowed("Windows Hello Reader 00 00"));
+  EXPECT_TRUE(p.reader_allowed("Gemalto PC Twin Reader 00 00"));
+  p.reader_filter = {"reader"};
+  EXPECT_FALSE(p.reader_allowed("Windows Hello Reader 00 00"));
+}
+
+TEST(PolicyNarrowed, AConnectionCannotWidenTheAdminsReaders) {
+  Policy admin = with_filter({"gemalto"});
+  admin.reader_deny = {"twin 01"};
+  const Policy all;  // the connection asks for every reader
+  const Policy p = Policy::narrowed(admin, all);
+  EXPECT_TRUE(p.reader_allowed("Gemalto PC Twin 00 00"));
+  EXPECT_FALSE(p.reader_allowed("OMNIKEY 3121 00 00")) << "the admin's filter still applies";
+  EXPECT_FALSE(p.reader_allowed("Gemalto PC Twin 01 00")) << "the admin's deny list still applies";
+  // A connection filter naming a reader the admin hides does not bring it back.
+  const Policy q = Policy::narrowed(admin, with_filter({"omnikey", "gemalto"}));
+  EXPECT_FALSE(q.reader_allowed("OMNIKEY 3121 00 00"));
+  EXPECT_TRUE(q.reader_allowed("Gemalto PC Twin 00 00"));
+}
+
+TEST(PolicyNarrowed, AConnectionMayNarrow) {
+  const Policy p = Policy::narrowed(Policy{}, with_filter({"omnikey"}));
+  EXPECT_TRUE(p.reader_allowed("OMNIKEY 3121 00 00"));
+  EXPECT_FALSE(p.reader_allowed("Gemalto PC Twin 00 00"));
+}
+
+TEST(PolicyNarrowed, ControlCodesMustPassBoth) {
+  Policy admin;
+  admin.control_allow = ControlAllow{.pinpad = false, .codes = {kFeatureRequest}};
+  Policy everything;
+  everything.control_allow = ControlAllow{.all = true};
+  EXPECT_TRUE(Policy::narrowed(admin, everything).control_verdict(kFeatureRequest, nullptr) == ControlVerdict::kAllowed);
+  EXPECT_FALSE(Policy::narrowed(admin, everything).control_verdict(sc::ctl_code(1), nullptr) == ControlVerdict::kAllowed)
+      << "the connection's 'all' does not widen the admin's list";
+  Policy none;
+  none.control_allow = ControlAllow{.pinpad = false};
+  EXPECT_FALSE(Policy::narrowed(admin, none).control_verdict(kFeatureRequest, nullptr) == ControlVerdict::kAllowed);
+  Policy forbidding;
+  forbidding.control_allow = ControlAllow{.pinpad = false};
+  Policy asks;
+  asks.control_allow = ControlAllow{.pinpad = false, .codes = {kFeatureRequest}};
+  EXPECT_FALSE(Policy::narrowed(forbidding, asks).control_verdict(kFeatureRequest, nullptr) == ControlVerdict::kAllowed);
+}
+
+TEST(PolicyNarrowed, NestingTwiceKeepsEveryLayer) {
+  const Policy inner = Policy::narrowed(with_filter({"gemalto"}), with_filter({"twin"}));
+  const Policy outer = Policy::narrowed(with_filter({"00 00"}), inner);
+  EXPECT_TRUE(outer.reader_allowed("Gemalto PC Twin 00 00"));
+  EXPECT_FALSE(outer.reader_allowed("Gemalto PC Twin 01 00"));
+  EXPECT_FALSE(outer.reader_allowed("Gemalto Shell Token 00 00"));
+  EXPECT_FALSE(outer.reader_allowed("OMNIKEY Twin 00 00"));
+}
+
 }  // namespace
 }  // namespace cardbridge::client

@@ -177,6 +177,32 @@ TEST(CodecRoundTrip, EmptyReaderSnapshot) {
   EXPECT_EQ(roundtrip(m), m);
 }
 
+// A desk without its PC/SC service (capability desk-service): no reader, and why.
+TEST(CodecRoundTrip, ReaderSnapshotWithServiceError) {
+  ReaderSnapshot s;
+  s.sequence = 3;
+  s.service_rv = 0x8010001D;  // SCARD_E_NO_SERVICE
+  Message m{0, s};
+  EXPECT_EQ(roundtrip(m), m);
+}
+
+// ReaderSnapshot.service_rv is field 3, as cardbridge.proto and docs/protocol.md say; a peer
+// that does not know it (an older desk) sends nothing and means "the service answers".
+TEST(CodecDecode, ServiceRvIsSnapshotField3) {
+  Pb snap;
+  snap.varint(1, 7).varint(3, 0x8010001D);
+  auto m = decode(envelope(0, kEnvReaders, snap).data());
+  ASSERT_TRUE(m.ok()) << m.error().what;
+  const auto& got = std::get<ReaderSnapshot>(m->body);
+  EXPECT_EQ(got.sequence, 7u);
+  EXPECT_EQ(got.service_rv, 0x8010001Du);
+  Pb old;
+  old.varint(1, 8);
+  auto m2 = decode(envelope(0, kEnvReaders, old).data());
+  ASSERT_TRUE(m2.ok()) << m2.error().what;
+  EXPECT_EQ(std::get<ReaderSnapshot>(m2->body).service_rv, 0u);
+}
+
 TEST(CodecRoundTrip, ReaderSnapshotAtLimits) {
   ReaderSnapshot s;
   for (std::size_t i = 0; i < kMaxReaders; ++i) s.readers.push_back(ReaderInfo{"R" + std::to_string(i), 0x10, 0, {}});

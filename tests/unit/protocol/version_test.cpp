@@ -72,7 +72,7 @@ TEST(VersionTest, NoCommonCapabilityIsStillAgreement) {
 
 TEST(VersionTest, CapabilityBitsAreDistinct) {
   EXPECT_EQ(caps::kReaderPush & caps::kDeferredBegin, 0u);
-  EXPECT_EQ(caps::kAll, 0x1Fu);
+  EXPECT_EQ(caps::kAll, 0x3Fu);
 }
 
 TEST(CapabilitiesTextTest, Names) {
@@ -81,7 +81,8 @@ TEST(CapabilitiesTextTest, Names) {
   EXPECT_EQ(capabilities_text(caps::kDeferredBegin), "deferred-begin");
   EXPECT_EQ(capabilities_text(caps::kPrefetchGetResponse), "prefetch-get-response");
   EXPECT_EQ(capabilities_text(caps::kReadAhead), "read-ahead");
-  EXPECT_EQ(capabilities_text(caps::kAll), "reader-push,deferred-begin,prefetch-get-response,read-ahead,desk-ordering");
+  EXPECT_EQ(capabilities_text(caps::kAll),
+            "reader-push,deferred-begin,prefetch-get-response,read-ahead,desk-ordering,desk-service");
   EXPECT_EQ(capabilities_text(caps::kReaderPush | caps::kReadAhead), "reader-push,read-ahead");
 }
 

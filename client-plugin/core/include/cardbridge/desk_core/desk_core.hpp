@@ -33,6 +33,7 @@
 
 #include "cardbridge/protocol/link_session.hpp"
 #include "cardbridge/protocol/messages.hpp"
+#include "cardbridge/desk_core/desk_audit.hpp"
 #include "cardbridge/desk_core/pcsc_call.hpp"
 #include "cardbridge/desk_core/policy.hpp"
 #include "cardbridge/desk_core/speculation.hpp"
@@ -45,6 +46,8 @@ using LaneId = uint64_t;  // the core's id for a lane (never reused)
 struct DeskConfig {
   std::string desk_name;   // shown to the server (doctor, audit): the thin client's name
   std::string software = "cardbridge-desk";
+  // For the audit trail: how servers reach this desk ("rdp static channel", "tls:0.0.0.0:4433").
+  std::string link;
   uint64_t capabilities = 0;
   Policy policy;
   std::chrono::milliseconds hello_retry{500};
@@ -69,6 +72,8 @@ class DeskEffects {
   virtual void execute(LaneId lane, PcscCall c) = 0;
   // Lane |lane| will never be asked for a call again (its PC/SC context is released).
   virtual void lane_closed(LaneId lane) = 0;
+  // An audit event (desk_audit.hpp).
+  virtual void audit(const DeskAudit& event) { (void)event; }
 };
 
 struct DeskStats {
@@ -99,8 +104,10 @@ class DeskCore : private protocol::LinkSession::Handler {
   // ---- the edge ----
   void call_done(LaneId lane, CallResult result, TimePoint now);
   // The reader monitor's view (already filtered by the policy), whenever it may have
-  // changed; pushed to the server when it did.
-  void readers(std::vector<protocol::ReaderInfo> readers, TimePoint now);
+  // changed; pushed to the server when it did. |service_rv|: 0 while the desk's PC/SC
+  // service answers, else the error it fails with (then no reader); the server hears it
+  // when it has the desk-service capability.
+  void readers(std::vector<protocol::ReaderInfo> readers, TimePoint now, uint32_t service_rv = 0);
   // Ends the server session and releases every context; idle() once all lanes are gone.
   void shutdown(TimePoint now);
   bool idle() const { return lanes_.empty(); }
@@ -124,6 +131,7 @@ class DeskCore : private protocol::LinkSession::Handler {
   void session_ended(const std::string& reason, TimePoint now) override;
   void received_request(uint32_t id, protocol::Request&& r, TimePoint now) override;
 
+  void send_snapshot();
   Lane* lane_for(const protocol::Request& r, uint32_t id);
   void retire_all();
   void retire(Lane& lane);
@@ -132,6 +140,7 @@ class DeskCore : private protocol::LinkSession::Handler {
   void advance(Lane& lane, Task& task, CallResult r);  // the task's next step
   void execute(Lane& lane, PcscCall c);
   void finish(Lane& lane, protocol::Reply reply);  // replies, ends the task, pumps
+  void audit_control_refused(uint32_t code);
   void close_lane(Lane& lane);
   bool ordered(const Task& task) const;  // the requests it waits for are done
   void task_done(uint32_t id);

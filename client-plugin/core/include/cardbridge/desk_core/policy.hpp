@@ -10,9 +10,15 @@
 //  * SET_ATTRIB: refused unless opted in (--allow-set-attrib).
 // A refused call gets SCARD_E_UNSUPPORTED_FEATURE, what pcscd answers for a code or an
 // attribute the reader's driver does not support.
+//
+// Policies nest: the admin's (desk.conf [desk]) encloses the one a connection asks for
+// (xfreerdp /vc:cardbridge,readers:..., or cardbridge-desk's own options), so a connection can
+// only narrow it -- a reader the admin hides stays hidden, a control code or an attribute the
+// admin forbids stays forbidden.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <set>
 #include <span>
@@ -60,11 +66,22 @@ struct Policy {
   std::vector<std::string> reader_filter;
   ControlAllow control_allow;
   SetAttribAllow set_attrib_allow;
+  // Readers hidden whatever reader_filter says (case-insensitive substrings).
+  std::vector<std::string> reader_deny;
+  // The enclosing policy (the admin's), which readers, control codes and attributes must pass too.
+  std::shared_ptr<const Policy> within;
 
   bool reader_allowed(std::string_view name) const;
   // |announced|: the reader's feature list when known (nullptr: not known yet).
   ControlVerdict control_verdict(uint32_t code, const std::vector<ReaderFeature>* announced) const;
   bool set_attrib_allowed(uint32_t attribute) const;
+  // |connection| inside |admin|: what both allow.
+  static Policy narrowed(Policy admin, Policy connection);
+
+ private:
+  ControlVerdict own_control_verdict(uint32_t code, const std::vector<ReaderFeature>* announced) const;
+
+ public:
 
   // "Gemalto,Omnikey"
   static std::vector<std::string> parse_reader_filter(std::string_view text);

@@ -21,7 +21,11 @@ inline constexpr uint64_t kReadAhead = 1u << 3;            // Request flag kRead
 // Request.after: the desk keeps the server's order across contexts, so the server need
 // not wait for another context's pipelined request before sending a card operation.
 inline constexpr uint64_t kDeskOrdering = 1u << 4;
-inline constexpr uint64_t kAll = kReaderPush | kDeferredBegin | kPrefetchGetResponse | kReadAhead | kDeskOrdering;
+// ReaderSnapshot.service_rv: the desk says when its own PC/SC service fails (no pcscd), so
+// that the server can tell "no reader" from "no PC/SC service at the desk".
+inline constexpr uint64_t kDeskService = 1u << 5;
+inline constexpr uint64_t kAll =
+    kReaderPush | kDeferredBegin | kPrefetchGetResponse | kReadAhead | kDeskOrdering | kDeskService;
 }  // namespace caps
 
 struct Negotiated {

@@ -22,6 +22,9 @@ struct ServiceConfig {
   std::string socket_path;  // the pcsc-lite socket (PCSCLITE_CSOCK_NAME)
   ShimConfig core;
   std::size_t max_clients = kMaxClients;
+  // For the audit trail: the session this shim serves (cdrsession's key) and its desk link.
+  std::string session;
+  std::string desk_link;
 };
 
 class ShimService : private ShimEffects {
@@ -40,9 +43,11 @@ class ShimService : private ShimEffects {
   struct AuditEvent {
     std::string time;  // ISO 8601, local time
     int pid = 0;       // the program concerned, 0 if none
+    std::string exe;   // its executable, when known
     std::string event;
   };
-  // The most recent audit events (also sent to syslog, facility authpriv).
+  // The most recent audit events (also recorded in the journal, or syslog authpriv:
+  // cardbridge/journal/audit.hpp).
   const std::deque<AuditEvent>& audit_events() const { return audit_; }
 
  private:
@@ -51,7 +56,7 @@ class ShimService : private ShimEffects {
   void close_client(ClientId id) override;
   void send_to_desk(std::vector<uint8_t> frame) override;
   void reset_desk_link(const std::string& reason) override;
-  void audit(ClientId client, const std::string& event) override;
+  void audit_record(ClientId client, const AuditRecord& record) override;
 
   void accept();
   void arm_timer();
