@@ -2,7 +2,7 @@
 
 Desk namespace:   pcscd (own mount namespace, private /run/pcscd, vpcd reader
                   "Virtual PCD" on /dev/null:0x8C00, TCP_NODELAY preload), cb-cardsim (the
-                  card), cardbridge-desk (--listen tcp:10.231.0.1:40111 --insecure-remote-tcp),
+                  card), cardbridge-desk (--listen tcp:10.231.0.1:40111 --insecure-tcp),
                   and for the relay mode vsmartcard's relay (vicc_relay.py) towards the server.
 Server namespace: cardbridge-shim (one per measured mode, restarted between modes), and
                   for the relay mode a second pcscd whose vpcd (0x8D00) the relay feeds.
@@ -213,7 +213,7 @@ class Stack:
         self._wait("the card in the desk's reader", lambda: self.probe_card(self.desk_socket, ns), 20,
                    ["desk-pcscd", "cardsim"])
         self._start("desk-agent", [*in_ns(ns), str(self.bins.desk), "--listen", f"tcp:{DESK_ADDR}:{DESK_AGENT_PORT}",
-                                   "--insecure-remote-tcp", "--name", "emulated-desk", "--log-level", "warn"],
+                                   "--insecure-tcp", "--name", "emulated-desk", "--log-level", "warn"],
                     env={"PCSCLITE_CSOCK_NAME": str(self.desk_socket)})
 
     def card_events(self) -> tuple[int, int]:
@@ -233,7 +233,7 @@ class Stack:
         d = self.work / f"shim-{name}"
         sock = d / "pcscd.comm"
         argv = [*in_ns(self.wan.server_ns), str(self.bins.shim), "--socket", str(sock),
-                "--desk", f"tcp:{DESK_ADDR}:{DESK_AGENT_PORT}", "--mode", mode, "--log-level", "warn"]
+                "--desk", f"tcp:{DESK_ADDR}:{DESK_AGENT_PORT}", "--insecure-tcp", "--mode", mode, "--log-level", "warn"]
         if disable:
             argv += ["--disable", disable]
         proc = self._start(f"shim-{name}", argv)
