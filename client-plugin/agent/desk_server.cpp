@@ -123,11 +123,36 @@ void DeskServer::accept() {
     if (stopped_) return;
     if (ec) {
       if (ec == boost::asio::error::operation_aborted) return;
-      logger->error("accept failed: {}", ec.message());
+      // Out of descriptors: refuse the waiting server with the reserve (its link closes and it
+      // retries later) instead of leaving its hello unanswered; said once per episode.
+      ++accept_failures_;
+      const bool refused = transport::FdReserve::is_exhaustion(ec) && fd_reserve_.refuse_one(acceptor_->native_handle());
+      if (accept_failures_ == 1) {
+        logger->error("accept failed: {}; {}not logged again until a connection is accepted", ec.message(),
+                      refused ? "new server connections are refused meanwhile; " : "");
+      }
+      if (refused) return accept();
       auto t = std::make_shared<boost::asio::steady_timer>(io_, std::chrono::milliseconds(100));
       t->async_wait([this, t](boost::system::error_code) {
         if (!stopped_) accept();
       });
+      return;
+    }
+    if (accept_failures_ != 0) {
+      logger->info("accepting server connections again ({} failed accepts before)", accept_failures_);
+      accept_failures_ = 0;
+    }
+    if (max_connections_ != 0 && connections_.size() >= max_connections_) {
+      // Refused before any byte: the shim sees its link close and retries later.
+      if (!at_connection_limit_) {
+        logger->warn("server connection refused: {} connections already (--max-connections); "
+                     "further refusals are not logged until one closes",
+                     connections_.size());
+      }
+      at_connection_limit_ = true;
+      boost::system::error_code ignored;
+      sock.close(ignored);
+      accept();
       return;
     }
     transport::set_low_latency(sock);
@@ -155,8 +180,13 @@ void DeskServer::accept() {
 }
 
 std::shared_ptr<DeskServer::Connection> DeskServer::new_connection() {
-  auto conn = std::make_shared<Connection>(io_, api_, config_,
-                                           [this](std::shared_ptr<Connection> c) { connections_.erase(c); });
+  auto conn = std::make_shared<Connection>(io_, api_, config_, [this](std::shared_ptr<Connection> c) {
+    connections_.erase(c);
+    if (at_connection_limit_ && connections_.size() < max_connections_) {
+      at_connection_limit_ = false;
+      logger->info("server connections: room again ({} of {})", connections_.size(), max_connections_);
+    }
+  });
   connections_.insert(conn);
   return conn;
 }

@@ -6,6 +6,7 @@
 #include <memory>
 #include <set>
 
+#include "cardbridge/transport/fd_reserve.hpp"
 #include "cardbridge/transport/stream.hpp"
 #include "cardbridge/transport/tls.hpp"
 #include "cardbridge/desk_core/card_api.hpp"
@@ -20,6 +21,10 @@ class DeskServer {
   ~DeskServer();
   Result<bool, std::string> listen(const transport::Endpoint& ep);
   void stop();
+  // At most |n| server connections at once (each costs two threads, a reader monitor's
+  // PC/SC context and a lane per server context): past it, a new connection is closed at
+  // once, with one warning per episode. 0: no limit.
+  void set_max_connections(std::size_t n) { max_connections_ = n; }
 
  private:
   class Connection;
@@ -31,8 +36,12 @@ class DeskServer {
   DeskConfig config_;
   transport::TlsContext tls_;
   std::optional<transport::GenericAcceptor> acceptor_;
+  transport::FdReserve fd_reserve_;  // to refuse a server at the fd limit rather than leave it waiting
+  std::size_t accept_failures_ = 0;  // in a row
   std::set<std::shared_ptr<Connection>> connections_;
   bool stopped_ = false;
+  std::size_t max_connections_ = 0;
+  bool at_connection_limit_ = false;  // refusing since the last warning
 };
 
 }  // namespace cardbridge::client

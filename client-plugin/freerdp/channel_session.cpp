@@ -2,9 +2,14 @@
 
 #include <algorithm>
 
+#include "cardbridge/desk_config/desk_settings.hpp"
+#include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
+#include "cardbridge/journal/audit.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
+#include "cardbridge/support/redact.hpp"
 #include "cardbridge/desk_pcsc/pcsc_card_api.hpp"
+#include "wlog_sink.hpp"
 
 namespace cardbridge::client {
 
@@ -24,14 +29,16 @@ AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
     if (key == "log-level") {
       o.log_level = value;
     } else if (key == "readers") {
-      // FreeRDP splits add-in arguments on ',', so reader filters use ';' or '|'.
-      std::replace(value.begin(), value.end(), ';', ',');
-      std::replace(value.begin(), value.end(), '|', ',');
-      o.readers = value;
+      // FreeRDP splits add-in arguments on ',': lists use '+' (or ';', '|': quoted in a shell).
+      o.readers = addin_list(value);
+    } else if (key == "deny-readers") {
+      o.deny_readers = addin_list(value);
     } else if (key == "allow-control") {
-      std::replace(value.begin(), value.end(), ';', ',');
-      std::replace(value.begin(), value.end(), '|', ',');
-      o.allow_control = value;
+      o.allow_control = addin_list(value);
+    } else if (key == "allow-set-attrib") {
+      o.allow_set_attrib = addin_list(value);
+    } else if (key == "unsafe-log-card-data") {
+      o.log_card_data = true;
     } else if (key == "name") {
       o.name = value;
     } else if (key == "image" && (value == "on" || value == "off")) {
@@ -44,28 +51,58 @@ AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
 }
 
 void init_addin_logging(const std::string& level) {
-  static std::once_flag once;
-  std::call_once(once, [&] {
-    auto lvl = log::parse_level(level).value_or(spdlog::level::info);
-    log::init(lvl, "cardbridge-client");
-  });
+  init_wlog_logging(level);
+  audit::set_identifier("cardbridge-client");
 }
 
-ChannelSession::ChannelSession(const AddinOptions& options, std::string default_name, Writer writer)
+namespace {
+
+// Nothing: what a broken policy file or option leaves exposed (fail closed).
+Policy nothing() {
+  Policy p;
+  p.reader_deny = {""};  // every name contains ""
+  p.control_allow = ControlAllow{.pinpad = false};
+  return p;
+}
+
+}  // namespace
+
+// The admin's policy (desk.conf [desk]) encloses the connection's options.
+ChannelSession::ChannelSession(const AddinOptions& options, std::string default_name, Writer writer, std::string link)
     : writer_(std::move(writer)) {
   DeskConfig cfg;
   cfg.desk_name = options.name.empty() ? std::move(default_name) : options.name;
   cfg.software = "cardbridge-client";
   cfg.capabilities = protocol::caps::kAll;
   cfg.server_policy.allow_rdp_channel = true;
-  cfg.policy.reader_filter = Policy::parse_reader_filter(options.readers);
   cfg.card_image = options.card_image;
-  if (auto allow = Policy::parse_control_allow(options.allow_control)) {
-    cfg.policy.control_allow = *allow;
+  cfg.link = std::move(link);
+  Policy admin = nothing();
+  if (auto settings = load_desk_settings(desk_conf_path()); !settings) {
+    logger->error("{}: exposing no reader until it is fixed", settings.error());
+  } else if (auto p = admin_policy(*settings); !p) {
+    logger->error("{}: exposing no reader until it is fixed", p.error());
   } else {
-    logger->error("allow-control: {}; no control code allowed", allow.error());
-    cfg.policy.control_allow = std::set<uint32_t>{};
+    admin = *p;
+    if (!settings->name.empty()) {
+      if (!options.name.empty() && options.name != settings->name)
+        logger->warn("{} sets the desk name '{}': name:{} ignored", settings->file, settings->name,
+                     log::printable(options.name));
+      cfg.desk_name = settings->name;
+    }
+    if (!settings->file.empty()) logger->info("desk policy from {}", settings->file);
   }
+  auto own = connection_policy({options.readers}, {options.deny_readers}, options.allow_control,
+                               options.allow_set_attrib);
+  if (!own) {
+    logger->error("{}; no control code allowed, no attribute may be set", own.error());
+    own = connection_policy({options.readers}, {options.deny_readers}, "none", "none");
+  }
+  redact::set_card_data_logging(options.log_card_data);
+  if (options.log_card_data) logger->warn("unsafe-log-card-data: card answers (personal data) are logged at debug level");
+  logger->info("desk policy: control codes {}; set-attrib {}", Policy::describe(own->control_allow),
+               Policy::describe(own->set_attrib_allow));
+  cfg.policy = Policy::narrowed(std::move(admin), *own);
   DeskRuntime::Io io;
   io.send = [this](std::vector<uint8_t> frame) {
     if (!writer_(std::move(frame))) logger->warn("channel write failed");

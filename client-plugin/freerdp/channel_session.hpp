@@ -18,12 +18,16 @@
 
 namespace cardbridge::client {
 
-// Options given with /vc:cardbridge,KEY:VALUE,... or /dvc:cardbridge,KEY:VALUE,...
+// Options given with /vc:cardbridge,KEY:VALUE,... or /dvc:cardbridge,KEY:VALUE,... They narrow
+// the admin's policy (/etc/cardbridge/desk.conf [desk]), never widen it.
 struct AddinOptions {
-  std::string log_level = "info";
-  std::string readers;          // reader filter (comma-free list separated by ';' or '|')
-  std::string allow_control = "all";
-  std::string name;             // desk name shown on the server; default: the client host name
+  std::string log_level;        // "" = FreeRDP's (/log-level, WLOG_LEVEL) for com.cardbridge
+  std::string readers;          // reader filter (comma-free list separated by '+', ';' or '|')
+  std::string deny_readers;     // readers never exposed (same syntax)
+  std::string allow_control;    // "" = the default, pinpad
+  std::string allow_set_attrib; // "" = the default, none
+  bool log_card_data = false;   // unsafe-log-card-data: diagnostics only (personal data)
+  std::string name;             // desk name shown on the server; default: desk.conf's, else the client host name
   bool card_image = true;       // image:off: the desk never reads a card on its own (docs/admin-guide.md)
   static AddinOptions parse(int argc, char** argv, std::string* error);
 };
@@ -31,7 +35,8 @@ struct AddinOptions {
 class ChannelSession {
  public:
   using Writer = std::function<bool(std::vector<uint8_t> frame)>;  // thread-safe
-  ChannelSession(const AddinOptions& options, std::string default_name, Writer writer);
+  // |link|: which channel, for the audit trail ("rdp static channel CBRIDGE").
+  ChannelSession(const AddinOptions& options, std::string default_name, Writer writer, std::string link = {});
   ~ChannelSession();
 
   void opened();                               // the channel is open: hello
@@ -45,7 +50,7 @@ class ChannelSession {
   std::unique_ptr<TimerThread> timer_;  // hello retries
 };
 
-// Log set-up for the add-in (once per process).
+// Log set-up for the add-in (once per process): FreeRDP's WLog (wlog_sink.hpp).
 void init_addin_logging(const std::string& level);
 
 }  // namespace cardbridge::client

@@ -3,8 +3,12 @@
 // are read through freerdp_settings_get_*, which both provide and FreeRDP 3 requires).
 //   /vc:cardbridge[,opt...]   static virtual channel "CBRIDGE" (VirtualChannelEntryEx)
 //   /dvc:cardbridge[,opt...]  dynamic virtual channel "CBRIDGE" (DVCPluginEntry)
-// Options: log-level:LEVEL, readers:A;B (substring filter), allow-control:all|none|LIST,
-// name:DESKNAME, image:on|off (the card image, on by default). Everything here is extern "C" glue: no exception crosses into FreeRDP.
+// Options: log-level:LEVEL, readers:A+B (substring filter), deny-readers:A+B,
+// allow-control:pinpad+escape+all+none+LIST (default pinpad), allow-set-attrib:none|all|LIST
+// (default none), unsafe-log-card-data, name:DESKNAME, image:on|off (the card image, on by
+// default); they narrow the admin's policy in /etc/cardbridge/desk.conf. Logs go through
+// FreeRDP's WLog (com.cardbridge.*).
+// Everything here is extern "C" glue: no exception crosses into FreeRDP.
 #include <freerdp/addin.h>
 #include <freerdp/dvc.h>
 #include <freerdp/freerdp.h>
@@ -125,8 +129,9 @@ VOID VCAPITYPE static_init_event(LPVOID user, LPVOID init_handle, UINT event, LP
           p->open_handle = h;
         }
         if (!p->session) {
-          p->session = std::make_unique<ChannelSession>(p->options, p->default_name,
-                                                        [p](std::vector<uint8_t> f) { return static_write(p, std::move(f)); });
+          p->session = std::make_unique<ChannelSession>(
+              p->options, p->default_name, [p](std::vector<uint8_t> f) { return static_write(p, std::move(f)); },
+              "rdp static channel CBRIDGE");
         }
         logger->info("static channel {} open", kChannelName);
         p->session->opened();
@@ -245,7 +250,7 @@ UINT dvc_on_new_channel(IWTSListenerCallback* lcb, IWTSVirtualChannel* channel, 
       if (!c->channel) return false;
       // Write copies the buffer before returning.
       return c->channel->Write(c->channel, static_cast<ULONG>(f.size()), f.data(), nullptr) == CHANNEL_RC_OK;
-    });
+    }, "rdp dynamic channel CBRIDGE");
     *accept = TRUE;
     *out = &c->cb;
     return CHANNEL_RC_OK;

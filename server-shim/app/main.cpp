@@ -7,8 +7,12 @@
 
 #include <CLI/CLI.hpp>
 
+#include "cardbridge/config/config_file.hpp"
+#include "cardbridge/journal/audit.hpp"
+#include "cardbridge/journal/journal.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/log.hpp"
+#include "cardbridge/support/redact.hpp"
 #include "cardbridge/shim_io/control_server.hpp"
 #include "cardbridge/shim_io/shim_service.hpp"
 #include "cardbridge/shim_io/xrdp_channel.hpp"
@@ -34,7 +38,8 @@ int main(int argc, char** argv) {
   namespace cb = cardbridge;
   CLI::App app{
       "cardbridge-shim: makes a desk's smart-card readers appear to the PC/SC programs of "
-      "this session.\nPrograms find it through PCSCLITE_CSOCK_NAME=<socket>."};
+      "this session.\nPrograms find it through PCSCLITE_CSOCK_NAME=<socket>.\nEvery option can also be set "
+      "in the [shim] section of the admin's server.conf (key = the long option without --)."};
   app.set_version_flag("--version", std::string("cardbridge-shim ") + CARDBRIDGE_VERSION);
   std::string socket_path = default_socket_path();
   std::string desk_spec;
@@ -42,9 +47,14 @@ int main(int argc, char** argv) {
   std::string mode = "optimized";
   std::string disabled;
   std::string control_path;
+  std::string log_target = "auto";
   bool insecure_tcp = false;
   std::vector<std::string> peer_fingerprints;
   cb::transport::TlsConfig tls;
+  // /etc/cardbridge/server.conf [shim] (cardbridge/config/config_file.hpp); [cdrsession] and
+  // [doctor] are cdrsession's.
+  cb::config::add_config_file(app, cb::config::server_dir() + "/" + cb::config::kServerConf, {{"shim", ""}},
+                              {"cdrsession", "doctor", "status"});
   app.add_option("--socket", socket_path, "pcsc-lite socket to serve (its directory is created 0700)")
       ->capture_default_str();
   app.add_option("--desk", desk_spec,
@@ -70,6 +80,11 @@ int main(int argc, char** argv) {
                  "control socket for cdrsession status/doctor (default: <socket>.ctl)");
   app.add_option("--log-level", level, "trace, debug, info, warn, error, critical or off")
       ->capture_default_str();
+  app.add_option("--log-target", log_target,
+                 "auto (the journal when stderr is a journal stream, as in a systemd unit or a session "
+                 "cdrsession started; else stderr), journal, or stderr")
+      ->check(CLI::IsMember({"auto", "journal", "stderr"}))
+      ->capture_default_str();
   app.add_option("--mode", mode,
                  "optimized (default) or per-call (one desk round trip per PC/SC call, "
                  "for comparison with other redirectors)")
@@ -78,6 +93,10 @@ int main(int argc, char** argv) {
   app.add_option("--disable", disabled,
                  "switch off optimisations (comma-separated): pipeline, defer-begin, "
                  "prefetch-get-response, read-ahead, cache-attributes, card-image");
+  bool log_card_data = false;
+  app.add_flag("--unsafe-log-card-data", log_card_data,
+               "diagnostics only: log what the card answers to SELECT/READ BINARY/GET DATA... at debug "
+               "level (personal data: the card holder's identity). PINs are never logged");
   CLI11_PARSE(app, argc, argv);
 
   auto lvl = cb::log::parse_level(level);
@@ -85,8 +104,12 @@ int main(int argc, char** argv) {
     std::cerr << "cardbridge-shim: unknown log level '" << level << "'\n";
     return 2;
   }
-  cb::log::init(*lvl, "cardbridge-shim");
+  const auto target = cb::journal::init_logging(*lvl, "cardbridge-shim", *cb::journal::parse_target(log_target));
+  cb::audit::set_identifier("cardbridge-shim");
   auto log = cb::log::get("cardbridge.shim");
+  cb::redact::set_card_data_logging(log_card_data);
+  if (log_card_data) log->warn("--unsafe-log-card-data: card answers (personal data) are logged at debug level");
+  const std::string config_file = cb::config::file_read(app);
 
   boost::asio::io_context io;
   std::shared_ptr<cb::shim::DeskLink> link;
@@ -145,6 +168,8 @@ int main(int argc, char** argv) {
 
   cb::shim::ServiceConfig cfg;
   cfg.socket_path = socket_path;
+  cfg.desk_link = link_text;
+  if (const char* key = std::getenv("CARDBRIDGE_SESSION"); key && *key) cfg.session = cb::log::printable(key);
   cfg.core.server_name = host_name();
   cfg.core.capabilities = mode == "per-call" ? cb::protocol::caps::kReaderPush : cb::protocol::caps::kAll;
   cfg.core.one_round_trip_per_call = mode == "per-call";
@@ -177,11 +202,15 @@ int main(int argc, char** argv) {
                          {"socket", socket_path},
                          {"desk_link", link_text},
                          {"desk_link_insecure", insecure_tcp},
-                         {"mode", mode}};
+                         {"mode", mode},
+                         {"disabled", disabled},
+                         {"config", config_file},
+                         {"session", cfg.session},
+                         {"log_target", cb::journal::target_name(target)}};
   cb::shim::ControlServer control(io, service.core(), info, [&service] {
     nlohmann::json events = nlohmann::json::array();
     for (const auto& e : service.audit_events()) {
-      events.push_back({{"time", e.time}, {"pid", e.pid}, {"event", e.event}});
+      events.push_back({{"time", e.time}, {"pid", e.pid}, {"exe", e.exe}, {"event", e.event}});
     }
     return events;
   });
@@ -189,7 +218,9 @@ int main(int argc, char** argv) {
     log->critical("control socket: {}", ok.error());
     return 1;
   }
-  log->info("cardbridge-shim {} started (desk {}, mode {})", CARDBRIDGE_VERSION, link_text, mode);
+  log->info("cardbridge-shim {} started (desk {}, mode {}{}{})", CARDBRIDGE_VERSION, link_text, mode,
+            disabled.empty() ? "" : ", disabled: " + disabled,
+            config_file.empty() ? "" : ", configuration " + config_file);
 
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code ec, int sig) {

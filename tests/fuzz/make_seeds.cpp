@@ -331,6 +331,80 @@ void shim_core_seeds() {
 
 }  // namespace
 
+// ---- desk_core: scripts of desk_core_fuzz.cpp's action language --------------------------
+
+// A server request (desk_core_fuzz.cpp Harness::request(), field by field).
+void desk_request(ByteWriter& w, uint8_t op, uint8_t flags, const Bytes& data, uint16_t recv_length) {
+  w.u8(0);                        // action: a request
+  w.u8(static_cast<uint8_t>(op - 1));
+  w.u8(0);                        // context 1
+  w.u8(0);                        // the most recent desk handle
+  w.u8(1);                        // the first reader's name
+  w.u8(1);                        // share mode 2 (shared)
+  w.u8(3);                        // protocols T=0|T=1
+  w.u8(0);                        // disposition
+  w.u8(1);                        // control code: feature request
+  w.u8(static_cast<uint8_t>(data.size())).bytes(data);
+  w.u16(recv_length);
+  w.u8(flags);
+  w.u8(0);                        // recv protocol
+  w.u8(0);                        // no "after" ids
+  w.u8(0);                        // a fresh id
+}
+// The edge completes the oldest pending call with success, with the fields that call's
+// result reads (desk_core_fuzz.cpp Harness::result_for()).
+void desk_done(ByteWriter& w) { w.u8(3).u8(0).u8(0); }  // Establish, Begin, End, Disconnect, Release
+void desk_done_connect(ByteWriter& w) { desk_done(w); w.u8(1); }                  // protocol T=1
+void desk_done_status(ByteWriter& w) { desk_done(w); w.u8(0).u32(0x34).u8(0); }  // reader 0, no ATR
+void desk_done_transmit(ByteWriter& w, const Bytes& data, uint8_t sw) {  // sw: 0 = 90 00, 1 = 61 10
+  desk_done(w);
+  w.u8(static_cast<uint8_t>(data.size())).bytes(data).u8(sw);
+}
+
+void desk_core_seeds() {
+  const Bytes get_challenge = {0x00, 0x84, 0x00, 0x00, 0x08};
+  const Bytes select = {0x00, 0xA4, 0x04, 0x00, 0x07, 0xA0, 0x00, 0x00, 0x00, 0x03, 0x10, 0x10};
+  const Bytes random8 = {1, 2, 3, 4, 5, 6, 7, 8};
+  auto up = [](ByteWriter& w) { w.u8(6).u8(9).u8(1).u8(1).u8(1); };  // flags; transport up, hello
+  auto connect = [](ByteWriter& w) {
+    desk_request(w, 3, 0, {}, 0);
+    desk_done(w);          // Establish
+    desk_done_connect(w);  // Connect
+    desk_done_status(w);   // the Status after it
+  };
+  {
+    ByteWriter w;
+    up(w);
+    w.u8(7).u8(2).u16(0x22).u16(1).u8(11).bytes(Bytes(11, 0x3B)).u16(0x10).u16(0).u8(0);  // readers
+    connect(w);
+    desk_request(w, 8, 0, get_challenge, 258);  // Transmit
+    desk_done_transmit(w, random8, 0);
+    desk_request(w, 8, 2, select, 258);  // Transmit, prefetch GET RESPONSE
+    desk_done_transmit(w, {}, 1);
+    desk_done_transmit(w, Bytes(16, 0x6F), 0);
+    desk_request(w, 5, 0, {}, 0);  // Disconnect
+    desk_done(w);
+    desk_request(w, 2, 0, {}, 0);  // ReleaseContext
+    desk_done(w);
+    write("desk_core", "login", w.data());
+  }
+  {
+    ByteWriter w;
+    up(w);
+    connect(w);
+    desk_request(w, 8, 1, get_challenge, 258);  // Transmit with a deferred Begin
+    desk_done(w);
+    desk_done_transmit(w, random8, 0);
+    desk_request(w, 7, 0, {}, 0);   // EndTransaction
+    desk_request(w, 13, 0, {}, 0);  // Ping
+    w.u8(8).u16(6000);              // time passes
+    w.u8(9).u8(0);                  // transport down
+    desk_done(w);
+    w.u8(11).u8(0x5D);              // shutdown
+    write("desk_core", "transaction_then_link_lost", w.data());
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::cerr << "usage: " << argv[0] << " OUTDIR\n";
@@ -341,5 +415,6 @@ int main(int argc, char** argv) {
   codec_seeds();
   pcscd_wire_seeds();
   shim_core_seeds();
+  desk_core_seeds();
   return 0;
 }

@@ -5,7 +5,7 @@ token in the desk's card, through a real desk agent + shim, with real modules:
   healthy            OpenSC (and the Cryptolib CPS when unpacked) on cb-cardsim's CPS3: the
                      token's label in the verdict, exit 0
   module missing     --pkcs11 without the Cryptolib installed at its default path, or a wrong
-                     --pkcs11-module path: exit 10, what to install
+                     --pkcs11-module path: exit 2 (first_problem pkcs11), what to install
   card not recognised  OpenSC with a CPS4 (it has no CPS4 driver): the slot shows the card but
                      no token (CKR_TOKEN_NOT_RECOGNIZED)
   reader not visible OpenSC configured to ignore the desk's readers (OPENSC_CONF
@@ -97,7 +97,7 @@ def test_healthy_with_the_cryptolib(rig, card):
 def test_cryptolib_missing_at_its_default_path(rig, card):
     with_card(rig, card, "cps3")
     code, text, code_j, rep = doctor(rig, "--pkcs11")
-    assert code == code_j == 10, text
+    assert code == code_j == 2, text
     assert rep["verdict"] == "broken" and rep["first_problem"] == "pkcs11"
     c = pkcs11_check(rep)
     assert c["detail"] == f"module missing: there is no PKCS#11 module at {DEFAULT_CRYPTOLIB}"
@@ -110,14 +110,14 @@ def test_cryptolib_missing_at_its_default_path(rig, card):
 def test_wrong_module_path(rig, card):
     with_card(rig, card, "cps3")
     code, _, _, rep = doctor(rig, "--pkcs11-module", "/usr/lib/x86_64-linux-gnu/no-such-pkcs11.so")
-    assert code == 10
+    assert code == 2
     assert "--pkcs11-module" in pkcs11_check(rep)["advice"]
 
 
 def test_card_not_recognised(rig, card):
     with_card(rig, card, "cps4")  # OpenSC 0.23 has no CPS4 driver
     code, text, _, rep = doctor(rig, "--pkcs11-module", OPENSC_MODULE)
-    assert code == 10, text
+    assert code == 2, text
     c = pkcs11_check(rep)
     assert c["detail"] == (f"card not recognised: opensc-pkcs11.so sees the card in '{rig.desk.readers[0]}' but no "
                            "token (CKR_TOKEN_NOT_RECOGNIZED)"), c
@@ -129,7 +129,7 @@ def test_reader_not_visible_to_the_module(rig, card, tmp_path):
     conf = tmp_path / "opensc.conf"
     conf.write_text('app default {\n  ignored_readers = "Virtual PCD";\n}\n')
     code, text, _, rep = doctor(rig, "--pkcs11-module", OPENSC_MODULE, env={"OPENSC_CONF": str(conf)})
-    assert code == 10, text
+    assert code == 2, text
     c = pkcs11_check(rep)
     assert c["detail"].startswith("reader not visible to the module: opensc-pkcs11.so lists"), c
     assert f"not the desk's '{rig.desk.readers[0]}'" in c["detail"], c

@@ -269,7 +269,7 @@ def test_no_pin_in_any_log(rig, card):
     for name in ("desk agent", "shim"):
         # The VERIFY commands went through (header logged, data redacted): the search below is
         # over logs that saw the PINs go by.
-        assert re.search(r"transmit 0[01] 20 00 01 Lc=8 <8 bytes redacted>", logs[name]), \
+        assert re.search(r"transmit 0[01] 20 00 01 <PIN redacted>", logs[name]), \
             f"no redacted VERIFY in the {name} log: the search would prove nothing"
     for name, text in logs.items():
         for pin in (PIN, WRONG_PIN):

@@ -191,7 +191,7 @@ def test_cdr_login_in_the_xrdp_session(rdp, cdr, kind, profile, client):
 def test_no_pin_in_the_sessions_logs(rdp):
     """Last: every login above went through this session's shim and the client's add-in."""
     logs = {"shim (session)": rdp.shim_log(), "xfreerdp add-in": rdp.client.proc.log_text()}
-    assert re.search(r"transmit 0[01] 20 00 01 Lc=8 <8 bytes redacted>", logs["shim (session)"] + logs["xfreerdp add-in"]), \
+    assert re.search(r"transmit 0[01] 20 00 01 <PIN redacted>", logs["shim (session)"] + logs["xfreerdp add-in"]), \
         "no redacted VERIFY in the logs: the search would prove nothing"
     for name, text in logs.items():
         for pin in (PIN, WRONG_PIN):

@@ -256,6 +256,10 @@ def test_card_over_rdp(rig, desk):
     finally:
         sess.close()
     assert client.alive()
+    # The add-in logs through FreeRDP's WLog (issue 10), under com.cardbridge, while the client runs.
+    wait_until(lambda: f"[INFO][com.cardbridge.addin] - {rig.mode} channel CBRIDGE open" in client.log_text(),
+               timeout=HANG_GUARD_S, desc="the add-in's WLog lines in the client's output",
+               details=lambda: client.log_tail(30))
 
 
 def test_disconnect_then_reconnect_from_another_desk(rig, desk):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -32,7 +33,7 @@ DEV_LOG = "/dev/log"
 PIN = "3132333435363738"                 # "12345678": VERIFY data that must never be logged
 VERIFY = "0020000108" + PIN
 CHALLENGE = "0084000008"
-LOG_AUTHPRIV, LOG_INFO = 10, 6
+LOG_AUTHPRIV, LOG_NOTICE = 10, 5
 
 
 class SyslogReceiver:
@@ -198,11 +199,17 @@ def test_audit_reaches_syslog(world):
                details=lambda: "\n".join(rcv.messages[-20:]))
     msgs = mine()
     print("\n".join(msgs))
-    prio = f"<{LOG_AUTHPRIV * 8 + LOG_INFO}>"
-    assert all(m.startswith(prio) for m in msgs), msgs  # facility authpriv, level info
-    assert any("desk connected: declared-name='ACCUEIL-03'" in m for m in msgs), msgs
-    assert any(f"card connected: reader='Audit Reader 00 00' atr={CPS3_ATR} share=shared pid={w['app_pid']}" in m
-               for m in msgs), msgs
+    prio = f"<{LOG_AUTHPRIV * 8 + LOG_NOTICE}>"
+    assert all(m.startswith(prio) for m in msgs), msgs  # facility authpriv, level notice
+    assert any("desk connected: declared-name='ACCUEIL-03'" in m and "[EVENT=desk-connected " in m for m in msgs), msgs
+    # Structured (without journald, the fields close the line): who, which session, which program.
+    card = [m for m in msgs if f"card connected: reader='Audit Reader 00 00' atr={CPS3_ATR} share=shared "
+                                f"pid={w['app_pid']}" in m]
+    assert card, msgs
+    for field in ("EVENT=card-connected", f"USER={pwd.getpwuid(os.geteuid()).pw_name}", f"UID={os.geteuid()}",
+                  "DESK=ACCUEIL-03", "READER=Audit Reader 00 00", f"ATR={CPS3_ATR}", "SHARE=shared",
+                  f"PROGRAM_PID={w['app_pid']}", "PROGRAM_EXE=/"):
+        assert f" {field}" in card[0] or f"[{field}" in card[0], (field, card[0])
     blob = "\n".join(msgs)
     for s in secrets(w):
         assert s not in blob, f"APDU bytes {s} in syslog"

@@ -48,9 +48,11 @@ GET_CHALLENGE = "0084000008"
 CPS3_ATR = "3BAC00402A001225006480000310009000"
 VICC_ATR = "3B951381018073FF01000B"  # vicc's stock ISO 7816 card: no CPx card
 
-# Exit codes of `cdrsession doctor` (cdrsession/lib/include/cardbridge/session/doctor.hpp).
-EXIT = {"healthy": 0, "environment": 2, "shim": 3, "user": 4, "channel": 5, "readers": 6, "card": 7,
-        "card-type": 8, "latency": 9}
+# Exit codes of `cdrsession doctor` (cdrsession/lib/include/cardbridge/session/doctor.hpp), the
+# monitoring convention: 0 ok, 1 warning, 2 critical, 3 unknown; the check is in the JSON's first_problem.
+EXIT = {"healthy": 0, "environment": 2, "shim": 2, "user": 2, "channel": 2, "readers": 2, "card": 2,
+        "card-type": 1, "latency": 1}
+EXIT_WARNING = 1  # any warning (a plain-TCP desk link is a "channel" warning, not a failure)
 
 
 def start_desk(**kw) -> EmulatedDesk:

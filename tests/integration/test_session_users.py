@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import test_session_support as support
-from test_session_support import (CPS3_ATR, HANG_GUARD_S, E_NO_SERVICE, E_UNKNOWN_READER, W_SECURITY_VIOLATION, EXIT, GET_CHALLENGE, OK, SYSTEM_PYTHON, DeskAgent,
+from test_session_support import (CPS3_ATR, HANG_GUARD_S, E_NO_SERVICE, E_UNKNOWN_READER, W_SECURITY_VIOLATION, EXIT, EXIT_WARNING, GET_CHALLENGE, OK, SYSTEM_PYTHON, DeskAgent,
                                   SessionDir, Sessions, ThrowawayUser, cb_pcsc, cdr, check_of, doctor,
                                   export_socket, require_built, run, session_env, shim_pids, shim_reader_names,
                                   short_tmp, wait_until)
@@ -227,7 +227,7 @@ def test_each_users_doctor_is_healthy_in_its_own_session(both):
         assert [c["kind"] for c in rep["cards"]] == [card], rep
         # The test desks are plain TCP (--insecure-tcp): the doctor's first warning, always; the
         # rest of each user's chain is healthy, and each sees its own card.
-        assert code == EXIT["channel"] and rep["first_problem"] == "channel", rep
+        assert code == EXIT_WARNING and rep["first_problem"] == "channel", rep
         assert "plain TCP" in next(c for c in rep["checks"] if c["id"] == "channel")["detail"], rep
         warned = [c["id"] for c in rep["checks"] if c["result"] != "ok"]
         assert warned == (["channel"] if card == "cps3" else ["channel", "card-type"]), rep

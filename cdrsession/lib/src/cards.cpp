@@ -1,7 +1,11 @@
 #include "cardbridge/session/cards.hpp"
 
+#include <algorithm>
 #include <array>
+#include <cctype>
+#include <fstream>
 #include <optional>
+#include <regex>
 #include <string_view>
 #include <vector>
 
@@ -75,6 +79,70 @@ CardIdentity identify_atr(std::span<const uint8_t> atr) {
   }
   if (has_cpx_marker(atr)) return CardIdentity{CardKind::kCpxFamily, "CPx family card (CPS/CPE/CPF)", true};
   return CardIdentity{CardKind::kUnknown, "unknown card", false};
+}
+
+namespace {
+
+// The ATR as pcsc-tools writes it: upper-case hex bytes separated by spaces.
+std::string spaced_hex(std::span<const uint8_t> atr) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (auto b : atr) {
+    if (!out.empty()) out.push_back(' ');
+    out.push_back(kHex[b >> 4]);
+    out.push_back(kHex[b & 0x0F]);
+  }
+  return out;
+}
+
+// The whole ATR matches |pattern|: most patterns are hex with "." wildcards (compared
+// directly); the others are regular expressions ("[0-9]", "(..)*", ".*").
+bool atr_list_match(const std::string& pattern, const std::string& atr) {
+  const bool simple = std::all_of(pattern.begin(), pattern.end(), [](char c) {
+    return c == ' ' || c == '.' || (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F') || (c >= 'a' && c <= 'f');
+  });
+  if (simple) {
+    if (pattern.size() != atr.size()) return false;
+    for (std::size_t i = 0; i < atr.size(); ++i) {
+      const char p = static_cast<char>(std::toupper(static_cast<unsigned char>(pattern[i])));
+      if (p != '.' && p != atr[i]) return false;
+    }
+    return true;
+  }
+  try {
+    return std::regex_match(atr, std::regex(pattern, std::regex::ECMAScript | std::regex::icase));
+  } catch (const std::regex_error&) {
+    return false;  // a pattern std::regex cannot read: skip it
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> describe_from_atr_list(std::span<const uint8_t> atr, std::istream& list) {
+  const std::string target = spaced_hex(atr);
+  std::vector<std::string> found;
+  bool in_match = false;
+  std::string line;
+  while (std::getline(list, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty() || line[0] == '#') {
+      if (in_match && line.empty()) break;  // the end of the matching entry
+      continue;
+    }
+    if (line[0] == '\t') {
+      if (in_match) found.push_back(line.substr(line.find_first_not_of('\t')));
+      continue;
+    }
+    if (in_match) break;
+    in_match = atr_list_match(line, target);
+  }
+  return found;
+}
+
+std::vector<std::string> describe_from_atr_list(std::span<const uint8_t> atr, const std::string& path) {
+  std::ifstream f(path);
+  if (!f) return {};
+  return describe_from_atr_list(atr, f);
 }
 
 const char* kind_name(CardKind k) {

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <chrono>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -18,18 +20,24 @@
 
 namespace cardbridge::session {
 
-int exit_code_for(const std::string& id) {
-  if (id.empty()) return 0;
-  if (id == "start" || id == "environment") return 2;
-  if (id == "shim") return 3;
-  if (id == "user") return 4;
-  if (id == "channel") return 5;
-  if (id == "readers") return 6;
-  if (id == "card") return 7;
-  if (id == "card-type") return 8;
-  if (id == "latency") return 9;
-  if (id == "pkcs11") return 10;
-  return 1;
+nlohmann::json json_head(const std::string& host, const std::string& timestamp) {
+  return {{"schema_version", kJsonSchemaVersion}, {"timestamp", timestamp}, {"host", host}};
+}
+
+std::string utc_timestamp() {
+  const auto now = std::chrono::system_clock::now();
+  const std::time_t t = std::chrono::system_clock::to_time_t(now);
+  struct tm tm {};
+  ::gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string host_name() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof buf - 1) != 0) return "unknown";
+  return buf;
 }
 
 namespace {
@@ -163,6 +171,7 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
   // 0. The session's start (the xrdp hook exports CARDBRIDGE_START_ERROR when it failed).
   if (f.start_error) {
     Check c = make("start", "session start");
+    c.cause = "start-failed";
     const bool shim_anyway = f.socket_exists && f.status.has_value();
     if (shim_anyway) {
       c.result = CheckResult::kOk;
@@ -175,11 +184,28 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
     }
     add(std::move(c));
   }
-  // 1. The environment of this process.
-  {
+  // 1. The environment of this process (for `--user`: of that user's programs).
+  if (f.for_user) {
+    Check c = make("environment", "PCSCLITE_CSOCK_NAME");
+    const std::string who = log::printable(*f.for_user);
+    if (f.user_programs_with_socket > 0) {
+      c.result = CheckResult::kOk;
+      c.detail = fmt::format("{} of {}'s {} programs have PCSCLITE_CSOCK_NAME={}", f.user_programs_with_socket, who,
+                             f.user_programs, f.socket);
+    } else {
+      c.result = CheckResult::kWarn;
+      c.cause = "no-program-with-socket";
+      c.detail = fmt::format("none of {}'s {} programs has PCSCLITE_CSOCK_NAME={}", who, f.user_programs, f.socket);
+      c.advice = "programs started before CardBridge, or through a wrapper that drops the environment (sudo, su, "
+                 "env -i, setuid programs), use the server's own pcscd: have the user start the published "
+                 "application again from the session; check its launcher";
+    }
+    add(std::move(c));
+  } else {
     Check c = make("environment", "PCSCLITE_CSOCK_NAME");
     if (!f.csock_env || f.csock_env->empty()) {
       c.result = CheckResult::kFail;
+      c.cause = "not-set";
       c.detail = "PCSCLITE_CSOCK_NAME is not set in this process: PC/SC programs started like this one use "
                  "the server's own pcscd, not the desk's readers";
       c.advice = "start the published application from the user's session where CardBridge exports "
@@ -198,9 +224,13 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
     Check c = make("shim", "CardBridge shim");
     if (!f.socket_exists) {
       c.result = CheckResult::kFail;
-      c.detail = fmt::format("no socket at {}", f.socket);
+      c.detail = f.socket.empty() && f.for_user
+                     ? fmt::format("no CardBridge shim runs for {}", log::printable(*f.for_user))
+                     : fmt::format("no socket at {}", f.socket);
+      c.cause = "not-running";
       c.advice = "the session's shim is not running: run `cdrsession start` in the session (or check that "
-                 "the xrdp hook / systemd user unit is installed), then see its log in " + f.session.dir;
+                 "the session type is enabled: cdrsession enable xrdp|systemd), then see its log: "
+                 "journalctl -t cdrsession -t cardbridge-shim (without journald: the logs in " + f.session.dir + ")";
     } else if (!f.socket_is_socket) {
       c.result = CheckResult::kFail;
       c.detail = fmt::format("{} exists but is not a socket", f.socket);
@@ -212,6 +242,7 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
       c.result = CheckResult::kFail;
       c.detail = fmt::format("the shim does not answer on {}.ctl: {}", f.socket,
                              f.status_error ? f.status_error->text : "no answer");
+      c.cause = "not-answering";
       c.advice = "the shim is stuck or dead with a stale socket: run `cdrsession stop; cdrsession start`";
     } else {
       c.result = CheckResult::kOk;
@@ -226,6 +257,7 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
     const unsigned shim_uid = f.status ? f.status->value("uid", f.socket_owner) : f.socket_owner;
     if (foreign_socket || (f.status && shim_uid != f.uid)) {
       c.result = CheckResult::kFail;
+      c.cause = "another-users-shim";
       c.detail = fmt::format("the socket belongs to uid {}, this process runs as uid {}: it is another user's "
                              "shim, which refuses us",
                              foreign_socket ? f.socket_owner : shim_uid, f.uid);
@@ -245,6 +277,7 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
     Check c = make("channel", "desk link");
     if (!desk.value("connected", false)) {
       c.result = CheckResult::kFail;
+      c.cause = "no-desk";
       c.detail = fmt::format("no desk is connected ({}; session type {})", st.value("desk_link", "?"),
                              type_name(f.session.type));
       c.advice = "the RDP client must load the CardBridge add-in (xfreerdp /vc:cardbridge, installed in "
@@ -255,6 +288,7 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
                                 f.xrdp_ini);
         c.advice = "as root: `cdrsession enable xrdp` (adds CBRIDGE=true under [Channels] in xrdp.ini), then restart "
                    "xrdp; clients that use the dynamic channel (/dvc:cardbridge) do not need it";
+        c.cause = "xrdp-channel-not-allowed";
       }
     } else {
       c.result = CheckResult::kOk;
@@ -271,12 +305,34 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
     }
     add(std::move(c));
   }
-  // 5. Readers, 6. a card, 7. which card.
+  // 5. The desk's own PC/SC service (capability desk-service): without it the desk has no
+  // reader to show, and plugging one in would not help.
+  {
+    Check c = make("desk-pcsc", "desk PC/SC service");
+    const std::string service = desk.value("pcsc_service", "ok");
+    if (desk.value("capabilities", "").find("desk-service") == std::string::npos) {
+      c.result = CheckResult::kOk;
+      c.detail = "not reported by this desk (a CardBridge desk without the desk-service capability)";
+    } else if (service == "ok") {
+      c.result = CheckResult::kOk;
+      c.detail = "the desk's pcscd answers";
+    } else {
+      c.result = CheckResult::kFail;
+      c.cause = "desk-no-pcsc-service";
+      c.detail = fmt::format("the desk's PC/SC service is not running: the desk gets {} from its own pcscd",
+                             log::printable(service));
+      c.advice = "at the desk: install and start pcscd (apt install pcscd; systemctl enable --now pcscd.socket) and "
+                 "the reader's driver (libccid); the readers then appear by themselves";
+    }
+    add(std::move(c));
+  }
+  // 6. Readers, 7. a card, 8. which card.
   const auto readers = st.value("readers", nlohmann::json::array());
   {
     Check c = make("readers", "readers");
     if (readers.empty()) {
       c.result = CheckResult::kFail;
+      c.cause = "no-reader";
       c.detail = "the desk shows no reader";
       c.advice = "plug the reader in at the desk and check it there (pcsc_scan); a reader filter in the "
                  "add-in options (readers:...) may hide it";
@@ -290,21 +346,36 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
   }
   nlohmann::json cards = nlohmann::json::array();
   bool professional = false;
+  bool patient = false;  // only patient (Vitale) cards
   std::string card_text;
   for (const auto& rd : readers) {
     if (!rd.value("card_present", false)) continue;
     auto atr = from_hex(rd.value("atr", "")).value_or(std::vector<uint8_t>{});
     auto id = identify_atr(atr);
     professional = professional || id.professional;
-    cards.push_back({{"reader", rd.value("name", "")}, {"atr", rd.value("atr", "")}, {"kind", kind_name(id.kind)},
-                     {"label", id.label}, {"professional", id.professional}});
-    card_text += fmt::format("{}{} in '{}' (ATR {})", card_text.empty() ? "" : "; ", id.label,
+    if (id.professional) patient = false;
+    if (id.kind == CardKind::kVitale1 || id.kind == CardKind::kVitale2) patient = patient || !professional;
+    nlohmann::json card = {{"reader", rd.value("name", "")}, {"atr", rd.value("atr", "")}, {"kind", kind_name(id.kind)},
+                           {"label", id.label}, {"professional", id.professional}};
+    std::string label = id.label;
+    if (id.kind == CardKind::kUnknown) {
+      // Named from pcsc-tools' list when it knows the ATR.
+      if (auto it = f.atr_list.find(rd.value("atr", "")); it != f.atr_list.end() && !it->second.empty()) {
+        label = it->second.front();
+        card["label"] = label;
+        card["atr_list"] = it->second;
+        label += " (pcsc-tools' ATR list)";
+      }
+    }
+    cards.push_back(std::move(card));
+    card_text += fmt::format("{}{} in '{}' (ATR {})", card_text.empty() ? "" : "; ", log::printable(label),
                              log::printable(rd.value("name", "")), rd.value("atr", ""));
   }
   {
     Check c = make("card", "card");
     if (cards.empty()) {
       c.result = CheckResult::kFail;
+      c.cause = "no-card";
       c.detail = "no card in any reader";
       c.advice = "insert the CPS/CPE card at the desk";
     } else {
@@ -317,6 +388,7 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
     Check c = make("card-type", "card type");
     if (!professional) {
       c.result = CheckResult::kWarn;
+      c.cause = patient ? "patient-card" : "unknown-card";
       c.detail = "no CPx card (CPS3, CPS4, CPS2ter, CPE/CPF) recognised: " + card_text;
       c.advice = "CDR needs the staff member's CPx card; a Vitale card is the patient's";
     } else {
@@ -330,6 +402,7 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
     Check c = make("latency", "round trip");
     if (!f.ping || f.ping->contains("error")) {
       c.result = CheckResult::kWarn;
+      c.cause = "not-measured";
       c.detail = f.ping ? f.ping->value("error", "") : "not measured";
       c.advice = "could not measure the desk round trip";
     } else {
@@ -339,6 +412,7 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
                              f.ping->value("count", 0));
       if (med > t.slow_median_ms || p99 > t.slow_p99_ms) {
         c.result = CheckResult::kWarn;
+        c.cause = "slow-link";
         c.advice = fmt::format("slow link (thresholds: median {:.0f} ms, p99 {:.0f} ms): a CPS login costs about "
                                "10 round trips; check the WAN path between server and desk",
                                t.slow_median_ms, t.slow_p99_ms);
@@ -369,7 +443,7 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
   const bool failed = std::any_of(r.checks.begin(), r.checks.end(),
                                   [](const Check& c) { return c.result == CheckResult::kFail; });
   r.verdict = failed ? "broken" : r.first_problem.empty() ? "healthy" : "degraded";
-  r.exit_code = exit_code_for(r.first_problem);
+  r.exit_code = failed ? kExitCritical : r.first_problem.empty() ? kExitOk : kExitWarning;
   r.details = {{"desk", desk}, {"readers", readers}, {"cards", cards}, {"latency", f.ping ? *f.ping : nullptr}};
   if (f.pkcs11) {
     nlohmann::json slots = nlohmann::json::array();
@@ -384,8 +458,10 @@ DoctorReport evaluate(const DoctorFacts& f, const DoctorThresholds& t) {
 }
 
 std::string render_text(const DoctorReport& r, const DoctorFacts& f) {
-  std::string out = fmt::format("CardBridge doctor: session '{}' ({}), uid {}\n", f.session.key,
-                                type_name(f.session.type), f.uid);
+  std::string out = f.for_user ? fmt::format("CardBridge doctor: user {}, session '{}' ({}), uid {}\n",
+                                             log::printable(*f.for_user), f.session.key, type_name(f.session.type), f.uid)
+                               : fmt::format("CardBridge doctor: session '{}' ({}), uid {}\n", f.session.key,
+                                             type_name(f.session.type), f.uid);
   for (const auto& c : r.checks) {
     out += fmt::format("  [{}] {:<12} {}\n", mark(c.result), c.id, c.detail);
   }
@@ -403,9 +479,10 @@ nlohmann::json render_json(const DoctorReport& r, const DoctorFacts& f) {
   nlohmann::json checks = nlohmann::json::array();
   for (const auto& c : r.checks) {
     checks.push_back({{"id", c.id}, {"title", c.title}, {"result", result_name(c.result)}, {"detail", c.detail},
-                      {"advice", c.advice}});
+                      {"advice", c.advice}, {"cause", c.cause.empty() ? nlohmann::json(nullptr) : nlohmann::json(c.cause)}});
   }
-  return {{"verdict", r.verdict},
+  nlohmann::json doc = json_head(f.host, f.timestamp);
+  doc.update(nlohmann::json{{"verdict", r.verdict},
           {"first_problem", r.first_problem.empty() ? nlohmann::json(nullptr) : nlohmann::json(r.first_problem)},
           {"exit_code", r.exit_code},
           {"session", {{"type", type_name(f.session.type)}, {"key", f.session.key}, {"uid", f.uid},
@@ -415,7 +492,9 @@ nlohmann::json render_json(const DoctorReport& r, const DoctorFacts& f) {
           {"readers", r.details["readers"]},
           {"cards", r.details["cards"]},
           {"latency", r.details["latency"]},
-          {"pkcs11", r.details.value("pkcs11", nlohmann::json(nullptr))}};
+          {"pkcs11", r.details.value("pkcs11", nlohmann::json(nullptr))}});
+  if (f.for_user) doc["user"] = *f.for_user;
+  return doc;
 }
 
 bool xrdp_ini_allows_channel(const std::string& text) {
@@ -445,22 +524,11 @@ bool xrdp_ini_allows_channel(const std::string& text) {
   return allowed;
 }
 
-DoctorFacts gather(const std::optional<std::string>& socket_override, int pings,
-                   const std::optional<std::string>& pkcs11_module, const std::string& self) {
-  DoctorFacts f;
-  f.uid = ::geteuid();
-  f.session = detect(process_env(), file_exists(), f.uid);
-  if (const char* e = std::getenv("CARDBRIDGE_START_ERROR"); e && *e) f.start_error = e;
-  if (f.session.type == SessionType::kXrdp) {
-    std::ifstream ini(f.xrdp_ini);
-    if (ini) {
-      std::stringstream text;
-      text << ini.rdbuf();
-      f.xrdp_channel_allowed = xrdp_ini_allows_channel(text.str());
-    }
-  }
-  if (const char* v = std::getenv("PCSCLITE_CSOCK_NAME")) f.csock_env = v;
-  f.socket = socket_override ? *socket_override : (f.csock_env && !f.csock_env->empty() ? *f.csock_env : f.session.socket);
+namespace {
+
+// Socket, status and latency of the shim on f.socket, as seen by this process (root may ask
+// any user's shim: the control socket admits root).
+void probe_socket(DoctorFacts& f, int pings) {
   struct stat st {};
   if (::stat(f.socket.c_str(), &st) == 0) {
     f.socket_exists = true;
@@ -493,7 +561,77 @@ DoctorFacts gather(const std::optional<std::string>& socket_override, int pings,
       f.ping = p ? *p : nlohmann::json{{"error", p.error().text}};
     }
   }
+}
+
+// The names pcsc-tools' list gives the cards our table does not know.
+void name_unknown_cards(DoctorFacts& f, const std::string& atr_list) {
+  if (!f.status) return;
+  for (const auto& rd : f.status->value("readers", nlohmann::json::array())) {
+    if (!rd.value("card_present", false)) continue;
+    const std::string hex = rd.value("atr", "");
+    auto atr = from_hex(hex).value_or(std::vector<uint8_t>{});
+    if (atr.empty() || identify_atr(atr).kind != CardKind::kUnknown || f.atr_list.contains(hex)) continue;
+    auto names = describe_from_atr_list(atr, atr_list);
+    if (!names.empty()) f.atr_list[hex] = std::move(names);
+  }
+}
+
+void read_xrdp_ini(DoctorFacts& f) {
+  if (f.session.type != SessionType::kXrdp) return;
+  std::ifstream ini(f.xrdp_ini);
+  if (!ini) return;
+  std::stringstream text;
+  text << ini.rdbuf();
+  f.xrdp_channel_allowed = xrdp_ini_allows_channel(text.str());
+}
+
+}  // namespace
+
+DoctorFacts gather(const std::optional<std::string>& socket_override, int pings,
+                   const std::optional<std::string>& pkcs11_module, const std::string& self,
+                   const std::string& atr_list) {
+  DoctorFacts f;
+  f.host = host_name();
+  f.timestamp = utc_timestamp();
+  f.uid = ::geteuid();
+  f.session = detect(process_env(), file_exists(), f.uid);
+  if (const char* e = std::getenv("CARDBRIDGE_START_ERROR"); e && *e) f.start_error = e;
+  read_xrdp_ini(f);
+  if (const char* v = std::getenv("PCSCLITE_CSOCK_NAME")) f.csock_env = v;
+  f.socket = socket_override ? *socket_override : (f.csock_env && !f.csock_env->empty() ? *f.csock_env : f.session.socket);
+  probe_socket(f, pings);
+  name_unknown_cards(f, atr_list);
   if (pkcs11_module) f.pkcs11 = probe_pkcs11(self, *pkcs11_module, f.socket, std::chrono::seconds(60));
+  return f;
+}
+
+DoctorFacts gather_for_user(const std::string& user, unsigned uid, const RunningShim& shim, int pings,
+                            const std::optional<std::string>& pkcs11_module, const std::string& self,
+                            const std::string& atr_list) {
+  DoctorFacts f;
+  f.host = host_name();
+  f.timestamp = utc_timestamp();
+  f.for_user = user;
+  f.uid = uid;
+  f.socket = shim.socket;
+  f.session.key = shim.session;
+  f.session.dir = std::filesystem::path(shim.socket).parent_path().string();
+  f.session.socket = shim.socket;
+  f.session.control = shim.control;
+  const auto programs = programs_of(uid, shim.socket);
+  f.user_programs = programs.examined;
+  f.user_programs_with_socket = programs.with_socket;
+  if (!programs.start_errors.empty()) f.start_error = programs.start_errors.front();
+  probe_socket(f, pings);
+  // The session's kind, from the shim's desk link.
+  const std::string link = f.status ? f.status->value("desk_link", "") : "";
+  f.session.type = link.starts_with("xrdp")   ? SessionType::kXrdp
+                   : link.starts_with("tls:") ? SessionType::kTlsDesk
+                   : link.starts_with("unix:") ? SessionType::kFreerdpHost
+                                               : SessionType::kNone;
+  read_xrdp_ini(f);
+  name_unknown_cards(f, atr_list);
+  if (pkcs11_module) f.pkcs11 = probe_pkcs11(self, *pkcs11_module, f.socket, std::chrono::seconds(60), uid);
   return f;
 }
 

@@ -2,7 +2,9 @@
 
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
+#include <pwd.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -130,7 +132,7 @@ Pkcs11Facts parse_pkcs11_probe(const std::string& module, const nlohmann::json& 
 }
 
 Pkcs11Facts probe_pkcs11(const std::string& self, const std::string& module, const std::string& socket,
-                         std::chrono::seconds timeout) {
+                         std::chrono::seconds timeout, std::optional<unsigned> as_uid) {
   Pkcs11Facts f;
   f.module = module;
   struct stat st {};
@@ -153,6 +155,17 @@ Pkcs11Facts probe_pkcs11(const std::string& self, const std::string& module, con
     int null = ::open("/dev/null", O_RDWR);
     if (null >= 0) ::dup2(null, 0);
     ::setenv("PCSCLITE_CSOCK_NAME", socket.c_str(), 1);
+    if (as_uid) {
+      // Become the user (groups, gid, uid: in that order), with the user's HOME (the module
+      // may keep a cache there).
+      passwd* pw = ::getpwuid(static_cast<uid_t>(*as_uid));
+      if (!pw || ::initgroups(pw->pw_name, pw->pw_gid) != 0 || ::setgid(pw->pw_gid) != 0 ||
+          ::setuid(pw->pw_uid) != 0 || ::setuid(0) == 0)
+        ::_exit(126);
+      ::setenv("HOME", pw->pw_dir, 1);
+      ::setenv("USER", pw->pw_name, 1);
+      ::setenv("LOGNAME", pw->pw_name, 1);
+    }
     ::execl(self.c_str(), self.c_str(), "pkcs11-probe", "--module", module.c_str(), static_cast<char*>(nullptr));
     ::_exit(127);
   }

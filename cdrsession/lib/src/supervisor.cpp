@@ -15,6 +15,7 @@
 #include <fstream>
 #include <thread>
 
+#include "cardbridge/journal/journal.hpp"
 #include "cardbridge/support/log.hpp"
 
 namespace cardbridge::session {
@@ -36,10 +37,15 @@ pid_t spawn(const SupervisorOptions& o) {
   sigset_t none;
   sigemptyset(&none);
   ::sigprocmask(SIG_SETMASK, &none, nullptr);
-  if (!o.log_file.empty()) {
+  if (o.journal_fd >= 0) {
+    ::dup2(o.journal_fd, 2);
+    ::setenv("JOURNAL_STREAM", journal::stream_variable(2).c_str(), 1);
+  } else if (!o.log_file.empty()) {
     int fd = ::open(o.log_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (fd >= 0) ::dup2(fd, 2);
+    ::unsetenv("JOURNAL_STREAM");  // stderr is that file now, whatever the parent's was
   }
+  for (const auto& [k, v] : o.env) ::setenv(k.c_str(), v.c_str(), 1);
   std::vector<char*> argv;
   argv.push_back(const_cast<char*>(o.shim.c_str()));
   for (const auto& a : o.shim_args) argv.push_back(const_cast<char*>(a.c_str()));

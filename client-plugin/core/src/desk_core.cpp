@@ -21,6 +21,9 @@ namespace {
 
 log::Channel logger{"cardbridge.desk"};
 
+// Room for a reader's feature list: 6 bytes per feature, some twenty features defined.
+constexpr uint32_t kFeatureAnswerCapacity = 256;
+
 pr::LinkSettings link_settings(const DeskConfig& c) {
   pr::LinkSettings s;
   s.role = pr::Role::kDesk;
@@ -52,6 +55,7 @@ struct DeskCore::Task {
     kRelease,       // the server's ReleaseContext
     kPrelude,       // a Transmit's prelude (card image): one of the SELECTs before the command
     kImageCheck,    // a Connect with kWantImage: the card's update marker read again
+    kFeatures,      // CM_IOCTL_GET_FEATURE_REQUEST, asked before a PIN-pad control code (policy)
   };
   uint32_t id = 0;
   pr::Request req;
@@ -173,19 +177,48 @@ void DeskCore::session_started(const pr::PeerSession& peer, TimePoint) {
   logger->info("audit: server connected: declared-name='{}' software='{}' identity='{}'", log::printable(peer.name),
                log::printable(peer.software), peer.verified.describe());
   ++stats_.sessions;
+  DeskAudit a;
+  a.kind = DeskAudit::Kind::kServerConnected;
+  a.server = server_name_;
+  fx_.audit(a);
+  send_snapshot();
+}
+
+// The snapshot as this session may see it: the service status only with desk-service.
+void DeskCore::send_snapshot() {
   ++stats_.snapshots_sent;
+  if (snapshot_.service_rv != 0 && !link_.uses(pr::caps::kDeskService)) {
+    pr::ReaderSnapshot plain = snapshot_;
+    plain.service_rv = 0;
+    link_.snapshot(plain);
+    return;
+  }
   link_.snapshot(snapshot_);
 }
 
 void DeskCore::session_ended(const std::string& reason, TimePoint) {
   logger->info("server session ended: {}", reason);
+  DeskAudit a;
+  a.kind = DeskAudit::Kind::kServerDisconnected;
+  a.server = server_name_;
+  a.reason = reason;
+  fx_.audit(a);
   retire_all();
   publish_busy();
 }
 
-void DeskCore::readers(std::vector<pr::ReaderInfo> readers, TimePoint now) {
+void DeskCore::readers(std::vector<pr::ReaderInfo> readers, TimePoint now, uint32_t service_rv) {
   now_ = now;
-  if (readers == monitor_readers_) return;
+  if (readers == monitor_readers_ && service_rv == snapshot_.service_rv) return;
+  const bool service_changed = service_rv != snapshot_.service_rv;
+  if (service_changed) {
+    if (service_rv != 0) {
+      logger->warn("the desk's PC/SC service fails ({}): no reader to show", sc::rv_text(service_rv));
+    } else {
+      logger->info("the desk's PC/SC service answers again");
+    }
+    snapshot_.service_rv = service_rv;
+  }
   for (const auto& r : readers) {
     const bool present = (r.state & sc::kStatePresent) != 0;
     images_->card_event(r.name, present ? r.event_count : 0xFFFFFFFFu);
@@ -207,23 +240,22 @@ void DeskCore::readers(std::vector<pr::ReaderInfo> readers, TimePoint now) {
       logger->debug("reader '{}': {} ATR {} bytes", log::printable(r.name), sc::state_text(r.state), r.atr.size());
     }
   }
-  publish_readers();
+  publish_readers(service_changed);
   consider_imaging();
 }
 
-void DeskCore::publish_readers() {
+void DeskCore::publish_readers(bool service_changed) {
   auto readers = monitor_readers_;
   if (config_.card_image) {
     for (auto& r : readers) {
       if (r.state & sc::kStatePresent) r.image = images_->state(r.name, r.event_count);
     }
   }
-  if (readers == snapshot_.readers) return;
+  if (readers == snapshot_.readers && !service_changed) return;
   snapshot_.readers = std::move(readers);
   ++snapshot_.sequence;
   if (!link_.established()) return;
-  ++stats_.snapshots_sent;
-  link_.snapshot(snapshot_);
+  send_snapshot();
 }
 
 void DeskCore::shutdown(TimePoint now) {
@@ -304,9 +336,17 @@ bool DeskCore::ordered(const Task& task) const {
 
 void DeskCore::task_done(uint32_t id) {
   if (!unfinished_.erase(id)) return;
-  // Requests of other lanes may have been waiting for this one.
-  for (auto& [lid, lane] : lanes_) {
-    if (!lane->running && !lane->in_call && !lane->queue.empty()) pump(*lane);
+  // Requests of other lanes may have been waiting for this one. Pumping one can finish and
+  // close lanes (a ReleaseContext of a lane without a PC/SC context is answered at once):
+  // walk a copy of the ids, not the map (found by fuzz_desk_core: a use after free).
+  std::vector<LaneId> ids;
+  ids.reserve(lanes_.size());
+  for (const auto& [lid, lane] : lanes_) ids.push_back(lid);
+  for (LaneId lid : ids) {
+    auto it = lanes_.find(lid);
+    if (it == lanes_.end()) continue;
+    Lane& lane = *it->second;
+    if (!lane.running && !lane.in_call && !lane.queue.empty()) pump(lane);
   }
 }
 
@@ -336,6 +376,14 @@ std::optional<ScardHandle> DeskCore::card_of(const Lane& lane, pr::DeskHandle h)
   return it->second.card;
 }
 
+void DeskCore::audit_control_refused(uint32_t code) {
+  DeskAudit a;
+  a.kind = DeskAudit::Kind::kControlRefused;
+  a.server = server_name_;
+  a.code = code;
+  fx_.audit(a);
+}
+
 void DeskCore::start(Lane& lane, Task& task) {
   const pr::Request& q = task.req;
   if (q.op == pr::Op::kReleaseContext) {
@@ -357,7 +405,11 @@ void DeskCore::start(Lane& lane, Task& task) {
     }
     task.card = *card;
   }
-  if ((q.flags & pr::request_flags::kBeginFirst) && link_.uses(pr::caps::kDeferredBegin) && !task.begun) {
+  // (A Connect has no card to lock yet: a deferred Begin on it is a server's error, ignored;
+  // the card handle would be 0.) |begun|: start() runs again after the Begin, after the
+  // reader's feature list (kFeatures) and after each prelude command; the lock is taken once.
+  if ((q.flags & pr::request_flags::kBeginFirst) && q.op != pr::Op::kConnect &&
+      link_.uses(pr::caps::kDeferredBegin) && !task.begun) {
     // A BeginTransaction the shim answered early: take the lock now, or report why not.
     task.step = Task::Step::kBegin;
     return execute(lane, call::Begin{task.card});
@@ -367,6 +419,11 @@ void DeskCore::start(Lane& lane, Task& task) {
   switch (q.op) {
     case pr::Op::kConnect:
       if (!config_.policy.reader_allowed(q.reader)) {
+        DeskAudit a;
+        a.kind = DeskAudit::Kind::kReaderRefused;
+        a.server = server_name_;
+        a.reader = q.reader;
+        fx_.audit(a);
         refused.rv = sc::kEUnknownReader;
         return finish(lane, refused);
       }
@@ -387,16 +444,35 @@ void DeskCore::start(Lane& lane, Task& task) {
                                             kSpeculativeCapacity});
       }
       return execute(lane, call::Transmit{task.card, q.protocols, q.data, q.recv_protocol, q.recv_length});
-    case pr::Op::kControl:
-      if (!config_.policy.control_allowed(q.code)) {
-        logger->info("control code 0x{:08X} refused by policy", q.code);
-        refused.rv = sc::kEUnsupportedFeature;
-        return finish(lane, refused);
+    case pr::Op::kControl: {
+      const auto h = handles_.find(q.handle.value);
+      const auto* announced = h != handles_.end() && h->second.features ? &*h->second.features : nullptr;
+      switch (config_.policy.control_verdict(q.code, announced)) {
+        case ControlVerdict::kAllowed:
+          return execute(lane, call::Control{task.card, q.code, q.data, q.recv_length});
+        case ControlVerdict::kNeedsFeatures:
+          // Is it one of the PIN-pad codes this reader announces? Ask the reader once per
+          // handle (the answer is the reader's, constant while the handle lives).
+          task.step = Task::Step::kFeatures;
+          return execute(lane, call::Control{task.card, kGetFeatureRequest, {}, kFeatureAnswerCapacity});
+        case ControlVerdict::kRefused:
+          break;
       }
-      return execute(lane, call::Control{task.card, q.code, q.data, q.recv_length});
+      logger->info("control code 0x{:08X} refused by policy (allowed: {}; --allow-control)", q.code,
+                   Policy::describe(config_.policy.control_allow));
+      audit_control_refused(q.code);
+      refused.rv = sc::kEUnsupportedFeature;
+      return finish(lane, refused);
+    }
     case pr::Op::kGetAttrib:
       return execute(lane, call::GetAttrib{task.card, q.code, q.recv_length});
     case pr::Op::kSetAttrib:
+      if (!config_.policy.set_attrib_allowed(q.code)) {
+        logger->info("SCardSetAttrib of attribute 0x{:08X} refused by policy (allowed: {}; --allow-set-attrib)", q.code,
+                     Policy::describe(config_.policy.set_attrib_allow));
+        refused.rv = sc::kEUnsupportedFeature;
+        return finish(lane, refused);
+      }
       return execute(lane, call::SetAttrib{task.card, q.code, q.data});
     case pr::Op::kStatus:
       return execute(lane, call::Status{task.card});
@@ -464,7 +540,10 @@ void DeskCore::advance(Lane& lane, Task& task, CallResult r) {
       return;
     }
     case Task::Step::kReestablish:
-      if (task.reestablish == 1) {  // the dead context is gone
+      if (task.reestablish == 1) {  // the dead context is gone, and its card handles with it
+        for (auto h = handles_.begin(); h != handles_.end();) {
+          h = h->second.lane == lane.id ? handles_.erase(h) : std::next(h);
+        }
         lane.ctx.reset();
         task.reestablish = 2;
         return execute(lane, call::Establish{});
@@ -482,8 +561,17 @@ void DeskCore::advance(Lane& lane, Task& task, CallResult r) {
         if (q.op == pr::Op::kReconnect && (q.disposition == sc::kResetCard || q.disposition == sc::kUnpowerCard)) {
           if (auto h = handles_.find(q.handle.value); h != handles_.end()) card_reset_seen(h->second.reader);
         }
-        if (q.op == pr::Op::kConnect && (q.flags & pr::request_flags::kWantImage) && start_image_check(lane, task))
-          return;
+      }
+      if (q.op == pr::Op::kConnect) {
+        // Audited before any image check (the card is connected either way).
+        DeskAudit a;
+        a.kind = DeskAudit::Kind::kCardConnected;
+        a.server = server_name_;
+        a.reader = q.reader;
+        a.atr = task.reply.atr;
+        a.share_mode = q.share_mode;
+        fx_.audit(a);
+        if (r.rv == sc::kSuccess && (q.flags & pr::request_flags::kWantImage) && start_image_check(lane, task)) return;
       }
       return finish(lane, std::move(task.reply));
     case Task::Step::kPrelude: {
@@ -563,6 +651,17 @@ void DeskCore::advance(Lane& lane, Task& task, CallResult r) {
     case Task::Step::kSpeculate:
       if (!speculate(lane, task, &r)) finish(lane, std::move(task.reply));
       return;
+    case Task::Step::kFeatures: {
+      // A reader without features (or one that fails the request) announces none: its
+      // PIN-pad codes are then refused like any code not on the allow-list.
+      auto h = handles_.find(q.handle.value);
+      if (h != handles_.end()) {
+        h->second.features = r.rv == sc::kSuccess
+                                 ? feature::parse_features(std::span<const uint8_t>(r.data).first(std::min<std::size_t>(r.length, r.data.size())))
+                                 : std::vector<ReaderFeature>{};
+      }
+      return start(lane, task);  // decided again, with the list known
+    }
     case Task::Step::kOperation:
       break;
   }

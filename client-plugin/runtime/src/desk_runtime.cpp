@@ -11,6 +11,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "cardbridge/journal/audit.hpp"
+#include "cardbridge/support/hex.hpp"
 #include "cardbridge/support/log.hpp"
 
 namespace cardbridge::client {
@@ -31,11 +33,13 @@ constexpr int kSendTimeoutSeconds = 10;
 DeskRuntime::DeskRuntime(CardApi& api, DeskConfig config, Io io)
     : api_(api),
       io_(std::move(io)),
+      desk_name_(config.desk_name),
+      link_(config.link),
       core_(*this, with_process_images(config)),
-      monitor_(api, config.policy, [this](std::vector<protocol::ReaderInfo> readers) {
+      monitor_(api, config.policy, [this](std::vector<protocol::ReaderInfo> readers, uint32_t service_rv) {
         Lock lock(mu_);
         if (stopped_) return;
-        core_.readers(std::move(readers), now());
+        core_.readers(std::move(readers), now(), service_rv);
         after_event();
         wake_pool(lock);
       }) {}
@@ -361,6 +365,24 @@ std::string DeskRuntime::server_name() const {
 DeskStats DeskRuntime::stats() const {
   Lock lock(mu_);
   return core_.stats();
+}
+
+// The core's event with who runs the desk: a journald entry at the desk (or syslog), and a
+// log line (the add-in's WLog, the agent's journal or stderr).
+void DeskRuntime::audit(const DeskAudit& e) {
+  const unsigned uid = ::geteuid();
+  audit::Event ev(e.event_name(), e.text());
+  ev.with("USER", audit::user_name(uid))
+      .with("UID", std::to_string(uid))
+      .with("DESK", log::printable(desk_name_))
+      .with("DESK_LINK", link_)
+      .with("SERVER", log::printable(e.server))
+      .with("READER", log::printable(e.reader))
+      .with("ATR", to_hex(e.atr, false))
+      .with("CONTROL_CODE", e.kind == DeskAudit::Kind::kControlRefused ? fmt::format("0x{:08X}", e.code) : "")
+      .with("REASON", e.reason);
+  audit::emit(ev);
+  logger->info("audit: {}", e.text());
 }
 
 protocol::ReaderSnapshot DeskRuntime::current_readers() const {

@@ -108,7 +108,7 @@ void ReaderMonitor::run() {
         if (rv != sc::kSuccess) {
           if (!warned) logger->warn("desk PC/SC service unavailable ({}); retrying", sc::rv_text(rv));
           warned = true;
-          publish_({});
+          publish_({}, rv);
           if (!pause(1000ms)) break;
           continue;
         }
@@ -148,7 +148,7 @@ void ReaderMonitor::run() {
             readers.push_back(std::move(info));
           }
           pnp_state = states.back().event_state & ~sc::kStateChanged;
-          publish_(std::move(readers));
+          publish_(std::move(readers), 0);
           continue;
         }
       }
@@ -157,7 +157,7 @@ void ReaderMonitor::run() {
       // The desk's pcscd went away (NO_SERVICE, COMM_ERROR, ...): readers vanish; retry.
       logger->warn("desk PC/SC service lost ({}); readers hidden until it is back", sc::rv_text(rv));
       drop_context();
-      publish_({});
+      publish_({}, rv);
       if (!pause(500ms)) break;
     } catch (...) {
       // A failing CardApi must not end the monitor (or, escaping the thread, the process):

@@ -48,6 +48,15 @@ std::shared_ptr<spdlog::logger> get(const std::string& name) {
   return logger;
 }
 
+void set_sink(spdlog::sink_ptr sink) {
+  std::lock_guard lock(g_mutex);
+  g_sink = std::move(sink);
+  spdlog::apply_all([](const std::shared_ptr<spdlog::logger>& l) {
+    l->sinks().clear();
+    l->sinks().push_back(g_sink);
+  });
+}
+
 spdlog::logger& Channel::resolve() const {
   if (auto* l = cached_.load(std::memory_order_acquire)) return *l;
   auto* l = get(name_).get();  // registered: lives as long as the process

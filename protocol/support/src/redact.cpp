@@ -1,11 +1,15 @@
 #include "cardbridge/support/redact.hpp"
 
+#include <atomic>
+
 #include <fmt/format.h>
 
 #include "cardbridge/support/hex.hpp"
 
 namespace cardbridge::redact {
 namespace {
+
+std::atomic<bool> g_card_data{false};
 
 struct ParsedCommand {
   bool has_header = false;
@@ -96,10 +100,15 @@ bool apdu_carries_pin(std::span<const uint8_t> command) {
   }
 }
 
+void set_card_data_logging(bool on) { g_card_data.store(on, std::memory_order_relaxed); }
+bool card_data_logging() { return g_card_data.load(std::memory_order_relaxed); }
+
 std::string command(std::span<const uint8_t> apdu) {
   auto p = parse(apdu);
   if (!p.has_header) return fmt::format("<{} bytes, no APDU header>", apdu.size());
   std::string out = fmt::format("{:02X} {:02X} {:02X} {:02X}", p.cla, p.ins, p.p1, p.p2);
+  // A PIN's length is a secret too: nothing after the header but the fact that data followed.
+  if (apdu_carries_pin(apdu)) return apdu.size() > 4 ? out + " <PIN redacted>" : out;
   if (p.lc == 0) {
     if (apdu.size() > 4) out += fmt::format(" Le");
     return out;
@@ -120,7 +129,7 @@ std::string response(std::span<const uint8_t> command_apdu, std::span<const uint
   if (data.empty()) return out;
   // GET RESPONSE continues the previous command, which may have been a secret one (the
   // deciphered key of a PSO: DECIPHER arrives that way under T=0): never show its data.
-  if (apdu_body_loggable(command_apdu) && command_apdu[1] != 0xC0) {
+  if (card_data_logging() && apdu_body_loggable(command_apdu) && command_apdu[1] != 0xC0) {
     out += fmt::format(" [{}]", to_hex(data));
   } else {
     out += fmt::format(" <{} bytes redacted>", data.size());
@@ -129,7 +138,7 @@ std::string response(std::span<const uint8_t> command_apdu, std::span<const uint
 }
 
 std::string control(uint32_t code, std::span<const uint8_t> buffer) {
-  return fmt::format("ctl 0x{:08X} <{} bytes redacted>", code, buffer.size());
+  return buffer.empty() ? fmt::format("ctl 0x{:08X}", code) : fmt::format("ctl 0x{:08X} <buffer redacted>", code);
 }
 
 }  // namespace cardbridge::redact

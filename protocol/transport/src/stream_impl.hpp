@@ -72,15 +72,27 @@ void BasicByteStream<S>::do_write() {
 template <typename S>
 void BasicByteStream<S>::close(const std::string& reason) {
   if (!open_) return;
-  // Handlers stay alive (we may be inside one of them) but never run again: every
-  // completion checks open_. close() is the owner's decision, so no close callback.
+  // The handlers never run again (every completion checks open_; close() is the owner's
+  // decision, so no close callback) and are released: they usually hold their owner, which
+  // holds this stream, and kept alive they would keep both (and the read buffer) for ever.
+  // We may be inside one of them, so they are destroyed from the io_context, after the
+  // current handler has returned (or with the io_context, if it never runs again).
   open_ = false;
   boost::system::error_code ignored;
   socket_.lowest_layer().shutdown(asio::socket_base::shutdown_both, ignored);
   socket_.lowest_layer().close(ignored);
   writes_.clear();
   queued_bytes_ = 0;
+  release_handlers();
   (void)reason;
+}
+
+template <typename S>
+void BasicByteStream<S>::release_handlers() {
+  if (!on_data_ && !on_close_) return;
+  asio::post(socket_.get_executor(), [data = std::move(on_data_), closed = std::move(on_close_)] {});
+  on_data_ = nullptr;
+  on_close_ = nullptr;
 }
 
 template <typename S>
@@ -102,9 +114,11 @@ void BasicByteStream<S>::finish(const std::string& reason) {
   socket_.lowest_layer().close(ignored);
   writes_.clear();
   queued_bytes_ = 0;
+  // The close handler runs (from a local: it may drop its owner and with it this stream's
+  // last outside reference); the data handler is released as close() does.
   auto cb = std::move(on_close_);
-  on_data_ = nullptr;
   on_close_ = nullptr;
+  release_handlers();
   if (cb) cb(reason);
 }
 

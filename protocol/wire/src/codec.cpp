@@ -1,12 +1,14 @@
 #include "cardbridge/protocol/codec.hpp"
 
 #include <algorithm>
+#include <optional>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include "cardbridge/protocol/framing.hpp"
 #include "cardbridge/support/log.hpp"
+#include "cardbridge/support/redact.hpp"
 #include "cardbridge/v1/cardbridge.pb.h"
 
 namespace cardbridge::protocol {
@@ -52,6 +54,7 @@ void fill(pb::Hello& out, const Hello& h) {
 
 void fill(pb::ReaderSnapshot& out, const ReaderSnapshot& s) {
   out.set_sequence(s.sequence);
+  out.set_service_rv(s.service_rv);
   for (const auto& r : s.readers) {
     auto* pr = out.add_readers();
     pr->set_name(r.name);
@@ -154,6 +157,7 @@ R from(const pb::ReaderSnapshot& s) {
     return unexpected(bad("reader snapshot: too many readers"));
   ReaderSnapshot out;
   out.sequence = s.sequence();
+  out.service_rv = s.service_rv();
   for (const auto& r : s.readers()) {
     if (r.name().empty() || !name_ok(r.name()))
       return unexpected(bad("reader snapshot: bad reader name"));
@@ -276,6 +280,111 @@ R from(const pb::Reply& r) {
   return Body{std::move(out)};
 }
 
+// ---- bounds on repeated fields, before parsing ----
+//
+// The protobuf parser allocates one element per occurrence of a repeated field before
+// from() can count them: an empty ReaderInfo costs 2 bytes on the wire and ~100 bytes
+// parsed, so a 512 KiB frame of them would be ~25 MiB before being refused. This scan
+// walks the wire format (tags and lengths only, nothing allocated) and counts the
+// repeated fields of the bodies we decode, across every occurrence of a body (protobuf
+// merges repeated occurrences of a message field): ReaderSnapshot.readers, Reply.prefetched
+// and Request.after (packed or not). Anything it cannot walk is refused as the parser would.
+
+class WireScanner {
+ public:
+  explicit WireScanner(std::span<const uint8_t> bytes) : b_(bytes) {}
+  bool done() const { return pos_ >= b_.size(); }
+
+  bool varint(uint64_t& v) {
+    v = 0;
+    for (unsigned shift = 0; shift < 64; shift += 7) {
+      if (pos_ >= b_.size()) return false;
+      const uint8_t c = b_[pos_++];
+      v |= static_cast<uint64_t>(c & 0x7F) << shift;
+      if ((c & 0x80) == 0) return true;
+    }
+    return false;  // more than 10 bytes
+  }
+  // The next field: its number, wire type and, for length-delimited fields, its bytes.
+  // Every other field is skipped. False: truncated or not protobuf (groups included).
+  bool field(uint32_t& number, uint32_t& type, std::span<const uint8_t>& delimited) {
+    uint64_t tag = 0;
+    if (!varint(tag) || (tag >> 3) == 0 || (tag >> 3) > 0x1FFFFFFF) return false;
+    number = static_cast<uint32_t>(tag >> 3);
+    type = static_cast<uint32_t>(tag & 7);
+    uint64_t v = 0;
+    switch (type) {
+      case 0: return varint(v);
+      case 1: return skip(8);
+      case 5: return skip(4);
+      case 2:
+        if (!varint(v) || v > b_.size() - pos_) return false;
+        delimited = b_.subspan(pos_, static_cast<std::size_t>(v));
+        pos_ += static_cast<std::size_t>(v);
+        return true;
+      default: return false;
+    }
+  }
+
+ private:
+  bool skip(std::size_t n) {
+    if (n > b_.size() - pos_) return false;
+    pos_ += n;
+    return true;
+  }
+  std::span<const uint8_t> b_;
+  std::size_t pos_ = 0;
+};
+
+struct RepeatedCounts {
+  std::size_t readers = 0;
+  std::size_t prefetched = 0;
+  std::size_t after = 0;
+};
+
+enum class Counted { kSnapshot, kRequest, kReply };
+
+// Counts |body|'s repeated fields into |n|. False: not walkable.
+bool count_repeated(std::span<const uint8_t> body, Counted kind, RepeatedCounts& n) {
+  WireScanner w(body);
+  while (!w.done()) {
+    uint32_t number = 0, type = 0;
+    std::span<const uint8_t> inner;
+    if (!w.field(number, type, inner)) return false;
+    if (kind == Counted::kSnapshot && number == 2 && type == 2) ++n.readers;
+    if (kind == Counted::kReply && number == 9 && type == 2) ++n.prefetched;
+    if (kind == Counted::kRequest && number == 13) {
+      if (type == 0) ++n.after;
+      if (type == 2) {  // packed: one varint per element, each ending with a byte below 0x80
+        for (uint8_t c : inner) n.after += (c & 0x80) == 0;
+      }
+    }
+    if (n.readers > kMaxReaders || n.prefetched > kMaxPrefetched || n.after > kMaxAfter) return true;
+  }
+  return true;
+}
+
+// nullopt when |payload| may be parsed; else why not.
+std::optional<std::string> repeated_fields_over_limits(std::span<const uint8_t> payload) {
+  RepeatedCounts n;
+  WireScanner w(payload);
+  while (!w.done()) {
+    uint32_t number = 0, type = 0;
+    std::span<const uint8_t> inner;
+    if (!w.field(number, type, inner)) return "not a valid cardbridge.v1 envelope";
+    if (type != 2) continue;
+    bool ok = true;
+    if (number == 3) ok = count_repeated(inner, Counted::kSnapshot, n);
+    if (number == 5) ok = count_repeated(inner, Counted::kRequest, n);
+    if (number == 6) ok = count_repeated(inner, Counted::kReply, n);
+    if (!ok) return "not a valid cardbridge.v1 envelope";
+    if (n.readers > kMaxReaders) return "reader snapshot: too many readers";
+    if (n.prefetched > kMaxPrefetched) return "reply: too many prefetched answers";
+    if (n.after > kMaxAfter) return "request: too many ordering ids";
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 std::vector<uint8_t> encode(const Message& m) {
@@ -303,6 +412,7 @@ std::vector<uint8_t> encode_frame(const Message& m) {
 
 Result<Message, DecodeError> decode(std::span<const uint8_t> payload) {
   if (payload.size() > kDefaultMaxFrame) return unexpected(bad("message too large"));
+  if (auto why = repeated_fields_over_limits(payload)) return unexpected(bad(std::move(*why)));
   pb::Envelope env;
   if (!env.ParseFromArray(payload.data(), static_cast<int>(payload.size())))
     return unexpected(bad("not a valid cardbridge.v1 envelope"));
@@ -333,12 +443,16 @@ std::string describe(const Message& m) {
                              static_cast<int>(b.role), b.capabilities, log::printable(b.software),
                              log::printable(b.peer_name));
         } else if constexpr (std::is_same_v<T, ReaderSnapshot>) {
-          return fmt::format("readers seq={} count={}", b.sequence, b.readers.size());
+          return b.service_rv ? fmt::format("readers seq={} count={} service_rv=0x{:08X}", b.sequence, b.readers.size(), b.service_rv)
+                              : fmt::format("readers seq={} count={}", b.sequence, b.readers.size());
         } else if constexpr (std::is_same_v<T, Error>) {
           return fmt::format("error {} '{}'", static_cast<uint32_t>(b.code), log::printable(b.message));
         } else if constexpr (std::is_same_v<T, Request>) {
+          // The length of a PIN-bearing APDU or of a control buffer (PIN-pad structures)
+          // would tell a PIN's length: not shown. A prelude is counted, never described.
+          const bool hide = (b.op == Op::kTransmit && redact::apdu_carries_pin(b.data)) || b.op == Op::kControl;
           return fmt::format("request #{} {} ctx={} handle={} len={} flags=0x{:x}{}{}", m.id, op_name(b.op),
-                             b.context.value, b.handle.value, b.data.size(), b.flags,
+                             b.context.value, b.handle.value, hide ? std::string("hidden") : std::to_string(b.data.size()), b.flags,
                              b.after.empty() ? std::string{} : fmt::format(" after={}", fmt::join(b.after, ",")),
                              b.prelude.empty() ? std::string{} : fmt::format(" prelude={}", b.prelude.size()));
         } else {

@@ -44,10 +44,6 @@ bool cacheable_attribute(uint32_t attr) {
 
 bool resets(uint32_t disposition) { return disposition == sc::kResetCard || disposition == sc::kUnpowerCard; }
 
-const char* share_name(uint32_t mode) {
-  return mode == sc::kShareExclusive ? "exclusive" : mode == sc::kShareDirect ? "direct" : "shared";
-}
-
 uint32_t bounded_length(uint32_t n) {
   return static_cast<uint32_t>(std::min<std::size_t>(n, sc::kMaxBufferSizeExtended));
 }
@@ -176,8 +172,12 @@ void ShimCore::connected(Client& c, const ConnectCall& call, const pr::Reply& re
     learn_card_state(call.slot, rep);
     if (rep.image && config_.optimizations.card_image && uses(pr::caps::kCardImage)) install_image(call.slot, *rep.image);
     const auto& reader = readers_.slot(call.slot);
-    fx_.audit(c.id, fmt::format("card connected: reader='{}' atr={} share={}", log::printable(reader.name),
-                                to_hex(reader.atr, false), share_name(h.share_mode)));
+    AuditRecord audit;
+    audit.kind = AuditRecord::Kind::kCardConnected;
+    audit.reader = reader.name;
+    audit.atr = reader.atr;
+    audit.share_mode = h.share_mode;
+    fx_.audit_record(c.id, audit);
     logger->debug("client {}: connected to '{}' handle 0x{:08X} protocol {}", c.id, log::printable(reader.name),
                   h.card, rep.protocol);
     r.card = static_cast<int32_t>(h.card);

@@ -515,10 +515,15 @@ void ShimCore::link_close(const std::string& reason) { fx_.reset_desk_link(reaso
 
 void ShimCore::session_started(const pr::PeerSession& peer, TimePoint) {
   desk_ = peer;
+  desk_service_rv_ = 0;
   handles_.set_live_generation(peer.generation);
   // What the transport verified, and what the desk only declares (its name and software).
-  fx_.audit(0, fmt::format("desk connected: declared-name='{}' software='{}' identity='{}'", log::printable(peer.name),
-                           log::printable(peer.software), peer.verified.describe()));
+  AuditRecord audit;
+  audit.kind = AuditRecord::Kind::kDeskConnected;
+  audit.desk_name = peer.name;
+  audit.desk_software = peer.software;
+  audit.desk_identity = peer.verified.describe();
+  fx_.audit_record(0, audit);
   after_state_change();
 }
 
@@ -526,7 +531,13 @@ void ShimCore::session_started(const pr::PeerSession& peer, TimePoint) {
 // orphans that answer like handles on an unplugged reader.
 void ShimCore::session_ended(const std::string& reason, TimePoint) {
   logger->warn("desk '{}' lost: {}", log::printable(desk_.name), reason);
-  fx_.audit(0, fmt::format("desk disconnected: declared-name='{}' reason='{}'", log::printable(desk_.name), reason));
+  AuditRecord audit;
+  audit.kind = AuditRecord::Kind::kDeskDisconnected;
+  audit.desk_name = desk_.name;
+  audit.desk_software = desk_.software;
+  audit.desk_identity = desk_.verified.describe();
+  audit.reason = reason;
+  fx_.audit_record(0, audit);
   async_.clear();
   handles_.set_live_generation(0);
   handles_.orphan_all();
@@ -546,30 +557,47 @@ void ShimCore::session_ended(const std::string& reason, TimePoint) {
 }
 
 void ShimCore::received_snapshot(pr::ReaderSnapshot&& s, TimePoint) {
+  if (s.service_rv != desk_service_rv_) {
+    if (s.service_rv != 0) {
+      logger->warn("desk '{}': its PC/SC service fails ({}): no pcscd at the desk?", log::printable(desk_.name),
+                   sc::rv_text(s.service_rv));
+    } else if (desk_service_rv_ != 0) {
+      logger->info("desk '{}': its PC/SC service answers again", log::printable(desk_.name));
+    }
+    desk_service_rv_ = s.service_rv;
+  }
   auto changes = readers_.apply(s);
   if (changes.dropped) {
     logger->warn("desk has more than {} readers; {} not shown", ReaderTable::kSlots, changes.dropped);
   }
   for (const auto& [slot, name] : changes.removed) {
     logger->info("reader '{}' removed (slot {})", log::printable(name), slot);
-    fx_.audit(0, fmt::format("reader removed: reader='{}'", log::printable(name)));
+    AuditRecord audit;
+    audit.kind = AuditRecord::Kind::kReaderRemoved;
+    audit.reader = name;
+    fx_.audit_record(0, audit);
     handles_.orphan_slot(slot);
     drop_image(slot, "the reader is gone");
   }
   for (std::size_t slot : changes.added) {
     const auto& added = readers_.slot(slot);
     logger->info("reader '{}' added (slot {})", log::printable(added.name), slot);
-    fx_.audit(0, (added.desk_state & sc::kStatePresent)
-                     ? fmt::format("reader added: reader='{}' card present atr={}", log::printable(added.name),
-                                   to_hex(added.atr, false))
-                     : fmt::format("reader added: reader='{}' no card", log::printable(added.name)));
+    AuditRecord audit;
+    audit.kind = AuditRecord::Kind::kReaderAdded;
+    audit.reader = added.name;
+    audit.card_present = (added.desk_state & sc::kStatePresent) != 0;
+    if (audit.card_present) audit.atr = added.atr;
+    fx_.audit_record(0, audit);
   }
   for (std::size_t slot : changes.card_events) {
     const auto& r = readers_.slot(slot);
     const bool present = (r.desk_state & sc::kStatePresent) != 0;
     logger->info("reader '{}': card {}", log::printable(r.name), present ? "present" : "absent");
-    fx_.audit(0, present ? fmt::format("card inserted: reader='{}' atr={}", log::printable(r.name), to_hex(r.atr, false))
-                         : fmt::format("card removed: reader='{}'", log::printable(r.name)));
+    AuditRecord audit;
+    audit.kind = present ? AuditRecord::Kind::kCardInserted : AuditRecord::Kind::kCardRemoved;
+    audit.reader = r.name;
+    if (present) audit.atr = r.atr;
+    fx_.audit_record(0, audit);
     handles_.card_removed(slot);  // removal ends every transaction on the reader, deferred ones included
     drop_image(slot, "card event");
   }

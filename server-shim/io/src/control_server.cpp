@@ -52,11 +52,20 @@ void ControlServer::accept() {
                                                                      transport::GenericSocket sock) {
     if (alive.expired() || !acceptor_) return;
     if (ec) {
-      if (ec != boost::asio::error::operation_aborted) accept();
+      // EMFILE and friends: try again shortly rather than spin (the shim's own accept says
+      // so in the log).
+      if (ec != boost::asio::error::operation_aborted) {
+        auto t = std::make_shared<boost::asio::steady_timer>(acceptor_->get_executor(), std::chrono::milliseconds(200));
+        t->async_wait([this, t, alive](boost::system::error_code) {
+          if (!alive.expired() && acceptor_) accept();
+        });
+      }
       return;
     }
+    // The session's user, and root (the helpdesk's `cdrsession status --all`, `doctor --user`).
+    // The socket's 0600 mode and 0700 directory already keep everyone else out.
     auto cred = transport::peer_credentials(sock);
-    if (!cred || cred->uid != ::geteuid()) {
+    if (!cred || (cred->uid != ::geteuid() && cred->uid != 0)) {
       logger->warn("control: refused uid {}", cred ? static_cast<long>(cred->uid) : -1L);
       accept();
       return;
@@ -89,7 +98,9 @@ nlohmann::json ControlServer::status(const ShimCore& core, const nlohmann::json&
                {"software", core.desk_up() ? core.desk_software() : ""},
                {"identity", core.desk_up() ? core.desk_identity() : ""},
                {"capabilities", protocol::capabilities_text(core.negotiated_capabilities())},
-               {"session", core.desk_generation()}};
+               {"session", core.desk_generation()},
+               // The desk's own PC/SC service (capability desk-service): "ok", or the error.
+               {"pcsc_service", core.desk_service_rv() == 0 ? std::string("ok") : scard::rv_text(core.desk_service_rv())}};
   j["readers"] = nlohmann::json::array();
   for (std::size_t i = 0; i < ReaderTable::kSlots; ++i) {
     const auto& s = core.readers().slot(i);

@@ -1,9 +1,9 @@
 #include "cardbridge/shim_io/shim_service.hpp"
 
 #include <sys/stat.h>
-#include <syslog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <ctime>
 #include <cstring>
@@ -11,6 +11,8 @@
 
 #include <fmt/format.h>
 
+#include "cardbridge/journal/audit.hpp"
+#include "cardbridge/support/hex.hpp"
 #include "cardbridge/support/log.hpp"
 
 namespace cardbridge::shim {
@@ -110,14 +112,32 @@ void ShimService::accept() {
     if (alive.expired() || stopped_) return;
     if (ec) {
       if (ec != boost::asio::error::operation_aborted) {
-        logger->error("accept failed: {}", ec.message());
-        // EMFILE and friends: do not spin.
-        auto t = std::make_shared<boost::asio::steady_timer>(io_, std::chrono::milliseconds(100));
+        // Out of descriptors: refuse the waiting client with the descriptor kept in reserve
+        // (its SCardEstablishContext fails at once, as with a pcscd that cannot serve it)
+        // rather than leave it waiting. Other errors: the connection waits in the backlog.
+        // Either way, try again later, backing off (100 ms, doubling to 1 s), and say so once
+        // per episode.
+        ++accept_failures_;
+        const bool refused = transport::FdReserve::is_exhaustion(ec) && fd_reserve_.refuse_one(acceptor_->native_handle());
+        if (accept_failures_ == 1) {
+          logger->error("accept failed: {}; {}retrying with backoff, not logged again until a client is accepted",
+                        ec.message(), refused ? "new clients are refused meanwhile; " : "");
+        } else {
+          logger->debug("accept still failing ({} in a row): {}{}", accept_failures_, ec.message(),
+                        refused ? " (a client refused)" : "");
+        }
+        if (refused) return accept();  // the next client, if any, at once
+        const auto delay = std::chrono::milliseconds(100 << std::min<std::size_t>(accept_failures_ - 1, 3));
+        auto t = std::make_shared<boost::asio::steady_timer>(io_, std::min(delay, std::chrono::milliseconds(1000)));
         t->async_wait([this, t, alive](boost::system::error_code) {
-          if (!alive.expired()) accept();
+          if (!alive.expired() && !stopped_) accept();
         });
       }
       return;
+    }
+    if (accept_failures_ != 0) {
+      logger->info("accepting clients again ({} failed accepts before)", accept_failures_);
+      accept_failures_ = 0;
     }
     auto cred = transport::peer_credentials(sock);
     if (!cred || cred->uid != ::geteuid()) {
@@ -127,6 +147,25 @@ void ShimService::accept() {
       sock.close(ignored);
       accept();
       return;
+    }
+    if (clients_.size() >= config_.max_clients) {
+      // As pcscd at its limit: the connection is closed at once (the program's
+      // SCardEstablishContext fails); logged when the episode starts and ends.
+      if (!at_client_limit_) {
+        logger->warn("client limit reached: {} clients (as pcscd); new clients are refused until one leaves",
+                     clients_.size());
+      }
+      at_client_limit_ = true;
+      ++refused_at_limit_;
+      boost::system::error_code ignored;
+      sock.close(ignored);
+      accept();
+      return;
+    }
+    if (at_client_limit_) {
+      logger->info("client limit: accepting clients again ({} refused meanwhile)", refused_at_limit_);
+      at_client_limit_ = false;
+      refused_at_limit_ = 0;
     }
     const ClientId id = next_client_++;
     auto stream = std::make_shared<transport::ByteStream>(std::move(sock));
@@ -176,23 +215,38 @@ void ShimService::close_client(ClientId id) {
   s->close("closed by the shim");
 }
 
-void ShimService::audit(ClientId client, const std::string& event) {
-  static bool opened = false;
-  if (!opened) {
-    ::openlog("cardbridge-shim", LOG_PID, LOG_AUTHPRIV);
-    opened = true;
-  }
+// The core's event, with who and where: journald entry (audit.hpp), log line, and the recent
+// events the control socket shows (cdrsession status).
+void ShimService::audit_record(ClientId client, const AuditRecord& record) {
   int pid = 0;
   if (auto it = client_pids_.find(client); it != client_pids_.end()) pid = it->second;
-  const std::string line = pid ? fmt::format("{} pid={}", event, pid) : event;
-  ::syslog(LOG_INFO, "%s", line.c_str());
+  const std::string exe = pid ? audit::executable_of(pid) : std::string();
+  const std::string text = record.text();
+  const std::string line = pid ? fmt::format("{} pid={}", text, pid) : text;
+  const bool desk_event = record.kind == AuditRecord::Kind::kDeskConnected ||
+                          record.kind == AuditRecord::Kind::kDeskDisconnected;
+  audit::Event e(record.event_name(), line);
+  e.with("USER", audit::user_name(::geteuid()))
+      .with("UID", std::to_string(::geteuid()))
+      .with("SESSION", config_.session)
+      .with("DESK", log::printable(desk_event ? record.desk_name : core_.desk_name()))
+      .with("DESK_SOFTWARE", log::printable(desk_event ? record.desk_software : core_.desk_software()))
+      .with("DESK_LINK", config_.desk_link)
+      .with("DESK_IDENTITY", desk_event ? log::printable(record.desk_identity) : core_.desk_identity())
+      .with("READER", log::printable(record.reader))
+      .with("ATR", to_hex(record.atr, false))
+      .with("SHARE", record.kind == AuditRecord::Kind::kCardConnected ? record.share_text() : "")
+      .with("PROGRAM_PID", pid ? std::to_string(pid) : "")
+      .with("PROGRAM_EXE", exe)
+      .with("REASON", record.reason);
+  audit::emit(e);
   logger->info("audit: {}", line);
   char when[32] = {};
   const std::time_t now = std::time(nullptr);
   struct tm tm {};
   ::localtime_r(&now, &tm);
   std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S%z", &tm);
-  audit_.push_back(AuditEvent{when, pid, event});
+  audit_.push_back(AuditEvent{when, pid, exe, text});
   while (audit_.size() > 200) audit_.pop_front();
 }
 

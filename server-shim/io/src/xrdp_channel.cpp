@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -38,35 +39,53 @@ std::optional<int> display_number() {
 
 constexpr const char* kSockDirs[] = {"/run/xrdp/sockdir", "/var/run/xrdp/sockdir", "/tmp/.xrdp"};
 
-// chansrv's listening socket for our display, in the directory that has our xrdpapi socket.
-std::optional<std::string> chansrv_listen_path() {
-  auto n = display_number();
-  if (!n) return std::nullopt;
-  struct stat st {};
-  for (const char* dir : kSockDirs) {
-    if (::stat(fmt::format("{}/xrdpapi_{}", dir, *n).c_str(), &st) == 0) {
-      return fmt::format("{}/xrdp_chansrv_socket_{}", dir, *n);
-    }
+enum class Entry { kMissing, kTrusted, kUntrusted };
+
+// <dir>/<name>, checked (xrdp_socket_trusted); an untrusted one is logged once per path.
+Entry sockdir_entry(const char* dir, const std::string& name) {
+  const auto path = fmt::format("{}/{}", dir, name);
+  struct stat d {}, e {};
+  if (::lstat(path.c_str(), &e) != 0) return Entry::kMissing;
+  if (::lstat(dir, &d) == 0 && xrdp_socket_trusted(d, e, ::geteuid())) return Entry::kTrusted;
+  static std::mutex mu;
+  static std::set<std::string> warned;
+  std::lock_guard lock(mu);
+  if (warned.insert(path).second) {
+    logger->warn("ignoring {} (owner uid {}, mode {:o}; directory owner uid {}, mode {:o}): not chansrv's for this "
+                 "session",
+                 path, e.st_uid, e.st_mode & 07777, d.st_uid, d.st_mode & 07777);
   }
-  return std::nullopt;
+  return Entry::kUntrusted;
+}
+
+// The socket directory that has our display's trusted xrdpapi socket.
+const char* sockdir() {
+  auto n = display_number();
+  if (!n) return nullptr;
+  for (const char* dir : kSockDirs) {
+    if (sockdir_entry(dir, fmt::format("xrdpapi_{}", *n)) == Entry::kTrusted) return dir;
+  }
+  return nullptr;
 }
 
 // chansrv's channel API socket for our display, <sockdir>/xrdpapi_<display>.
 std::optional<std::string> api_socket_path() {
   auto n = display_number();
-  if (!n) return std::nullopt;
+  const char* dir = sockdir();
+  if (!n || !dir) return std::nullopt;
+  auto path = fmt::format("{}/xrdpapi_{}", dir, *n);
   struct stat st {};
-  for (const char* dir : kSockDirs) {
-    auto path = fmt::format("{}/xrdpapi_{}", dir, *n);
-    if (::stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return path;
-  }
+  if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return path;
   return std::nullopt;
 }
 
+// chansrv listens for an RDP client's channels only while none is attached: the file's
+// absence means a client is there (another user's file there is ignored).
 bool client_attached() {
-  auto p = chansrv_listen_path();
-  struct stat st {};
-  return !p || ::stat(p->c_str(), &st) != 0;
+  auto n = display_number();
+  const char* dir = sockdir();
+  if (!n || !dir) return true;
+  return sockdir_entry(dir, fmt::format("xrdp_chansrv_socket_{}", *n)) != Entry::kTrusted;
 }
 
 constexpr std::chrono::milliseconds kAttachPoll{200};
@@ -74,13 +93,15 @@ constexpr uint32_t kDynamic = 0x00000001;  // WTS_CHANNEL_OPTION_DYNAMIC
 
 }  // namespace
 
+bool xrdp_socket_trusted(const struct stat& dir, const struct stat& entry, uid_t me) {
+  if (!S_ISDIR(dir.st_mode) || (dir.st_uid != 0 && dir.st_uid != me)) return false;
+  if ((dir.st_mode & (S_IWGRP | S_IWOTH)) != 0 && (dir.st_mode & S_ISVTX) == 0) return false;
+  if (S_ISLNK(entry.st_mode)) return false;
+  return entry.st_uid == me || entry.st_uid == 0;
+}
+
 bool in_xrdp_session() {
-  auto n = display_number();
-  if (!n) return false;
-  struct stat st {};
-  for (const char* dir : kSockDirs) {
-    if (::stat(fmt::format("{}/xrdpapi_{}", dir, *n).c_str(), &st) == 0) return true;
-  }
+  if (sockdir() != nullptr) return true;
   return std::getenv("XRDP_SESSION") != nullptr;
 }
 

@@ -509,8 +509,10 @@ class EmulatedDesk:
         """Restart pcscd on the same socket path, optionally with a different
         number of slots.  Cards are stopped with the old daemon (vicc exits
         when vpcd goes away) and re-inserted into the slots that still exist
-        if `reinsert`.  Clients see the daemon disappear and come back."""
-        self._require_running()
+        if `reinsert`.  Clients see the daemon disappear and come back.
+        A pcscd that died (a test killed it) is restarted the same way."""
+        if not self._started or self.pcscd is None:
+            raise HarnessError("desk not started")
         cards = {s: c for s, c in self._cards.items()}
         for s in list(self._cards):
             self._retire_card(s)

@@ -101,6 +101,8 @@ class Edge : public DeskEffects {
     calls.push_back(Pending{lane, std::move(c)});
   }
   void lane_closed(LaneId lane) override { lanes_closed.push_back(lane); }
+  void audit(const DeskAudit& a) override { audits.push_back(a); }
+  std::vector<DeskAudit> audits;
 
   std::set<LaneId> busy_lanes() const {
     std::set<LaneId> out;
@@ -313,6 +315,19 @@ TEST_F(DeskCoreTest, AConnectOnAContextOfARestartedServiceStartsOverWithAFreshCo
   EXPECT_EQ(api.live_worker_contexts(), 1u);
 }
 
+// Found by fuzz_desk_core: the fresh context's Connect kept the dead context's card handles
+// mapped, so later calls on them reached the new pcscd with handles of the old one.
+TEST_F(DeskCoreTest, AContextStartedOverForgetsTheDeadContextsHandles) {
+  establish();
+  const uint32_t old_handle = connected(1);
+  api.set_service_available(false);
+  api.set_service_available(true);  // the old context and its handle stay dead
+  EXPECT_EQ(call(connect_req(1, kReader1)).rv, sc::kSuccess);
+  const auto transmits = api.calls(fake::Call::kTransmit);
+  EXPECT_EQ(call(transmit_req(1, old_handle, kGetChallenge)).rv, sc::kEInvalidHandle);
+  EXPECT_EQ(api.calls(fake::Call::kTransmit), transmits) << "the dead handle went to the desk's pcscd";
+}
+
 TEST_F(DeskCoreTest, ConnectToAReaderThePolicyHidesIsAnUnknownReader) {
   config.policy.reader_filter = {"omnikey"};
   establish();
@@ -346,8 +361,9 @@ TEST_F(DeskCoreTest, ARemovedCardIsReported) {
 }
 
 TEST_F(DeskCoreTest, ControlRunsOnlyWhenThePolicyAllowsTheCode) {
-  config.policy.control_allow = std::set<uint32_t>{kFeatureRequest};
+  config.policy.control_allow = ControlAllow{.pinpad = false, .codes = {kFeatureRequest}};
   api.set_control_answer(kReader1, kFeatureRequest, {0x12, 0x04, 0x42, 0x33, 0x00, 0x12});
+  api.set_control_answer(kReader1, 0x42000001, {0x90, 0x00});
   establish();
   const uint32_t h = connected(1);
   auto ok = req(pr::Op::kControl, 1, h);
@@ -362,7 +378,61 @@ TEST_F(DeskCoreTest, ControlRunsOnlyWhenThePolicyAllowsTheCode) {
   EXPECT_EQ(api.calls(fake::Call::kControl), 1u) << "a refused code never reaches the reader";
 }
 
-TEST_F(DeskCoreTest, AttributesAreReadAndWritten) {
+// The default policy: feature discovery and the PIN-pad codes the reader announces; escape
+// commands refused before they reach the reader.
+constexpr uint32_t kEscape = 0x42000DAC;        // IOCTL_CCID_ESCAPE
+constexpr uint32_t kVerifyDirect = 0x42330006;  // FEATURE_VERIFY_PIN_DIRECT, as libccid numbers it
+constexpr uint32_t kGetKey = 0x42330010;        // FEATURE_GET_KEY: announced, but not a PIN-pad code
+
+TEST_F(DeskCoreTest, TheDefaultPolicyRefusesEscapeCommandsBeforeTheReader) {
+  api.set_control_answer(kReader1, kEscape, {0x90, 0x00});
+  establish();
+  const uint32_t h = connected(1);
+  auto esc = req(pr::Op::kControl, 1, h);
+  esc.code = kEscape;
+  esc.recv_length = 64;
+  EXPECT_EQ(call(esc).rv, sc::kEUnsupportedFeature);
+  EXPECT_EQ(api.calls(fake::Call::kControl), 0u) << "the escape command reached the reader";
+}
+
+TEST_F(DeskCoreTest, TheDefaultPolicyLetsThroughThePinPadCodesTheReaderAnnounces) {
+  api.set_control_answer(kReader1, kFeatureRequest,
+                         {0x06, 0x04, 0x42, 0x33, 0x00, 0x06, 0x10, 0x04, 0x42, 0x33, 0x00, 0x10});
+  api.set_control_answer(kReader1, kVerifyDirect, {0x90, 0x00});
+  api.set_control_answer(kReader1, kGetKey, {0x31});
+  establish();
+  const uint32_t h = connected(1);
+  auto verify = req(pr::Op::kControl, 1, h);
+  verify.code = kVerifyDirect;
+  verify.data = {0x1E, 0x1E, 0x02};  // a PIN_VERIFY_STRUCTURE's start; content irrelevant here
+  verify.recv_length = 64;
+  auto r = call(verify);
+  EXPECT_EQ(r.rv, sc::kSuccess);
+  EXPECT_EQ(r.data, (Bytes{0x90, 0x00}));
+  EXPECT_EQ(api.calls(fake::Call::kControl), 2u) << "the feature list, then the verify";
+  EXPECT_EQ(call(verify).rv, sc::kSuccess);
+  EXPECT_EQ(api.calls(fake::Call::kControl), 3u) << "the feature list is asked once per handle";
+  auto key = verify;
+  key.code = kGetKey;
+  EXPECT_EQ(call(key).rv, sc::kEUnsupportedFeature) << "GET_KEY returns the typed keys: not a PIN-pad code";
+  EXPECT_EQ(api.calls(fake::Call::kControl), 3u);
+}
+
+TEST_F(DeskCoreTest, APinPadCodeTheReaderDoesNotAnnounceIsRefused) {
+  // No feature list at all (the fake answers SCARD_E_UNSUPPORTED_FEATURE, as a reader
+  // without part 10 support does).
+  api.set_control_answer(kReader1, kVerifyDirect, {0x90, 0x00});
+  establish();
+  const uint32_t h = connected(1);
+  auto verify = req(pr::Op::kControl, 1, h);
+  verify.code = kVerifyDirect;
+  verify.recv_length = 64;
+  EXPECT_EQ(call(verify).rv, sc::kEUnsupportedFeature);
+  EXPECT_EQ(api.calls(fake::Call::kControl), 1u) << "only the feature request reached the reader";
+}
+
+TEST_F(DeskCoreTest, AttributesAreReadAndWrittenWhenThePolicyAllows) {
+  config.policy.set_attrib_allow = SetAttribAllow{.all = false, .attributes = {sc::kAttrVendorName}};
   api.set_attribute(kReader1, sc::kAttrVendorName, {'A', 'C', 'M', 'E'});
   establish();
   const uint32_t h = connected(1);
@@ -377,6 +447,21 @@ TEST_F(DeskCoreTest, AttributesAreReadAndWritten) {
   set.data = {'Z'};
   EXPECT_EQ(call(set).rv, sc::kSuccess);
   EXPECT_EQ(call(get).data, (Bytes{'Z'})) << "the value reached the reader";
+}
+
+TEST_F(DeskCoreTest, SetAttribIsRefusedByDefault) {
+  api.set_attribute(kReader1, sc::kAttrVendorName, {'A', 'C', 'M', 'E'});
+  establish();
+  const uint32_t h = connected(1);
+  auto set = req(pr::Op::kSetAttrib, 1, h);
+  set.code = sc::kAttrVendorName;
+  set.data = {'Z'};
+  EXPECT_EQ(call(set).rv, sc::kEUnsupportedFeature);
+  EXPECT_EQ(api.calls(fake::Call::kSetAttrib), 0u) << "a refused SetAttrib reached the reader";
+  auto get = req(pr::Op::kGetAttrib, 1, h);
+  get.code = sc::kAttrVendorName;
+  get.recv_length = 64;
+  EXPECT_EQ(call(get).data, (Bytes{'A', 'C', 'M', 'E'}));
 }
 
 TEST_F(DeskCoreTest, ReconnectAnswersTheProtocolAndTheCardState) {
@@ -458,6 +543,34 @@ TEST_F(DeskCoreTest, RepliesOfOneContextKeepTheirOrderAndOneCallIsInFlightPerCon
     if (std::holds_alternative<pr::Reply>(m.body) && m.id >= ids.front()) order.push_back(m.id);
   }
   EXPECT_EQ(order, ids);
+}
+
+// Found by fuzz_desk_core (ASan: a use after free): a ReleaseContext waiting for another
+// context's request, on a lane whose PC/SC context was never made, is answered and closes
+// its lane from inside the loop that wakes the waiting lanes.
+TEST_F(DeskCoreTest, AWaitingReleaseOfAContextThatNeverGotOneClosesItsLaneSafely) {
+  establish();
+  api.set_service_available(false);
+  EXPECT_EQ(call(transmit_req(2, 7, kSelect)).rv, sc::kENoService) << "context 2: no PC/SC context";
+  EXPECT_EQ(call(transmit_req(3, 7, kSelect)).rv, sc::kENoService) << "context 3: no PC/SC context";
+  api.set_service_available(true);
+  const uint32_t h1 = connected(1);
+  ASSERT_EQ(core().lane_count(), 3u) << "contexts 2 and 3 keep lanes without a PC/SC context";
+  const uint32_t end = submit(req(pr::Op::kEndTransaction, 1, h1));
+  uint32_t releases[2];
+  for (uint32_t c = 2; c <= 3; ++c) {
+    auto r = req(pr::Op::kReleaseContext, c);
+    r.after = {end};
+    releases[c - 2] = submit(r);
+  }
+  EXPECT_FALSE(reply_to(releases[0]) || reply_to(releases[1])) << "the releases wait for the End";
+  run_all();
+  for (uint32_t id : releases) {
+    auto r = reply_to(id);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->rv, sc::kSuccess);
+  }
+  EXPECT_EQ(core().lane_count(), 1u) << "contexts 2 and 3 are gone, context 1 stays";
 }
 
 TEST_F(DeskCoreTest, ARequestWaitsForTheEarlierRequestsOfOtherContextsItNames) {
@@ -999,6 +1112,94 @@ TEST_F(DeskCoreImageTest, OffByConfigurationTheDeskNeverReadsTheCardOnItsOwn) {
   auto q = connect_req(2, kReader1);
   q.flags = pr::request_flags::kWantImage;
   EXPECT_FALSE(call(q).image);
+}
+
+// Found by fuzz_desk_core: a Connect flagged with a deferred Begin (no shim sends one) made
+// the desk call SCardBeginTransaction on card handle 0. The flag is ignored on a Connect.
+TEST_F(DeskCoreTest, ADeferredBeginFlagOnAConnectIsIgnored) {
+  establish();
+  auto q = connect_req(1, kReader1);
+  q.flags = pr::request_flags::kBeginFirst;
+  const uint32_t id = submit(q);
+  while (!edge.calls.empty()) {
+    for (const auto& p : edge.calls) {
+      EXPECT_FALSE(std::holds_alternative<call::Begin>(p.call)) << "a Begin before the card is connected";
+    }
+    run_one();
+  }
+  auto r = reply_to(id);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->rv, sc::kSuccess);
+  EXPECT_NE(r->handle.value, 0u);
+}
+
+// ---- issue 10: the desk's PC/SC service and the desk's audit events ------------------------
+
+TEST_F(DeskCoreTest, AMissingDeskServiceIsPushedToServersThatUnderstandIt) {
+  establish();
+  core().readers({}, t0(), sc::kENoService);
+  auto snaps = sent_of<pr::ReaderSnapshot>();
+  EXPECT_EQ(snaps.back().service_rv, sc::kENoService);
+  EXPECT_TRUE(snaps.back().readers.empty());
+  // The service coming back is a change too, even with still no reader.
+  core().readers({}, t0(), 0);
+  snaps = sent_of<pr::ReaderSnapshot>();
+  EXPECT_EQ(snaps.back().service_rv, 0u);
+  EXPECT_GT(snaps.back().sequence, snaps[snaps.size() - 2].sequence);
+}
+
+TEST_F(DeskCoreTest, OlderServersGetNoServiceField) {
+  establish(0x5E55100, pr::caps::kAll & ~pr::caps::kDeskService);
+  core().readers({}, t0(), sc::kENoService);
+  auto snaps = sent_of<pr::ReaderSnapshot>();
+  ASSERT_FALSE(snaps.empty());
+  EXPECT_EQ(snaps.back().service_rv, 0u) << "a field the server did not announce is not sent";
+}
+
+TEST_F(DeskCoreTest, AuditsServerSessionsCardConnectsAndRefusals) {
+  config.policy.reader_filter = {"Reader"};
+  config.policy.reader_deny = {"01"};
+  config.policy.control_allow = ControlAllow{.pinpad = false};
+  establish();
+  ASSERT_FALSE(edge.audits.empty());
+  EXPECT_EQ(edge.audits[0].kind, DeskAudit::Kind::kServerConnected);
+  EXPECT_EQ(edge.audits[0].server, "session-server-7");
+  EXPECT_STREQ(edge.audits[0].event_name(), "server-connected");
+
+  const uint32_t h = connected(1);
+  auto card = std::find_if(edge.audits.begin(), edge.audits.end(),
+                           [](const DeskAudit& a) { return a.kind == DeskAudit::Kind::kCardConnected; });
+  ASSERT_NE(card, edge.audits.end());
+  EXPECT_EQ(card->reader, kReader1);
+  EXPECT_EQ(card->atr, kAtr1);
+  EXPECT_EQ(card->share_mode, sc::kShareShared);
+
+  EXPECT_EQ(call(connect_req(2, kReader2)).rv, sc::kEUnknownReader);
+  EXPECT_EQ(edge.audits.back().kind, DeskAudit::Kind::kReaderRefused);
+  EXPECT_EQ(edge.audits.back().reader, kReader2);
+
+  auto ctl = req(pr::Op::kControl, 1, h);
+  ctl.code = 0x42000D48;
+  ctl.recv_length = 16;
+  EXPECT_EQ(call(ctl).rv, sc::kEUnsupportedFeature);
+  EXPECT_EQ(edge.audits.back().kind, DeskAudit::Kind::kControlRefused);
+  EXPECT_EQ(edge.audits.back().code, 0x42000D48u);
+  EXPECT_NE(edge.audits.back().text().find("42000D48"), std::string::npos) << edge.audits.back().text();
+
+  core().transport_down(t0());
+  EXPECT_EQ(edge.audits.back().kind, DeskAudit::Kind::kServerDisconnected);
+}
+
+TEST_F(DeskCoreTest, AuditTextsNeverCarryApduData) {
+  establish();
+  const uint32_t h = connected(1);
+  const std::size_t before = edge.audits.size();
+  call(transmit_req(1, h, kGetChallenge));
+  EXPECT_EQ(edge.audits.size(), before) << "a transmit is no audit event";
+  for (const auto& a : edge.audits) {
+    EXPECT_EQ(a.text().find("0102030405060708"), std::string::npos) << a.text();
+    EXPECT_EQ(a.text().find('\x1b'), std::string::npos);
+  }
 }
 
 }  // namespace

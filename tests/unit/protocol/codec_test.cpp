@@ -16,6 +16,7 @@
 
 #include "cardbridge/protocol/framing.hpp"
 #include "cardbridge/support/hex.hpp"
+#include "alloc_count.hpp"
 
 namespace cardbridge::protocol {
 namespace {
@@ -174,6 +175,32 @@ TEST(CodecRoundTrip, ReaderSnapshot) {
 TEST(CodecRoundTrip, EmptyReaderSnapshot) {
   Message m{0, ReaderSnapshot{5, {}}};
   EXPECT_EQ(roundtrip(m), m);
+}
+
+// A desk without its PC/SC service (capability desk-service): no reader, and why.
+TEST(CodecRoundTrip, ReaderSnapshotWithServiceError) {
+  ReaderSnapshot s;
+  s.sequence = 3;
+  s.service_rv = 0x8010001D;  // SCARD_E_NO_SERVICE
+  Message m{0, s};
+  EXPECT_EQ(roundtrip(m), m);
+}
+
+// ReaderSnapshot.service_rv is field 3, as cardbridge.proto and docs/protocol.md say; a peer
+// that does not know it (an older desk) sends nothing and means "the service answers".
+TEST(CodecDecode, ServiceRvIsSnapshotField3) {
+  Pb snap;
+  snap.varint(1, 7).varint(3, 0x8010001D);
+  auto m = decode(envelope(0, kEnvReaders, snap).data());
+  ASSERT_TRUE(m.ok()) << m.error().what;
+  const auto& got = std::get<ReaderSnapshot>(m->body);
+  EXPECT_EQ(got.sequence, 7u);
+  EXPECT_EQ(got.service_rv, 0x8010001Du);
+  Pb old;
+  old.varint(1, 8);
+  auto m2 = decode(envelope(0, kEnvReaders, old).data());
+  ASSERT_TRUE(m2.ok()) << m2.error().what;
+  EXPECT_EQ(std::get<ReaderSnapshot>(m2->body).service_rv, 0u);
 }
 
 TEST(CodecRoundTrip, ReaderSnapshotAtLimits) {
@@ -484,6 +511,97 @@ TEST(CodecReject, TooManyOrderingIds) {
   expect_rejected(Message{1, r}, "65 ordering ids");
 }
 
+// Repeated fields are counted on the wire before the parser allocates an element for each
+// (codec.cpp, repeated_fields_over_limits): a frame-sized run of empty entries is refused
+// for the price of reading it, not of ~50 bytes of parsed object per 2 wire bytes.
+
+Pb empty_entries(uint32_t field, std::size_t n) {
+  Pb m;
+  for (std::size_t i = 0; i < n; ++i) m.bytes(field, "");
+  return m;
+}
+
+TEST(CodecRepeatedBounds, AFrameOfEmptyReaderEntriesIsRefusedWithoutAllocatingThem) {
+  const auto bytes = envelope(0, kEnvReaders, empty_entries(2, 250'000)).data();
+  ASSERT_GT(bytes.size(), 490'000u);
+  ASSERT_LE(bytes.size(), kDefaultMaxFrame);
+  alloc_count::Scope counting;
+  auto r = decode(bytes);
+  const std::size_t allocated = counting.bytes();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().what, "reader snapshot: too many readers");
+  EXPECT_LT(allocated, 64u * 1024) << "decode allocated " << allocated << " bytes for a refused frame of "
+                                   << bytes.size();
+}
+
+TEST(CodecRepeatedBounds, AFrameOfEmptyPrefetchedEntriesIsRefusedWithoutAllocatingThem) {
+  const auto bytes = envelope(3, kEnvReply, empty_entries(9, 250'000)).data();
+  alloc_count::Scope counting;
+  auto r = decode(bytes);
+  const std::size_t allocated = counting.bytes();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().what, "reply: too many prefetched answers");
+  EXPECT_LT(allocated, 64u * 1024) << allocated;
+}
+
+TEST(CodecRepeatedBounds, PackedAndUnpackedOrderingIdsAreCountedBeforeParsing) {
+  // Packed (proto3's encoding): 400 000 one-byte varints in one field.
+  Pb packed;
+  packed.varint(1, 8).bytes(13, std::string(400'000, '\x05'));
+  const auto bytes = envelope(2, kEnvRequest, packed).data();
+  {
+    alloc_count::Scope counting;
+    auto r = decode(bytes);
+    const std::size_t allocated = counting.bytes();
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().what, "request: too many ordering ids");
+    EXPECT_LT(allocated, 64u * 1024) << allocated;
+  }
+  // Unpacked (a legal encoding too), one past the limit; and exactly at it, accepted.
+  Pb unpacked;
+  unpacked.varint(1, 8);
+  for (std::size_t i = 0; i <= kMaxAfter; ++i) unpacked.varint(13, i + 1);
+  expect_rejected(envelope(2, kEnvRequest, unpacked).data(), "65 unpacked ordering ids");
+  Pb at_limit;
+  at_limit.varint(1, 8);
+  for (std::size_t i = 0; i < kMaxAfter; ++i) at_limit.varint(13, i + 1);
+  auto ok = decode(envelope(2, kEnvRequest, at_limit).data());
+  ASSERT_TRUE(ok.ok()) << ok.error().what;
+  EXPECT_EQ(std::get<Request>(ok->body).after.size(), kMaxAfter);
+}
+
+TEST(CodecRepeatedBounds, CountsAddUpAcrossRepeatedBodies) {
+  // Protobuf merges a message field that occurs twice: 2 x 40 readers are 80 readers.
+  Pb twice;
+  for (int part = 0; part < 2; ++part) {
+    Pb snap;
+    for (int i = 0; i < 40; ++i) {
+      Pb info;
+      info.bytes(1, "R" + std::to_string(part * 100 + i)).varint(2, 0x10);
+      snap.message(2, info);
+    }
+    twice.message(kEnvReaders, snap);
+  }
+  auto r = decode(twice.data());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().what, "reader snapshot: too many readers");
+}
+
+TEST(CodecRepeatedBounds, UnwalkableWireFormatIsRefused) {
+  // A group (wire type 3), never produced by proto3, and a length past the end.
+  std::vector<uint8_t> group{0x0B, 0x0C};
+  expect_rejected(group, "group");
+  std::vector<uint8_t> overlong{0x1A, 0x7F, 0x12, 0x00};
+  expect_rejected(overlong, "length past the end");
+  // Limits hold at the boundary: 64 readers, 64 prefetched answers decode.
+  ReaderSnapshot s;
+  for (std::size_t i = 0; i < kMaxReaders; ++i) s.readers.push_back(ReaderInfo{"R" + std::to_string(i), 0x10, 0, {}});
+  EXPECT_TRUE(decode(encode(Message{0, s})).ok());
+  Reply rep;
+  for (std::size_t i = 0; i < kMaxPrefetched; ++i) rep.prefetched.push_back(Prefetched{{0x00}, {0x90, 0x00}});
+  EXPECT_TRUE(decode(encode(Message{1, rep})).ok());
+}
+
 // ---- forward compatibility ------------------------------------------------------------
 
 TEST(CodecForwardCompat, UnknownVarintFieldInEnvelopeIgnored) {
@@ -569,9 +687,22 @@ TEST(CodecDescribe, NeverShowsApduBytes) {
   r.data = {0x00, 0x20, 0x00, 0x81, 0x08, 0x31, 0x32, 0x33, 0x34, 0xFF, 0xFF, 0xFF, 0xFF};
   std::string d = describe(Message{5, r});
   EXPECT_NE(d.find("transmit"), std::string::npos) << d;
-  EXPECT_NE(d.find("len=13"), std::string::npos) << d;
+  EXPECT_NE(d.find("len=hidden"), std::string::npos) << "a VERIFY's length tells the PIN's: " << d;
+  EXPECT_EQ(d.find("13"), std::string::npos) << d;
   EXPECT_EQ(d.find("31"), std::string::npos) << d;
   EXPECT_EQ(d.find("1234"), std::string::npos) << d;
+
+  Request select;
+  select.op = Op::kTransmit;
+  select.data = {0x00, 0xA4, 0x04, 0x00, 0x02, 0x3F, 0x00};
+  EXPECT_NE(describe(Message{6, select}).find("len=7"), std::string::npos) << "other APDUs keep their length";
+
+  Request pinpad;
+  pinpad.op = Op::kControl;
+  pinpad.code = 0x42330006;
+  pinpad.data = seq(19);
+  std::string dc = describe(Message{7, pinpad});
+  EXPECT_NE(dc.find("len=hidden"), std::string::npos) << "a PIN-pad structure's length is not shown: " << dc;
 
   Reply p;
   p.data = {0x31, 0x32, 0x33, 0x34, 0x90, 0x00};

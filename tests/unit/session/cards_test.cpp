@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -157,6 +159,63 @@ TEST(Cards, KindNames) {
   EXPECT_STREQ(kind_name(CardKind::kVitale1), "vitale1");
   EXPECT_STREQ(kind_name(CardKind::kVitale2), "vitale2");
   EXPECT_STREQ(kind_name(CardKind::kUnknown), "unknown");
+}
+
+
+// ---- pcsc-tools' ATR list (names for the cards our table does not know) --------------------------
+
+std::vector<std::string> from_list(const std::string& atr_hex, const std::string& list) {
+  std::istringstream in(list);
+  return describe_from_atr_list(from_hex(atr_hex).value_or(std::vector<uint8_t>{}), in);
+}
+
+// The list's format (pcsc-tools 1.6): '#' comments, a pattern line (hex bytes, '.' for any
+// digit, or a regular expression), its descriptions on the following tab-indented lines, a
+// blank line between entries.
+const char* kList =
+    "# smartcard_list.txt excerpt\n"
+    "3B 02 14 50\n"
+    "\tSchlumberger Multiflex 3k\n"
+    "\n"
+    "3B 95 13 81 01 80 73 FF 01 00 0B\n"
+    "\tvsmartcard - iso7816 (Other)\n"
+    "\thttps://example.invalid/vsmartcard/\n"
+    "\n"
+    "3B 8F 80 01 80 4F 0C A0 00 00 03 06 .. 00 01 00 00 00 00 ..\n"
+    "\tstorage card (PC/SC part 3)\n"
+    "\n"
+    "3B DC 18 FF 81 91 FE 1F C3 80 73 C8 21 13 66 0[0-9] .. .. .. .. ..\n"
+    "\tregular-expression entry\n"
+    "\n";
+
+TEST(CardsAtrList, ExactEntryWithAllItsLines) {
+  EXPECT_EQ(from_list("3B 95 13 81 01 80 73 FF 01 00 0B", kList),
+            (std::vector<std::string>{"vsmartcard - iso7816 (Other)", "https://example.invalid/vsmartcard/"}));
+}
+
+TEST(CardsAtrList, DotsAndRegularExpressions) {
+  EXPECT_EQ(from_list("3B 8F 80 01 80 4F 0C A0 00 00 03 06 03 00 01 00 00 00 00 6A", kList),
+            (std::vector<std::string>{"storage card (PC/SC part 3)"}));
+  EXPECT_EQ(from_list("3B DC 18 FF 81 91 FE 1F C3 80 73 C8 21 13 66 05 03 63 51 00 02", kList),
+            (std::vector<std::string>{"regular-expression entry"}));
+  EXPECT_TRUE(from_list("3B DC 18 FF 81 91 FE 1F C3 80 73 C8 21 13 66 15 03 63 51 00 02", kList).empty());
+}
+
+TEST(CardsAtrList, WholeAtrOnlyAndNoMatch) {
+  EXPECT_TRUE(from_list("3B 95 13 81 01 80 73 FF 01 00", kList).empty()) << "a prefix is not a match";
+  EXPECT_TRUE(from_list("3B 95 13 81 01 80 73 FF 01 00 0B 00", kList).empty());
+  EXPECT_TRUE(from_list("3B 00", kList).empty());
+  EXPECT_TRUE(from_list("3B 95 13 81 01 80 73 FF 01 00 0B", "").empty());
+  EXPECT_TRUE(describe_from_atr_list(from_hex("3B00").value(), std::string("/nonexistent/list.txt")).empty());
+}
+
+TEST(CardsAtrList, InstalledListNamesTheHarnessCard) {
+  // pcsc-tools is installed by scripts/install-deps; the real list knows vsmartcard's card.
+  std::ifstream probe(kAtrListPath);
+  if (!probe) GTEST_SKIP() << kAtrListPath << " not installed (package pcsc-tools)";
+  const auto names = describe_from_atr_list(from_hex("3B951381018073FF01000B").value());
+  ASSERT_FALSE(names.empty());
+  EXPECT_NE(names.front().find("vsmartcard"), std::string::npos) << names.front();
 }
 
 }  // namespace

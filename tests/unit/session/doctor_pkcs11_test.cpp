@@ -105,8 +105,7 @@ TEST(DoctorPkcs11, ModuleMissingDefaultPathSaysInstallTheCryptolib) {
   auto r = evaluate(facts_with(m));
   EXPECT_EQ(r.verdict, "broken");
   EXPECT_EQ(r.first_problem, "pkcs11");
-  EXPECT_EQ(r.exit_code, 10);
-  EXPECT_EQ(exit_code_for("pkcs11"), 10);
+  EXPECT_EQ(r.exit_code, kExitCritical);
   const auto& c = check(r, "pkcs11");
   EXPECT_EQ(c.result, CheckResult::kFail);
   EXPECT_EQ(c.detail, std::string("module missing: there is no PKCS#11 module at ") + kCryptolibModule);
@@ -180,7 +179,7 @@ TEST(DoctorPkcs11, TextAndJson) {
   EXPECT_NE(text.find("Verdict: BROKEN: PKCS#11 middleware (card not recognised"), std::string::npos) << text;
   const auto j = render_json(r, f);
   EXPECT_EQ(j["first_problem"], "pkcs11");
-  EXPECT_EQ(j["exit_code"], 10);
+  EXPECT_EQ(j["exit_code"], kExitCritical);
   EXPECT_EQ(j["pkcs11"]["module"], kCryptolibModule);
   EXPECT_EQ(j["pkcs11"]["slots"][0]["token_error"], "CKR_TOKEN_NOT_RECOGNIZED");
 }

@@ -17,8 +17,8 @@ constexpr unsigned kUid = 1000;
 const char* kCps3 = "3BAC00402A001225006480000310009000";
 const char* kVicc = "3B951381018073FF01000B";
 const char* kVitale2 = "3B751300004509EA9000";
-const std::vector<std::string> kOrder = {"environment", "shim", "user", "channel",
-                                         "readers", "card", "card-type", "latency"};
+const std::vector<std::string> kOrder = {"environment", "shim",      "user",    "channel", "desk-pcsc",
+                                         "readers",     "card",      "card-type", "latency"};
 
 SessionPaths session_paths() {
   return detect(
@@ -98,17 +98,12 @@ bool contains(const std::string& hay, const std::string& needle) { return hay.fi
 
 // ---- exit codes -------------------------------------------------------------------------------
 
-TEST(DoctorExitCodes, AsDocumented) {
-  EXPECT_EQ(exit_code_for(""), 0);
-  EXPECT_EQ(exit_code_for("environment"), 2);
-  EXPECT_EQ(exit_code_for("shim"), 3);
-  EXPECT_EQ(exit_code_for("user"), 4);
-  EXPECT_EQ(exit_code_for("channel"), 5);
-  EXPECT_EQ(exit_code_for("readers"), 6);
-  EXPECT_EQ(exit_code_for("card"), 7);
-  EXPECT_EQ(exit_code_for("card-type"), 8);
-  EXPECT_EQ(exit_code_for("latency"), 9);
-  EXPECT_EQ(exit_code_for("something-else"), 1);
+TEST(DoctorExitCodes, MonitoringConvention) {
+  // The Nagios/Icinga plugin convention, documented in docs/admin-guide.md.
+  EXPECT_EQ(kExitOk, 0);
+  EXPECT_EQ(kExitWarning, 1);
+  EXPECT_EQ(kExitCritical, 2);
+  EXPECT_EQ(kExitUnknown, 3);
 }
 
 // ---- verdicts -----------------------------------------------------------------------------------
@@ -143,12 +138,12 @@ TEST(DoctorEvaluate, EnvironmentNotSet) {
   auto f = healthy();
   f.csock_env.reset();
   auto r = evaluate(f);
-  expect_broken_at(r, "environment", 2);
+  expect_broken_at(r, "environment", kExitCritical);
   EXPECT_TRUE(contains(check(r, "environment").detail, "not set"));
   EXPECT_TRUE(contains(check(r, "shim").detail, "not checked"));
   f.csock_env = "";  // set but empty: the same for libpcsclite
   r = evaluate(f);
-  expect_broken_at(r, "environment", 2);
+  expect_broken_at(r, "environment", kExitCritical);
 }
 
 TEST(DoctorEvaluate, EnvironmentPointingElsewhereIsReportedButAccepted) {
@@ -168,7 +163,7 @@ TEST(DoctorEvaluate, NoShim) {
   f.status.reset();
   f.ping.reset();
   auto r = evaluate(f);
-  expect_broken_at(r, "shim", 3);
+  expect_broken_at(r, "shim", kExitCritical);
   EXPECT_TRUE(contains(check(r, "shim").detail, f.socket));
   EXPECT_TRUE(contains(check(r, "shim").advice, "cdrsession start"));
 }
@@ -178,7 +173,7 @@ TEST(DoctorEvaluate, NotASocket) {
   f.socket_is_socket = false;
   f.status.reset();
   const auto r = evaluate(f);
-  expect_broken_at(r, "shim", 3);
+  expect_broken_at(r, "shim", kExitCritical);
   EXPECT_TRUE(contains(check(r, "shim").detail, "not a socket"));
 }
 
@@ -188,7 +183,7 @@ TEST(DoctorEvaluate, StaleSocketWithoutAnswer) {
   f.ping.reset();
   f.status_error = ControlError{ControlError::kRefused, "connect: Connection refused"};
   const auto r = evaluate(f);
-  expect_broken_at(r, "shim", 3);
+  expect_broken_at(r, "shim", kExitCritical);
   EXPECT_TRUE(contains(check(r, "shim").detail, "Connection refused"));
   EXPECT_TRUE(contains(check(r, "shim").advice, "cdrsession stop"));
 }
@@ -199,7 +194,7 @@ TEST(DoctorEvaluate, WrongUserBySocketOwner) {
   f.status.reset();
   f.ping.reset();
   const auto r = evaluate(f);
-  expect_broken_at(r, "user", 4);
+  expect_broken_at(r, "user", kExitCritical);
   EXPECT_TRUE(contains(check(r, "user").detail, "1001"));
   EXPECT_TRUE(contains(check(r, "user").detail, "1000"));
 }
@@ -208,7 +203,7 @@ TEST(DoctorEvaluate, WrongUserByTheShimsOwnWord) {
   auto f = healthy();
   (*f.status)["uid"] = 0;  // socket ours, but the shim behind it runs as someone else
   const auto r = evaluate(f);
-  expect_broken_at(r, "user", 4);
+  expect_broken_at(r, "user", kExitCritical);
 }
 
 TEST(DoctorEvaluate, NoChannel) {
@@ -216,7 +211,7 @@ TEST(DoctorEvaluate, NoChannel) {
   (*f.status)["desk"] = {{"connected", false}, {"name", ""}, {"software", ""}};
   f.ping.reset();
   const auto r = evaluate(f);
-  expect_broken_at(r, "channel", 5);
+  expect_broken_at(r, "channel", kExitCritical);
   EXPECT_TRUE(contains(check(r, "channel").detail, "xrdp:static")) << "names the desk link";
   EXPECT_TRUE(contains(check(r, "channel").detail, "xrdp")) << "names the session type";
   EXPECT_TRUE(contains(check(r, "channel").advice, "CBRIDGE"));
@@ -226,7 +221,7 @@ TEST(DoctorEvaluate, NoReader) {
   auto f = healthy();
   (*f.status)["readers"] = json::array();
   const auto r = evaluate(f);
-  expect_broken_at(r, "readers", 6);
+  expect_broken_at(r, "readers", kExitCritical);
   EXPECT_TRUE(r.details["readers"].empty());
 }
 
@@ -234,7 +229,7 @@ TEST(DoctorEvaluate, NoCard) {
   auto f = healthy();
   (*f.status)["readers"] = json::array({reader("Desk A Reader 00 00", nullptr), reader("Desk A Reader 00 01", nullptr)});
   const auto r = evaluate(f);
-  expect_broken_at(r, "card", 7);
+  expect_broken_at(r, "card", kExitCritical);
   EXPECT_TRUE(r.details["cards"].empty());
   EXPECT_TRUE(contains(check(r, "readers").detail, "2: Desk A Reader 00 00, Desk A Reader 00 01"));
 }
@@ -245,7 +240,7 @@ TEST(DoctorEvaluate, UnknownCardIsAWarning) {
   const auto r = evaluate(f);
   EXPECT_EQ(r.verdict, "degraded");
   EXPECT_EQ(r.first_problem, "card-type");
-  EXPECT_EQ(r.exit_code, 8);
+  EXPECT_EQ(r.exit_code, kExitWarning);
   EXPECT_EQ(check(r, "card").result, CheckResult::kOk);
   EXPECT_EQ(check(r, "card-type").result, CheckResult::kWarn);
   EXPECT_FALSE(check(r, "card-type").advice.empty());
@@ -260,7 +255,7 @@ TEST(DoctorEvaluate, VitaleAloneIsNotACpxCard) {
   auto f = healthy();
   (*f.status)["readers"] = json::array({reader("Bi-slot 00 00", kVitale2)});
   const auto r = evaluate(f);
-  EXPECT_EQ(r.exit_code, 8);
+  EXPECT_EQ(r.exit_code, kExitWarning);
   EXPECT_EQ(r.details["cards"][0]["kind"], "vitale2");
   EXPECT_TRUE(contains(check(r, "card-type").advice, "Vitale"));
 }
@@ -283,7 +278,7 @@ TEST(DoctorEvaluate, SlowLinkByMedian) {
   const auto r = evaluate(f);
   EXPECT_EQ(r.verdict, "degraded");
   EXPECT_EQ(r.first_problem, "latency");
-  EXPECT_EQ(r.exit_code, 9);
+  EXPECT_EQ(r.exit_code, kExitWarning);
   EXPECT_EQ(check(r, "latency").result, CheckResult::kWarn);
   EXPECT_TRUE(contains(check(r, "latency").detail, "median 82.00 ms"));
   EXPECT_TRUE(contains(check(r, "latency").detail, "p99 95.00 ms"));
@@ -293,7 +288,7 @@ TEST(DoctorEvaluate, SlowLinkByMedian) {
 TEST(DoctorEvaluate, SlowLinkByTail) {
   auto f = healthy();
   f.ping = json{{"median_us", 2000.0}, {"p99_us", 250000.0}, {"count", 100}};
-  EXPECT_EQ(evaluate(f).exit_code, 9);
+  EXPECT_EQ(evaluate(f).exit_code, kExitWarning);
   f.ping = json{{"median_us", 50000.0}, {"p99_us", 200000.0}, {"count", 100}};  // at the limits: still ok
   EXPECT_EQ(evaluate(f).exit_code, 0);
 }
@@ -305,11 +300,11 @@ TEST(DoctorEvaluate, ThresholdsAreConfigurable) {
   DoctorThresholds strict;
   strict.slow_median_ms = 10;
   const auto r = evaluate(f, strict);
-  EXPECT_EQ(r.exit_code, 9);
+  EXPECT_EQ(r.exit_code, kExitWarning);
   EXPECT_TRUE(contains(check(r, "latency").advice, "median 10 ms"));
   DoctorThresholds tail;
   tail.slow_p99_ms = 25;
-  EXPECT_EQ(evaluate(f, tail).exit_code, 9);
+  EXPECT_EQ(evaluate(f, tail).exit_code, kExitWarning);
 }
 
 TEST(DoctorEvaluate, FirstWarningWins) {
@@ -318,7 +313,7 @@ TEST(DoctorEvaluate, FirstWarningWins) {
   f.ping = json{{"median_us", 82000.0}, {"p99_us", 95000.0}, {"count", 20}};
   const auto r = evaluate(f);
   EXPECT_EQ(r.first_problem, "card-type");
-  EXPECT_EQ(r.exit_code, 8);
+  EXPECT_EQ(r.exit_code, kExitWarning);
   EXPECT_EQ(check(r, "latency").result, CheckResult::kWarn);
 }
 
@@ -438,8 +433,8 @@ TEST(DoctorRenderJson, DegradedAndWarnings) {
   const auto j = render_json(evaluate(f), f);
   EXPECT_EQ(j["verdict"], "degraded");
   EXPECT_EQ(j["first_problem"], "latency");
-  EXPECT_EQ(j["exit_code"], 9);
-  EXPECT_EQ(j["checks"][7]["result"], "warning");
+  EXPECT_EQ(j["exit_code"], kExitWarning);
+  EXPECT_EQ(j["checks"][8]["result"], "warning");
   EXPECT_EQ(j["latency"]["median_us"], 82000.0);
 }
 
@@ -449,10 +444,126 @@ TEST(DoctorRenderJson, NoShimHasNullLatencyAndEmptyLists) {
   f.status.reset();
   f.ping.reset();
   const auto j = render_json(evaluate(f), f);
-  EXPECT_EQ(j["exit_code"], 3);
+  EXPECT_EQ(j["exit_code"], kExitCritical);
   EXPECT_TRUE(j["latency"].is_null());
   EXPECT_TRUE(j["readers"].empty());
   EXPECT_TRUE(j["cards"].empty());
+}
+
+// ---- issue 10: the helpdesk's doctor -------------------------------------------------------------
+
+TEST(DoctorEvaluate, DeskWithoutPcscServiceIsNamedAsSuch) {
+  auto f = healthy();
+  (*f.status)["desk"]["capabilities"] = "reader-push,desk-service";
+  (*f.status)["desk"]["pcsc_service"] = "SCARD_E_NO_SERVICE";
+  (*f.status)["readers"] = json::array();
+  const auto r = evaluate(f);
+  expect_broken_at(r, "desk-pcsc", kExitCritical);
+  EXPECT_EQ(check(r, "desk-pcsc").cause, "desk-no-pcsc-service");
+  EXPECT_TRUE(contains(check(r, "desk-pcsc").detail, "SCARD_E_NO_SERVICE"));
+  EXPECT_TRUE(contains(check(r, "desk-pcsc").advice, "pcscd"));
+  EXPECT_FALSE(contains(check(r, "desk-pcsc").advice, "plug the reader"));
+  EXPECT_EQ(check(r, "readers").result, CheckResult::kSkipped) << "no 'plug the reader in' for a missing pcscd";
+}
+
+TEST(DoctorEvaluate, DeskPcscServiceOkWhenAnnouncedAndAnswering) {
+  auto f = healthy();
+  (*f.status)["desk"]["capabilities"] = "reader-push,desk-service";
+  (*f.status)["desk"]["pcsc_service"] = "ok";
+  EXPECT_EQ(evaluate(f).exit_code, kExitOk);
+  // An older desk (no desk-service capability) says nothing: no verdict on its pcscd.
+  (*f.status)["desk"]["capabilities"] = "reader-push";
+  (*f.status)["desk"]["pcsc_service"] = "SCARD_E_NO_SERVICE";
+  EXPECT_EQ(check(evaluate(f), "desk-pcsc").result, CheckResult::kOk);
+}
+
+TEST(DoctorEvaluate, MissingXrdpChannelEntryHasItsCause) {
+  auto f = healthy();
+  (*f.status)["desk"] = {{"connected", false}, {"name", ""}, {"software", ""}};
+  f.ping.reset();
+  f.xrdp_channel_allowed = false;
+  const auto r = evaluate(f);
+  expect_broken_at(r, "channel", kExitCritical);
+  EXPECT_EQ(check(r, "channel").cause, "xrdp-channel-not-allowed");
+  EXPECT_TRUE(contains(check(r, "channel").advice, "cdrsession enable xrdp"));
+  f.xrdp_channel_allowed = true;
+  EXPECT_EQ(check(evaluate(f), "channel").cause, "no-desk");
+}
+
+TEST(DoctorEvaluate, CausesOfWarnings) {
+  auto f = healthy();
+  (*f.status)["readers"] = json::array({reader("Desk A Reader 00 00", kVicc)});
+  EXPECT_EQ(check(evaluate(f), "card-type").cause, "unknown-card");
+  (*f.status)["readers"] = json::array({reader("Desk A Reader 00 00", kVitale2)});
+  EXPECT_EQ(check(evaluate(f), "card-type").cause, "patient-card");
+  f = healthy();
+  f.ping = json{{"median_us", 82000.0}, {"p99_us", 95000.0}, {"count", 20}};
+  EXPECT_EQ(check(evaluate(f), "latency").cause, "slow-link");
+}
+
+TEST(DoctorEvaluate, UnknownCardNamedFromPcscToolsList) {
+  auto f = healthy();
+  (*f.status)["readers"] = json::array({reader("Desk A Reader 00 00", kVicc)});
+  f.atr_list[kVicc] = {"Virtual smart card (vsmartcard)", "second line"};
+  const auto r = evaluate(f);
+  EXPECT_EQ(r.exit_code, kExitWarning) << "still not a CPx card";
+  EXPECT_TRUE(contains(check(r, "card").detail, "Virtual smart card (vsmartcard) (pcsc-tools' ATR list)"));
+  EXPECT_EQ(r.details["cards"][0]["label"], "Virtual smart card (vsmartcard)");
+  EXPECT_EQ(r.details["cards"][0]["atr_list"].size(), 2u);
+  EXPECT_EQ(r.details["cards"][0]["kind"], "unknown");
+}
+
+TEST(DoctorEvaluate, FailedStartIsNamedFirst) {
+  auto f = healthy();
+  f.start_error = "cannot create a private directory /run/user/1000/cardbridge/xrdp-10";
+  f.socket_exists = false;
+  f.status.reset();
+  f.ping.reset();
+  const auto r = evaluate(f);
+  EXPECT_EQ(r.first_problem, "start");
+  EXPECT_EQ(r.exit_code, kExitCritical);
+  EXPECT_EQ(check(r, "start").result, CheckResult::kFail);
+  EXPECT_EQ(check(r, "start").cause, "start-failed");
+  EXPECT_TRUE(contains(check(r, "start").detail, "cannot create a private directory"));
+}
+
+TEST(DoctorEvaluate, ForUserLooksAtTheUsersPrograms) {
+  auto f = healthy();
+  f.csock_env.reset();  // root's own environment does not matter
+  f.for_user = "alice";
+  f.user_programs = 7;
+  f.user_programs_with_socket = 3;
+  auto r = evaluate(f);
+  EXPECT_EQ(r.exit_code, kExitOk);
+  EXPECT_TRUE(contains(check(r, "environment").detail, "3 of alice's 7 programs"));
+  f.user_programs_with_socket = 0;
+  r = evaluate(f);
+  EXPECT_EQ(check(r, "environment").result, CheckResult::kWarn);
+  EXPECT_EQ(check(r, "environment").cause, "no-program-with-socket");
+  EXPECT_EQ(r.exit_code, kExitWarning);
+  EXPECT_TRUE(contains(render_text(r, f), "user alice"));
+  EXPECT_EQ(render_json(r, f)["user"], "alice");
+}
+
+TEST(DoctorRenderJson, HeadHasSchemaVersionTimestampAndHost) {
+  auto f = healthy();
+  f.host = "ts-01.hospital.local";
+  f.timestamp = "2026-12-05T06:40:00Z";
+  const auto j = render_json(evaluate(f), f);
+  EXPECT_EQ(j["schema_version"], kJsonSchemaVersion);
+  EXPECT_EQ(j["host"], "ts-01.hospital.local");
+  EXPECT_EQ(j["timestamp"], "2026-12-05T06:40:00Z");
+  EXPECT_TRUE(j["checks"][0].contains("cause"));
+  EXPECT_TRUE(j["checks"][0]["cause"].is_null());
+}
+
+TEST(DoctorJson, UtcTimestampIsIso8601) {
+  const std::string t = utc_timestamp();
+  ASSERT_EQ(t.size(), 20u) << t;
+  EXPECT_EQ(t[4], '-');
+  EXPECT_EQ(t[10], 'T');
+  EXPECT_EQ(t.back(), 'Z');
+  EXPECT_FALSE(host_name().empty());
 }
 
 }  // namespace

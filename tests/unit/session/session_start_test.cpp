@@ -129,7 +129,7 @@ TEST(DoctorStart, AFailedStartIsTheFirstProblem) {
   ASSERT_FALSE(r.checks.empty());
   EXPECT_EQ(r.checks.front().id, "start");
   EXPECT_EQ(r.first_problem, "start");
-  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_EQ(r.exit_code, kExitCritical);
   EXPECT_EQ(r.verdict, "broken");
   EXPECT_NE(r.checks.front().detail.find("must belong to root"), std::string::npos) << r.checks.front().detail;
   const auto text = render_text(r, f);
@@ -165,7 +165,7 @@ TEST(DoctorXrdpChannel, MissingEntryIsNamed) {
   f.xrdp_channel_allowed = false;
   auto r = evaluate(f);
   EXPECT_EQ(r.first_problem, "channel");
-  EXPECT_EQ(r.exit_code, 5);
+  EXPECT_EQ(r.exit_code, kExitCritical);
   const auto& c = r.checks[3];
   ASSERT_EQ(c.id, "channel");
   EXPECT_NE(c.detail.find("[Channels] CBRIDGE=true is missing"), std::string::npos) << c.detail;

@@ -2,6 +2,7 @@
 // its retries, sessions and instances, what a desk must not send, liveness probes while
 // requests are outstanding, and what the programs see when the desk goes away or comes
 // back (in-flight calls fail, handles become orphans; pcsc-protocol.md §1.3, §5.2).
+#include <algorithm>
 #include <cstdint>
 #include <variant>
 #include <vector>
@@ -372,6 +373,44 @@ TEST(ShimCoreDeskLoss, AnUnpluggedReaderOrphansItsHandlesEvenIfItComesBack) {
   EXPECT_EQ(a.transmit_reply().rv, kEInvalidValue);
   EXPECT_EQ(r.fx.desk.size(), before);
   EXPECT_EQ(b.scard_status(hb), kSuccess) << "the other reader's handle is untouched";
+}
+
+// =====================================================================================
+// The desk's own PC/SC service and the audit events (issue 10)
+
+TEST(ShimCoreDeskLink, TheDesksMissingPcscServiceIsKeptUntilItAnswersAgain) {
+  Rig r;
+  r.desk.connect_transport();
+  r.desk.hello_as(0x51, /*reply=*/false);
+  r.desk.expect_hello();
+  ASSERT_TRUE(r.core.desk_up());
+  EXPECT_EQ(r.core.desk_service_rv(), 0u);
+  r.desk.send(pr::Message{0, pr::ReaderSnapshot{1, {}, pcsc::kENoService}});
+  EXPECT_EQ(r.core.desk_service_rv(), pcsc::kENoService);
+  r.desk.send(pr::Message{0, pr::ReaderSnapshot{2, {card_in(kReaderA, 1)}, 0}});
+  EXPECT_EQ(r.core.desk_service_rv(), 0u) << "the desk's pcscd is back";
+  r.desk.send(pr::Message{0, pr::ReaderSnapshot{3, {}, pcsc::kENoService}});
+  r.desk.transport_down();
+  EXPECT_EQ(r.core.desk_service_rv(), 0u) << "no desk, no verdict on its service";
+}
+
+TEST(ShimCoreAudit, DeskSessionsReadersAndCardConnectsAreAuditedATransmitIsNot) {
+  Rig r(kStandardDesk);
+  auto has = [&r](const std::string& text, bool from_client) {
+    return std::any_of(r.fx.audits.begin(), r.fx.audits.end(), [&](const auto& a) {
+      return a.second.find(text) != std::string::npos && (a.first != 0) == from_client;
+    });
+  };
+  EXPECT_TRUE(has("desk connected: declared-name='desk-under-test'", false));
+  EXPECT_TRUE(has("reader added: reader='" + kReaderA + "'", false));
+  auto [c, card] = r.connected_client();
+  EXPECT_TRUE(has("card connected: reader='" + kReaderA + "'", true));
+  EXPECT_TRUE(has("share=shared", true));
+  const std::size_t before = r.fx.audits.size();
+  c.send_transmit(card, Bytes{0x00, 0x84, 0x00, 0x00, 0x08}, 300);
+  EXPECT_EQ(r.fx.audits.size(), before) << "a transmit is no audit event";
+  r.desk.transport_down();
+  EXPECT_TRUE(has("desk disconnected: declared-name='desk-under-test'", false));
 }
 
 }  // namespace

@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <istream>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace cardbridge::session {
 
@@ -27,5 +29,13 @@ struct CardIdentity {
 
 CardIdentity identify_atr(std::span<const uint8_t> atr);
 const char* kind_name(CardKind k);  // "cps3", "vitale2", "unknown"...
+
+// pcsc-tools' ATR list (package pcsc-tools): ATR patterns (regular expressions over the ATR
+// as "3B 95 13 ..."), each followed by tab-indented descriptions. Used to name the cards our
+// own table does not know.
+inline constexpr const char* kAtrListPath = "/usr/share/pcsc/smartcard_list.txt";
+// The descriptions of the first pattern that matches |atr| (empty: no match, or no list).
+std::vector<std::string> describe_from_atr_list(std::span<const uint8_t> atr, std::istream& list);
+std::vector<std::string> describe_from_atr_list(std::span<const uint8_t> atr, const std::string& path = kAtrListPath);
 
 }  // namespace cardbridge::session

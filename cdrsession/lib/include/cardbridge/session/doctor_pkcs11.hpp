@@ -40,9 +40,10 @@ Pkcs11Facts parse_pkcs11_probe(const std::string& module, const nlohmann::json& 
 nlohmann::json run_pkcs11_probe(const std::string& module);
 
 // Starts |self| (this program) as "cdrsession pkcs11-probe --module M" with
-// PCSCLITE_CSOCK_NAME=|socket| and waits at most |timeout| for its answer.
+// PCSCLITE_CSOCK_NAME=|socket| and waits at most |timeout| for its answer. |as_uid|: run the
+// probe as that user (root's `doctor --user`: the shim admits its own user only).
 Pkcs11Facts probe_pkcs11(const std::string& self, const std::string& module, const std::string& socket,
-                         std::chrono::seconds timeout);
+                         std::chrono::seconds timeout, std::optional<unsigned> as_uid = std::nullopt);
 
 // Name of a CK_RV (CKR_PIN_INCORRECT ...), "0x%08lX" for others.
 std::string ckr_name(unsigned long rv);

@@ -15,6 +15,11 @@ struct SupervisorOptions {
   std::vector<std::string> shim_args;
   int until_pid = 0;                // 0: none
   std::string log_file;             // shim stderr goes here ("" = inherit)
+  // When >= 0: the shim's stderr is this journal stream (journal::open_stream), announced to
+  // it in JOURNAL_STREAM so that it logs journald-native; log_file is then unused.
+  int journal_fd = -1;
+  // Set in the shim's environment (the session key for its log and audit fields).
+  std::vector<std::pair<std::string, std::string>> env;
 };
 
 int run_supervisor(const SessionPaths& paths, const SupervisorOptions& options);

@@ -41,6 +41,7 @@
 
 #include "cardbridge/protocol/link_session.hpp"
 #include "cardbridge/protocol/messages.hpp"
+#include "cardbridge/desk_core/desk_audit.hpp"
 #include "cardbridge/desk_core/image_store.hpp"
 #include "cardbridge/desk_core/imager.hpp"
 #include "cardbridge/desk_core/pcsc_call.hpp"
@@ -55,6 +56,8 @@ using LaneId = uint64_t;  // the core's id for a lane (never reused)
 struct DeskConfig {
   std::string desk_name;   // shown to the server (doctor, audit): the thin client's name
   std::string software = "cardbridge-desk";
+  // For the audit trail: how servers reach this desk ("rdp static channel", "tls:0.0.0.0:4433").
+  std::string link;
   uint64_t capabilities = 0;
   Policy policy;
   std::chrono::milliseconds hello_retry{500};
@@ -88,6 +91,8 @@ class DeskEffects {
   virtual void execute(LaneId lane, PcscCall c) = 0;
   // Lane |lane| will never be asked for a call again (its PC/SC context is released).
   virtual void lane_closed(LaneId lane) = 0;
+  // An audit event (desk_audit.hpp).
+  virtual void audit(const DeskAudit& event) { (void)event; }
 };
 
 struct DeskStats {
@@ -123,8 +128,10 @@ class DeskCore : private protocol::LinkSession::Handler {
   // ---- the edge ----
   void call_done(LaneId lane, CallResult result, TimePoint now);
   // The reader monitor's view (already filtered by the policy), whenever it may have
-  // changed; pushed to the server when it did.
-  void readers(std::vector<protocol::ReaderInfo> readers, TimePoint now);
+  // changed; pushed to the server when it did. |service_rv|: 0 while the desk's PC/SC
+  // service answers, else the error it fails with (then no reader); the server hears it
+  // when it has the desk-service capability.
+  void readers(std::vector<protocol::ReaderInfo> readers, TimePoint now, uint32_t service_rv = 0);
   // Ends the server session and releases every context; idle() once all lanes are gone.
   void shutdown(TimePoint now);
   bool idle() const { return lanes_.empty() && imaging_.empty(); }
@@ -154,6 +161,7 @@ class DeskCore : private protocol::LinkSession::Handler {
   void session_ended(const std::string& reason, TimePoint now) override;
   void received_request(uint32_t id, protocol::Request&& r, TimePoint now) override;
 
+  void send_snapshot();
   Lane* lane_for(const protocol::Request& r, uint32_t id);
   void retire_all();
   void retire(Lane& lane);
@@ -162,6 +170,7 @@ class DeskCore : private protocol::LinkSession::Handler {
   void advance(Lane& lane, Task& task, CallResult r);  // the task's next step
   void execute(Lane& lane, PcscCall c);
   void finish(Lane& lane, protocol::Reply reply);  // replies, ends the task, pumps
+  void audit_control_refused(uint32_t code);
   void close_lane(Lane& lane);
   bool ordered(const Task& task) const;  // the requests it waits for are done
   void task_done(uint32_t id);
@@ -170,7 +179,8 @@ class DeskCore : private protocol::LinkSession::Handler {
   const std::string* reader_of(const protocol::Request& r) const;
 
   // ---- the card image (desk_core.cpp, "card image") ----
-  void publish_readers();                 // the snapshot with image states; pushed when it changed
+  // The snapshot with image states; pushed when it changed (or when the desk's service status did).
+  void publish_readers(bool service_changed = false);
   void touch(const std::string& reader);  // a program's request for |reader|: imaging yields
   bool session_busy(const std::string& reader) const;
   void publish_busy();  // session_busy() of every reader, for the other links' imaging
@@ -202,6 +212,8 @@ class DeskCore : private protocol::LinkSession::Handler {
     LaneId lane = 0;
     ScardHandle card = 0;
     std::string reader;
+    // The reader's answer to CM_IOCTL_GET_FEATURE_REQUEST, once asked (policy: PIN-pad codes).
+    std::optional<std::vector<ReaderFeature>> features;
   };
   std::map<uint32_t, HandleEntry> handles_;  // desk handle id -> PC/SC handle
   uint32_t next_handle_ = 1;

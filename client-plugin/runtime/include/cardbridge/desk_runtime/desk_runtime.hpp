@@ -94,6 +94,7 @@ class DeskRuntime : private DeskEffects {
   void close_link(const std::string& reason) override;
   void execute(LaneId lane, PcscCall c) override;
   void lane_closed(LaneId lane) override;
+  void audit(const DeskAudit& event) override;  // journald (cardbridge/journal/audit.hpp)
 
   void pool_loop();
   void run(Lock& lock, Task task);  // makes the call without mu_, reports it with it
@@ -104,6 +105,8 @@ class DeskRuntime : private DeskEffects {
 
   CardApi& api_;
   Io io_;
+  const std::string desk_name_;  // for the audit trail
+  const std::string link_;
   mutable std::mutex mu_;
   std::condition_variable work_cv_;  // pool threads: a task, the reading turn, or stopping
   std::condition_variable idle_cv_;  // the core went idle (stop())

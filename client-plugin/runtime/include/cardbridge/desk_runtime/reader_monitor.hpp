@@ -21,7 +21,9 @@ namespace cardbridge::client {
 
 class ReaderMonitor {
  public:
-  using Publish = std::function<void(std::vector<protocol::ReaderInfo>)>;
+  // The readers, and 0 -- or the error with which the desk's PC/SC service fails (e.g.
+  // SCARD_E_NO_SERVICE: no pcscd), then with no reader.
+  using Publish = std::function<void(std::vector<protocol::ReaderInfo>, uint32_t service_rv)>;
   ReaderMonitor(CardApi& api, Policy policy, Publish publish,
                 std::chrono::milliseconds resync = std::chrono::milliseconds{60000});
   ~ReaderMonitor();

@@ -18,6 +18,10 @@ std::optional<spdlog::level::level_enum> parse_level(std::string_view name);
 void init(spdlog::level::level_enum level, std::string_view program);
 // A named logger sharing the stderr sink (created on first use).
 std::shared_ptr<spdlog::logger> get(const std::string& name);
+// From now on every logger (existing and future) writes to |sink| instead of stderr: the
+// journal (cardbridge::journal), FreeRDP's WLog (the add-in). Call at start-up, before other
+// threads log.
+void set_sink(spdlog::sink_ptr sink);
 
 // A component's named logger, resolved once on first use. The one way code gets a logger:
 //   namespace { log::Channel logger{"cardbridge.shim"}; }

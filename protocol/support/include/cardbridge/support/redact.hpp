@@ -1,14 +1,20 @@
 // Redaction of card traffic for logs. Security rule: PIN-bearing or key-bearing APDUs and
-// every control (IOCTL) buffer are never printed, at any log level.
+// every control (IOCTL) buffer are never printed, at any log level, and neither is the
+// length of a PIN; card data (what the card answers: a READ BINARY answer is the holder's
+// identity, personal data) is not printed either unless the process was started with an
+// explicit diagnostic option (set_card_data_logging).
 //
-// Policy: a command APDU's header (CLA INS P1 P2) and lengths are always printable. Its
-// data field, and the response data of that command, are printed only when the
-// instruction is on a short allow-list of instructions that carry no secrets (SELECT,
-// READ BINARY/RECORD, GET RESPONSE, GET DATA, GET CHALLENGE, MANAGE CHANNEL) and the
-// command is not secure-messaging protected. GET RESPONSE data is always redacted (it
-// carries the output of the previous command, which may be secret). Everything else is
-// shown as "<n bytes redacted>". This is an allow-list on purpose: unknown instructions
-// are redacted.
+// Policy: a command APDU's header (CLA INS P1 P2) is always printable. A command that
+// carries a PIN (VERIFY, CHANGE REFERENCE DATA, RESET RETRY COUNTER, ENABLE/DISABLE
+// VERIFICATION REQUIREMENT, odd-INS variants, any class) shows its header and
+// "<PIN redacted>": neither its bytes nor its length (Lc). Other commands show Lc; their
+// data is printed only when the instruction is on a short allow-list of instructions that
+// carry no secrets (SELECT, READ BINARY/RECORD, GET RESPONSE, GET DATA, GET CHALLENGE,
+// MANAGE CHANNEL) and the command is not secure-messaging protected. Response data is
+// shown as "<n bytes redacted>", except, with card-data logging on, the answers of those
+// allow-listed commands (GET RESPONSE never: it carries the output of the previous
+// command, which may be secret). Control buffers show neither bytes nor length (PIN-pad
+// structures). This is an allow-list on purpose: unknown instructions are redacted.
 #pragma once
 
 #include <cstdint>
@@ -25,11 +31,18 @@ bool apdu_body_loggable(std::span<const uint8_t> command);
 // the APDUs whose data is a PIN. Used by the audit counters and tests.
 bool apdu_carries_pin(std::span<const uint8_t> command);
 
-// "00 A4 04 00 Lc=7 [A0 00 00 ...]" or "00 20 00 01 Lc=8 <8 bytes redacted>".
+// Card data in logs (the answers of allow-listed commands): off unless a program's
+// diagnostic option (--unsafe-log-card-data) turns it on. Process-wide.
+void set_card_data_logging(bool on);
+bool card_data_logging();
+
+// "00 A4 04 00 Lc=7 [A0 00 00 ...]", "00 2A 9E 9A Lc=35 <35 bytes redacted>" or
+// "00 20 00 01 <PIN redacted>".
 std::string command(std::span<const uint8_t> apdu);
-// Response of |command_apdu|: "SW=9000 [data]" or "SW=9000 <n bytes redacted>".
+// Response of |command_apdu|: "SW=9000 <n bytes redacted>", or with card-data logging on
+// and an allow-listed command, "SW=9000 [data]".
 std::string response(std::span<const uint8_t> command_apdu, std::span<const uint8_t> response);
-// Control buffers are always redacted: "ctl 0x42000D48 <n bytes>".
+// Control buffers are always redacted, length included: "ctl 0x42000D48 <buffer redacted>".
 std::string control(uint32_t code, std::span<const uint8_t> buffer);
 
 // The same, formatted only when a log line is actually written (spdlog checks the level

@@ -36,7 +36,8 @@ class Stream {
   // close() (the owner's own decision).
   virtual void start(DataHandler on_data, CloseHandler on_close) = 0;
   virtual void send(std::vector<uint8_t> bytes) = 0;
-  // Closes now (pending writes are dropped).
+  // Closes now (pending writes are dropped). The handlers given to start() never run again
+  // and are released (soon after, from the io_context: close() may be called from one).
   virtual void close(const std::string& reason = "closed locally") = 0;
   // Closes once the queued writes are on the wire.
   virtual void close_after_flush(const std::string& reason) = 0;
@@ -69,6 +70,7 @@ class BasicByteStream final : public Stream, public std::enable_shared_from_this
   void do_read();
   void do_write();
   void finish(const std::string& reason);
+  void release_handlers();  // destroys the handlers from the io_context (we may be in one)
 
   S socket_;
   std::vector<uint8_t> read_buf_;

@@ -60,6 +60,9 @@ inline constexpr uint32_t kMax = 2;
 struct ReaderSnapshot {
   uint64_t sequence = 0;
   std::vector<ReaderInfo> readers;
+  // 0: the desk's PC/SC service answers; else the error it fails with (SCARD_E_NO_SERVICE).
+  // Capability desk-service.
+  uint32_t service_rv = 0;
   friend bool operator==(const ReaderSnapshot&, const ReaderSnapshot&) = default;
 };
 

@@ -46,6 +46,36 @@ namespace cardbridge::shim {
 using Clock = std::chrono::steady_clock;
 using TimePoint = Clock::time_point;
 
+// One audit event of the core: what happened at the desk or to a card. The I/O layer adds
+// who and where (user, session, program pid and executable) and records it (journald).
+struct AuditRecord {
+  enum class Kind : uint8_t {
+    kDeskConnected,     // desk_name (declared), desk_software, desk_identity (verified)
+    kDeskDisconnected,  // desk_name, desk_identity, reason
+    kReaderAdded,       // reader, card_present, atr
+    kReaderRemoved,     // reader
+    kCardInserted,      // reader, atr
+    kCardRemoved,       // reader
+    kCardConnected,     // reader, atr, share_mode (a program connected to the card)
+  };
+  Kind kind = Kind::kDeskConnected;
+  std::string reader;          // as the desk named it (peer text: make it printable to show it)
+  std::vector<uint8_t> atr;
+  std::string desk_name;       // peer text
+  std::string desk_software;   // peer text
+  std::string desk_identity;   // what the transport verified (a uid, a certificate, an RDP channel)
+  std::string reason;
+  uint32_t share_mode = 0;
+  bool card_present = false;
+
+  // "card-connected", "desk-connected", ...
+  const char* event_name() const;
+  // The share mode's name ("shared", "exclusive", "direct").
+  const char* share_text() const;
+  // One line for people: "card connected: reader='...' atr=... share=shared".
+  std::string text() const;
+};
+
 // Implemented by the I/O layer. Calls happen synchronously from ShimCore methods.
 class ShimEffects {
  public:
@@ -61,6 +91,8 @@ class ShimEffects {
   // Audit trail (security officers): which desk, reader and card (ATR only) were used and
   // when. Never APDU contents. |client| is 0 for events that concern no client.
   virtual void audit(ClientId client, const std::string& event) { (void)client; (void)event; }
+  // The same event with its parts; by default, its text goes to audit().
+  virtual void audit_record(ClientId client, const AuditRecord& record) { audit(client, record.text()); }
 };
 
 // Round-trip savings, each switchable (docs/performance.md). Every one keeps what a
@@ -165,6 +197,9 @@ class ShimCore : private protocol::LinkSession::Handler {
   // The desk of the current session, or of the last one (as its hello declared it).
   const std::string& desk_name() const { return desk_.name; }
   const std::string& desk_software() const { return desk_.software; }
+  // 0 while the desk's PC/SC service answers (or the desk does not say: no desk-service
+  // capability), else the error the desk's own pcscd fails with (SCARD_E_NO_SERVICE).
+  uint32_t desk_service_rv() const { return desk_up() ? desk_service_rv_ : 0; }
   // Who the transport verified the desk to be (a uid, a certificate, an RDP channel), for status.
   std::string desk_identity() const { return desk_.verified.describe(); }
   uint64_t negotiated_capabilities() const { return link_.established() ? link_.peer().capabilities : 0; }
@@ -299,6 +334,7 @@ class ShimCore : private protocol::LinkSession::Handler {
   std::mt19937 rng_;
   protocol::LinkSession link_;
   protocol::PeerSession desk_;  // the desk of the current (or last) session
+  uint32_t desk_service_rv_ = 0;  // the last snapshot's service_rv
   ReaderTable readers_;
   HandleTable handles_{readers_};
   std::vector<uint8_t> last_array_;

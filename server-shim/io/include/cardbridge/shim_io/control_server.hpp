@@ -3,7 +3,7 @@
 //   {"cmd":"status"}                 -> desk, readers, clients, counters
 //   {"cmd":"ping","count":N}         -> N desk round trips, median/p99 in microseconds
 //   {"cmd":"audit"}                  -> recent audit events
-// Same-uid peers only (SO_PEERCRED), like the pcsc-lite socket.
+// Same-uid peers and root only (SO_PEERCRED); the pcsc-lite socket admits the same uid only.
 #pragma once
 
 #include <functional>

@@ -7,15 +7,24 @@
 #include <memory>
 #include <string>
 
+#include "cardbridge/transport/fd_reserve.hpp"
 #include "cardbridge/transport/stream.hpp"
 #include "cardbridge/shim_core/shim_core.hpp"
 #include "cardbridge/shim_io/desk_link.hpp"
 
 namespace cardbridge::shim {
 
+// pcscd serves at most this many clients (pcsc-lite PCSC_MAX_CONTEXT_THREADS) and closes
+// the connection of the next one at once; so does the shim.
+inline constexpr std::size_t kMaxClients = 200;
+
 struct ServiceConfig {
   std::string socket_path;  // the pcsc-lite socket (PCSCLITE_CSOCK_NAME)
   ShimConfig core;
+  std::size_t max_clients = kMaxClients;
+  // For the audit trail: the session this shim serves (cdrsession's key) and its desk link.
+  std::string session;
+  std::string desk_link;
 };
 
 class ShimService : private ShimEffects {
@@ -34,9 +43,11 @@ class ShimService : private ShimEffects {
   struct AuditEvent {
     std::string time;  // ISO 8601, local time
     int pid = 0;       // the program concerned, 0 if none
+    std::string exe;   // its executable, when known
     std::string event;
   };
-  // The most recent audit events (also sent to syslog, facility authpriv).
+  // The most recent audit events (also recorded in the journal, or syslog authpriv:
+  // cardbridge/journal/audit.hpp).
   const std::deque<AuditEvent>& audit_events() const { return audit_; }
 
  private:
@@ -45,7 +56,7 @@ class ShimService : private ShimEffects {
   void close_client(ClientId id) override;
   void send_to_desk(std::vector<uint8_t> frame) override;
   void reset_desk_link(const std::string& reason) override;
-  void audit(ClientId client, const std::string& event) override;
+  void audit_record(ClientId client, const AuditRecord& record) override;
 
   void accept();
   void arm_timer();
@@ -63,6 +74,13 @@ class ShimService : private ShimEffects {
   boost::asio::steady_timer timer_;
   std::optional<TimePoint> armed_;  // when timer_ fires
   bool stopped_ = false;
+  // Client limit and accept failures (EMFILE...): one log line when an episode starts and
+  // one when it ends, whatever happens in between (a program retrying in a loop, or an fd
+  // shortage lasting minutes, must not flood the log); accept retries back off to 1 s.
+  bool at_client_limit_ = false;
+  std::size_t refused_at_limit_ = 0;
+  std::size_t accept_failures_ = 0;  // in a row
+  transport::FdReserve fd_reserve_;  // to refuse a client at the fd limit (as pcscd), not leave it waiting
   ino_t socket_inode_ = 0;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };

@@ -5,6 +5,9 @@
 // ordinary stream, so the shim's desk link code is the same as for a desk socket.
 #pragma once
 
+#include <sys/stat.h>
+#include <sys/types.h>
+
 #include <string>
 
 #include "cardbridge/shim_io/desk_link.hpp"
@@ -26,6 +29,13 @@ struct XrdpOptions {
 // True when this process runs inside an xrdp session (chansrv's API socket exists for
 // our DISPLAY).
 bool in_xrdp_session();
+
+// Whether chansrv's socket |entry| (lstat) in the socket directory |dir| (lstat) can be
+// trusted by a shim running as |me|: a directory owned by root or by us, not writable by
+// others unless sticky (/tmp/.xrdp is 1777: another user may create files there, not replace
+// ours); an entry owned by us (chansrv runs as the session's user) or root. Another user's
+// file (`touch /tmp/.xrdp/xrdpapi_77`) is refused, and so is a symbolic link.
+bool xrdp_socket_trusted(const struct stat& dir, const struct stat& entry, uid_t me);
 
 // A Connector that opens the channel (< 1 ms for a static channel, ~50 ms for a dynamic
 // one) once an RDP client is attached to the session: while none is, it waits (polling a
