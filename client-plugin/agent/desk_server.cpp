@@ -125,22 +125,20 @@ void DeskServer::accept() {
       if (ec == boost::asio::error::operation_aborted) return;
       // Out of descriptors: refuse the waiting server with the reserve (its link closes and it
       // retries later) instead of leaving its hello unanswered; said once per episode.
-      ++accept_failures_;
-      const bool refused = transport::FdReserve::is_exhaustion(ec) && fd_reserve_.refuse_one(acceptor_->native_handle());
-      if (accept_failures_ == 1) {
+      const auto step = accept_failures_.failed(ec, acceptor_->native_handle());
+      if (step.in_a_row == 1) {
         logger->error("accept failed: {}; {}not logged again until a connection is accepted", ec.message(),
-                      refused ? "new server connections are refused meanwhile; " : "");
+                      step.refused ? "new server connections are refused meanwhile; " : "");
       }
-      if (refused) return accept();
+      if (step.refused) return accept();
       auto t = std::make_shared<boost::asio::steady_timer>(io_, std::chrono::milliseconds(100));
       t->async_wait([this, t](boost::system::error_code) {
         if (!stopped_) accept();
       });
       return;
     }
-    if (accept_failures_ != 0) {
-      logger->info("accepting server connections again ({} failed accepts before)", accept_failures_);
-      accept_failures_ = 0;
+    if (const auto failed = accept_failures_.accepted(); failed != 0) {
+      logger->info("accepting server connections again ({} failed accepts before)", failed);
     }
     if (max_connections_ != 0 && connections_.size() >= max_connections_) {
       // Refused before any byte: the shim sees its link close and retries later.

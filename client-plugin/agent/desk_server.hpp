@@ -36,8 +36,7 @@ class DeskServer {
   DeskConfig config_;
   transport::TlsContext tls_;
   std::optional<transport::GenericAcceptor> acceptor_;
-  transport::FdReserve fd_reserve_;  // to refuse a server at the fd limit rather than leave it waiting
-  std::size_t accept_failures_ = 0;  // in a row
+  transport::AcceptFailures accept_failures_;  // refuses a server at the fd limit rather than leave it waiting
   std::set<std::shared_ptr<Connection>> connections_;
   bool stopped_ = false;
   std::size_t max_connections_ = 0;

@@ -29,6 +29,7 @@ Logs of every process of a test are in its pytest tmp_path and are printed when 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import stat
@@ -257,7 +258,9 @@ def test_card_over_rdp(rig, desk):
         sess.close()
     assert client.alive()
     # The add-in logs through FreeRDP's WLog (issue 10), under com.cardbridge, while the client runs.
-    wait_until(lambda: f"[INFO][com.cardbridge.addin] - {rig.mode} channel CBRIDGE open" in client.log_text(),
+    # (FreeRDP 3's default WLog layout adds the function: "... - [sink_it_]: static channel ...".)
+    wlog_line = re.compile(rf"\[INFO\]\[com\.cardbridge\.addin\] - (\[\w+\]: )?{rig.mode} channel CBRIDGE open")
+    wait_until(lambda: wlog_line.search(client.log_text()),
                timeout=HANG_GUARD_S, desc="the add-in's WLog lines in the client's output",
                details=lambda: client.log_tail(30))
 

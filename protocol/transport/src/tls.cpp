@@ -154,42 +154,11 @@ PeerIdentity identity_of_certificate(const std::vector<uint8_t>& der, std::strin
   return identity_of(cert.get(), std::move(address));
 }
 
-void async_connect_tls(asio::io_context& io, const Endpoint& ep, TlsContext ctx, std::string peer_name, TlsDone done) {
-  Endpoint tcp = ep;
-  tcp.kind = Endpoint::Kind::kTcp;
-  async_connect(io, tcp, [&io, ctx, peer_name, done](std::optional<GenericSocket> sock, std::string err) {
-    if (!sock) return done(nullptr, {}, err);
-    asio::ip::tcp::socket plain(io);
-    boost::system::error_code ec;
-    const auto local = sock->local_endpoint(ec);
-    if (ec) return done(nullptr, {}, ec.message());
-    const bool v6 = local.protocol().family() == AF_INET6;
-    const auto fd = sock->release(ec);
-    if (ec) return done(nullptr, {}, ec.message());
-    plain.assign(v6 ? asio::ip::tcp::v6() : asio::ip::tcp::v4(), fd, ec);
-    if (ec) return done(nullptr, {}, ec.message());
-    auto tls = std::make_shared<TlsSocket>(std::move(plain), *ctx);
-    if (!peer_name.empty()) {
-      SSL_ctrl(tls->native_handle(), SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name,
-               const_cast<char*>(peer_name.c_str()));  // SSL_set_tlsext_host_name, without its C cast
-    }
-    auto timer = std::make_shared<asio::steady_timer>(io, kHandshakeTimeout);
-    timer->async_wait([tls](boost::system::error_code e) {
-      if (!e) {
-        boost::system::error_code ignored;
-        tls->lowest_layer().close(ignored);
-      }
-    });
-    tls->async_handshake(asio::ssl::stream_base::client, [tls, timer, ctx, done](boost::system::error_code hec) {
-      timer->cancel();
-      if (hec) return done(nullptr, {}, handshake_error(*tls, hec));
-      finish_handshake(tls, /*peer_is_server=*/true, done);
-    });
-  });
-}
-
-void async_accept_tls(GenericSocket tcp, TlsContext ctx, TlsDone done) {
-  auto& io = static_cast<asio::io_context&>(tcp.get_executor().context());
+// Both ends: TLS over an established TCP connection, the handshake bounded by
+// kHandshakeTimeout, then the peer's role check and identity (finish_handshake). The client
+// names the desk it expects in SNI (|peer_name|, may be empty).
+static void handshake(asio::io_context& io, GenericSocket tcp, TlsContext ctx, bool we_are_client,
+                      const std::string& peer_name, TlsDone done) {
   asio::ip::tcp::socket plain(io);
   boost::system::error_code ec;
   const auto local = tcp.local_endpoint(ec);
@@ -200,6 +169,10 @@ void async_accept_tls(GenericSocket tcp, TlsContext ctx, TlsDone done) {
   plain.assign(v6 ? asio::ip::tcp::v6() : asio::ip::tcp::v4(), fd, ec);
   if (ec) return done(nullptr, {}, ec.message());
   auto tls = std::make_shared<TlsSocket>(std::move(plain), *ctx);
+  if (we_are_client && !peer_name.empty()) {
+    SSL_ctrl(tls->native_handle(), SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name,
+             const_cast<char*>(peer_name.c_str()));  // SSL_set_tlsext_host_name, without its C cast
+  }
   auto timer = std::make_shared<asio::steady_timer>(io, kHandshakeTimeout);
   timer->async_wait([tls](boost::system::error_code e) {
     if (!e) {
@@ -207,11 +180,26 @@ void async_accept_tls(GenericSocket tcp, TlsContext ctx, TlsDone done) {
       tls->lowest_layer().close(ignored);
     }
   });
-  tls->async_handshake(asio::ssl::stream_base::server, [tls, timer, ctx, done](boost::system::error_code hec) {
+  const auto type = we_are_client ? asio::ssl::stream_base::client : asio::ssl::stream_base::server;
+  tls->async_handshake(type, [tls, timer, ctx, we_are_client, done](boost::system::error_code hec) {
     timer->cancel();
     if (hec) return done(nullptr, {}, handshake_error(*tls, hec));
-    finish_handshake(tls, /*peer_is_server=*/false, done);
+    finish_handshake(tls, /*peer_is_server=*/we_are_client, done);
   });
+}
+
+void async_connect_tls(asio::io_context& io, const Endpoint& ep, TlsContext ctx, std::string peer_name, TlsDone done) {
+  Endpoint tcp = ep;
+  tcp.kind = Endpoint::Kind::kTcp;
+  async_connect(io, tcp, [&io, ctx, peer_name, done](std::optional<GenericSocket> sock, std::string err) {
+    if (!sock) return done(nullptr, {}, err);
+    handshake(io, std::move(*sock), ctx, /*we_are_client=*/true, peer_name, done);
+  });
+}
+
+void async_accept_tls(GenericSocket tcp, TlsContext ctx, TlsDone done) {
+  auto& io = static_cast<asio::io_context&>(tcp.get_executor().context());
+  handshake(io, std::move(tcp), std::move(ctx), /*we_are_client=*/false, {}, std::move(done));
 }
 
 }  // namespace cardbridge::transport

@@ -117,17 +117,16 @@ void ShimService::accept() {
         // rather than leave it waiting. Other errors: the connection waits in the backlog.
         // Either way, try again later, backing off (100 ms, doubling to 1 s), and say so once
         // per episode.
-        ++accept_failures_;
-        const bool refused = transport::FdReserve::is_exhaustion(ec) && fd_reserve_.refuse_one(acceptor_->native_handle());
-        if (accept_failures_ == 1) {
+        const auto step = accept_failures_.failed(ec, acceptor_->native_handle());
+        if (step.in_a_row == 1) {
           logger->error("accept failed: {}; {}retrying with backoff, not logged again until a client is accepted",
-                        ec.message(), refused ? "new clients are refused meanwhile; " : "");
+                        ec.message(), step.refused ? "new clients are refused meanwhile; " : "");
         } else {
-          logger->debug("accept still failing ({} in a row): {}{}", accept_failures_, ec.message(),
-                        refused ? " (a client refused)" : "");
+          logger->debug("accept still failing ({} in a row): {}{}", step.in_a_row, ec.message(),
+                        step.refused ? " (a client refused)" : "");
         }
-        if (refused) return accept();  // the next client, if any, at once
-        const auto delay = std::chrono::milliseconds(100 << std::min<std::size_t>(accept_failures_ - 1, 3));
+        if (step.refused) return accept();  // the next client, if any, at once
+        const auto delay = std::chrono::milliseconds(100 << std::min<std::size_t>(step.in_a_row - 1, 3));
         auto t = std::make_shared<boost::asio::steady_timer>(io_, std::min(delay, std::chrono::milliseconds(1000)));
         t->async_wait([this, t, alive](boost::system::error_code) {
           if (!alive.expired() && !stopped_) accept();
@@ -135,9 +134,8 @@ void ShimService::accept() {
       }
       return;
     }
-    if (accept_failures_ != 0) {
-      logger->info("accepting clients again ({} failed accepts before)", accept_failures_);
-      accept_failures_ = 0;
+    if (const auto failed = accept_failures_.accepted(); failed != 0) {
+      logger->info("accepting clients again ({} failed accepts before)", failed);
     }
     auto cred = transport::peer_credentials(sock);
     if (!cred || cred->uid != ::geteuid()) {

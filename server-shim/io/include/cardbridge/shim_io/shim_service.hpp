@@ -79,8 +79,7 @@ class ShimService : private ShimEffects {
   // shortage lasting minutes, must not flood the log); accept retries back off to 1 s.
   bool at_client_limit_ = false;
   std::size_t refused_at_limit_ = 0;
-  std::size_t accept_failures_ = 0;  // in a row
-  transport::FdReserve fd_reserve_;  // to refuse a client at the fd limit (as pcscd), not leave it waiting
+  transport::AcceptFailures accept_failures_;  // refuses a client at the fd limit (as pcscd), not leave it waiting
   ino_t socket_inode_ = 0;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
