@@ -172,7 +172,7 @@ int main(int argc, char** argv) {
   cfg.capabilities = cb::protocol::caps::kAll;
   cfg.link = ep->to_string();
   cfg.policy = cb::client::Policy::narrowed(*admin_policy, *own);
-  cfg.card_image = !no_card_image;
+  cfg.card_image = !no_card_image && admin.card_image;  // desk.conf [desk] card-image = off wins
   // Who may be the server: over a UNIX socket this agent's user or root; over TLS the
   // allowed servers; plain TCP only with --insecure-tcp.
   cfg.server_policy.unix_uids = {static_cast<uint32_t>(::geteuid()), 0};
