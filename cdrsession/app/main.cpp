@@ -363,6 +363,14 @@ int main(int argc, char** argv) {
     if (insecure_tcp) o.shim_args.push_back("--insecure-tcp");
     o.env = {{"CARDBRIDGE_SESSION", paths.key}};
     o.until_pid = until_pid;
+    // A typo in server.conf's [shim] section is said here, where the admin looks, not only in
+    // the log of a shim that never came up.
+    if (auto why = cs::check_shim_options(o); !why.empty()) {
+      log->error("{}", why);
+      log_start_failure(paths, why);
+      if (*start) std::cout << start_error_line(why) << "\n";
+      return 1;
+    }
     if (*run) return cs::run_supervisor(paths, o);
 
     // In the background (the xrdp hook): logs go to the journal when journald runs (they

@@ -97,6 +97,11 @@ int main(int argc, char** argv) {
   app.add_flag("--unsafe-log-card-data", log_card_data,
                "diagnostics only: log what the card answers to SELECT/READ BINARY/GET DATA... at debug "
                "level (personal data: the card holder's identity). PINs are never logged");
+  bool check_only = false;
+  app.add_flag("--check-config", check_only,
+               "check the options and the configuration file, then exit (0: accepted; otherwise what is "
+               "wrong, on stderr); cdrsession does this before it starts a session's shim")
+      ->configurable(false);
   CLI11_PARSE(app, argc, argv);
 
   auto lvl = cb::log::parse_level(level);
@@ -177,6 +182,11 @@ int main(int argc, char** argv) {
   if (auto err = cfg.core.optimizations.disable(disabled); !err.empty()) {
     std::cerr << "cardbridge-shim: --disable: " << err << "\n";
     return 2;
+  }
+  if (check_only) {
+    std::cout << "cardbridge-shim: options accepted (desk " << link_text
+              << (config_file.empty() ? "" : ", configuration " + config_file) << ")\n";
+    return 0;
   }
   // Who may be the desk (checked before the first byte): over a UNIX socket this session's
   // user or root (a desk agent or the RDP host's relay); the session's xrdp channel; over TLS

@@ -19,6 +19,11 @@ Parts (all by default; --parts selects):
               and a program in GetStatusChange(INFINITE).
   rdp         Transmit and Status over a real RDP channel, static and dynamic, and the idle cases
               there (tests/bench/rdp_bench.py, also runnable alone as scripts/rdp-bench).
+  profile     (not in the default set) where a Transmit's microseconds go: with every process of both
+              paths on one CPU, perf samples give the CPU per call of each process (client, shim, desk
+              agent, desk pcscd, card emulator) by object (kernel, own code, libprotobuf, libc, ...)
+              and its top symbols; wall minus their sum is time on no process of the chain
+              (tests/bench/hop_profile.py). Needs perf.
 
 How the figures are made trustworthy on a small machine that other work shares:
   * clients are `cb-pcsc serve` processes: they set up (context, card handle) and warm up first,
@@ -92,7 +97,8 @@ CACHED = [("status", "Status"), ("list", "ListReaders"), ("getstatuschange", "Ge
 IDLE_CASES = [("none", "no PC/SC program"),
               ("context", "program holding a context + card handle"),
               ("gsc", "program in GetStatusChange(INFINITE)")]
-PARTS = ["unix", "cached", "concurrent", "idle", "rdp"]
+PARTS = ["unix", "cached", "concurrent", "idle", "rdp", "profile"]
+DEFAULT_PARTS = ["unix", "cached", "concurrent", "idle", "rdp"]
 PLACEMENTS = ["one-cpu", "free"]
 
 # Targets of issue 11 (item 6).
@@ -815,6 +821,73 @@ def part_unix(rig: UnixRig, cfg, checks: List[dict]) -> dict:
     return out
 
 
+def part_profile(rig: UnixRig, cfg, checks: List[dict]) -> dict:
+    """Where a Transmit's microseconds go (tests/bench/hop_profile.py): CPU per call of every
+    process of each path, by object, from perf samples, with everything on one CPU."""
+    import hop_profile as hp
+    why = hp.unavailable()
+    if why:
+        print(f"[profile] skipped: {why}", flush=True)
+        return {"skipped": why}
+    rig.add_shims(1)
+    cpus = [quietest_cpu()]
+    pinned = rig.desk_pids() + [rig.shims[0].pid]
+    period_ns = cfg.profile_period_us * 1000
+    own = {"cardbridge-shim": "own code", "cardbridge-desk": "own code", "cb-pcsc": "own code", "pcscd": "own code"}
+    out = {"cpus": cpus, "calls": cfg.profile_calls, "period_us": cfg.profile_period_us, "sides": {}}
+    set_affinity(pinned, cpus)
+    try:
+        for side, sock in (("direct", rig.desk.socket_path), ("bridged", rig.shim_socks[0])):
+            client = start_clients([sock], "transmit", rig.reader, cfg.warmup, cpus)[0]
+            roles = {client.pid: "client (cb-pcsc)", rig.desk.pcscd_pid: "desk pcscd",
+                     rig.vicc_pid: "card emulator (vicc)"}
+            if side == "bridged":
+                roles.update({rig.shims[0].pid: "cardbridge-shim", rig.agent.pid: "cardbridge-desk"})
+            try:
+                rec = hp.Recording(list(roles), rig.tmp / f"perf-{side}.data", period_ns)
+                try:
+                    res = run_block([client], cfg.profile_calls)
+                finally:
+                    rec.stop()
+            finally:
+                close_all([client])
+            procs = hp.breakdown(rec.samples(), roles, own, period_ns, res["calls"])
+            cpu_sum = round(sum(p["us_per_call"] for p in procs.values()), 1)
+            wall = statistics.mean(res["us"]) if res["us"] else 0.0
+            out["sides"][side] = {"wall_mean_us": round(wall, 1), "wall_median_us": summary(res["us"])["median_us"],
+                                  "calls": res["calls"], "failures": res["failures"], "cpu_sum_us": cpu_sum,
+                                  "off_chain_us": round(wall - cpu_sum, 1), "processes": procs}
+            checks.append(check(f"profile: {side} Transmits answered", res["failures"] == 0 and res["calls"] > 0,
+                                f"{res['calls']} calls, {res['failures']} wrong"))
+    finally:
+        set_affinity(pinned, ALL_CPUS)
+    print_profile(out)
+    return out
+
+
+def print_profile(p: dict) -> None:
+    d, b = p["sides"]["direct"], p["sides"]["bridged"]
+    print(f"\nWhere a Transmit's time goes: every process on CPU {p['cpus'][0]}, perf cpu-clock sample every "
+          f"{p['period_us']} us of CPU, {p['calls']} calls per side; microseconds of CPU per call")
+    print(f"  {'process':22} {'direct':>8} {'bridged':>8}   bridged, by object")
+    names = ["client (cb-pcsc)", "cardbridge-shim", "cardbridge-desk", "desk pcscd", "card emulator (vicc)"]
+    for n in names:
+        dv = d["processes"].get(n, {}).get("us_per_call")
+        bv = b["processes"].get(n, {}).get("us_per_call")
+        objs = ", ".join(f"{g} {v}" for g, v in b["processes"].get(n, {}).get("by_object", {}).items() if v >= 0.5)
+        print(f"  {n:22} {('-' if dv is None else f'{dv:.1f}'):>8} {('-' if bv is None else f'{bv:.1f}'):>8}   {objs}")
+    print(f"  {'sum of CPU':22} {d['cpu_sum_us']:>8.1f} {b['cpu_sum_us']:>8.1f}")
+    print(f"  {'wall per call (mean)':22} {d['wall_mean_us']:>8.1f} {b['wall_mean_us']:>8.1f}   "
+          f"ratio {b['wall_mean_us'] / max(0.1, d['wall_mean_us']):.2f}")
+    print(f"  {'on no process of chain':22} {d['off_chain_us']:>8.1f} {b['off_chain_us']:>8.1f}")
+    added = b["cpu_sum_us"] - d["cpu_sum_us"]
+    print(f"  bridged - direct: {b['wall_mean_us'] - d['wall_mean_us']:.1f} us wall, {added:.1f} us CPU")
+    for n in ("cardbridge-shim", "cardbridge-desk"):
+        top = b["processes"].get(n, {}).get("top_symbols", [])
+        if top:
+            print(f"  {n} top: " + "; ".join(f"{t['symbol']} {t['us_per_call']}" for t in top))
+
+
 def part_cached(rig: UnixRig, cfg, checks: List[dict]) -> dict:
     rig.add_shims(1)
     meter = Meter({"shim": [rig.shims[0].pid]})
@@ -1028,7 +1101,11 @@ def report(results: dict, cfg) -> List[dict]:
 # ============================================================================ main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                    help=f"comma-separated subset of {','.join(PARTS)} (default: all but profile)")
+    ap.add_argument("--profile-calls", type=int, help="profile part: Transmits per side (default 3000; quick 1000)")
+    ap.add_argument("--profile-period-us", type=int, default=50,
+                    help="profile part: a perf sample every this many microseconds of CPU")
     ap.add_argument("--quick", action="store_true", help="short form for CI (the deterministic checks are the same)")
     ap.add_argument("--placement", help="latency comparisons to run: one-cpu, free or both (default both, quick "
                                         "one-cpu; targets use one-cpu)")
@@ -1052,6 +1129,7 @@ def parse_args(argv=None):
     a.rounds = a.rounds or (3 if q else 9)
     a.calls = a.calls or (200 if q else 1000)
     a.conc_rounds = a.conc_rounds or (3 if q else 7)
+    a.profile_calls = a.profile_calls or (1000 if q else 3000)
     a.conc_seconds = a.conc_seconds or (0.3 if q else 1.0)
     a.idle_seconds = a.idle_seconds if a.idle_seconds is not None else (10.0 if q else 60.0)
     if q:
@@ -1087,7 +1165,8 @@ def main(argv=None) -> int:
         try:
             rig = UnixRig(tmp, cfg.log_level)
             for part in unix_parts:
-                fn = {"unix": part_unix, "cached": part_cached, "concurrent": part_concurrent, "idle": part_idle}[part]
+                fn = {"unix": part_unix, "cached": part_cached, "concurrent": part_concurrent, "idle": part_idle,
+                      "profile": part_profile}[part]
                 load.begin(part)
                 results["parts"][part] = fn(rig, cfg, checks)
                 rec = load.end()

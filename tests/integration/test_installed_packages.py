@@ -5,6 +5,8 @@ files only, purge, and nothing is left behind.
       -> dpkg -i: cardbridge-server, cardbridge-freerdp2, cardbridge-freerdp3, cardbridge-desk
       -> checks of the installed system: FreeRDP's add-in directories, /run/cardbridge (1733 root),
          nothing turned on (no opt-in marker, the user unit not enabled, xrdp.ini untouched)
+      -> the desk agent's unit: its system user exists, and the agent runs as that user with a
+         desk.conf, from the unit's own command line
       -> tests/integration/test_xrdp_e2e.py with CARDBRIDGE_INSTALLED=1: /usr/bin/cdrsession and
          cardbridge-shim, /etc/profile.d/cardbridge.sh, /usr/libexec/cardbridge/cardbridge-xrdp-config,
          the add-in from /usr/lib/x86_64-linux-gnu/freerdp2 (stock xfreerdp) -- the build tree gives
@@ -24,8 +26,11 @@ import hashlib
 import os
 import re
 import stat
+import pwd
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Dict, Set
 
@@ -39,7 +44,7 @@ XRDP_INI = Path("/etc/xrdp/xrdp.ini")
 
 # Where the packages, their maintainer scripts and `cdrsession enable` may write.
 WATCHED = ["/etc", "/usr/bin", "/usr/libexec/cardbridge", f"{LIBDIR}/freerdp2", f"{LIBDIR}/freerdp3",
-           "/usr/lib/systemd/user", "/usr/lib/tmpfiles.d", "/usr/share/doc", "/usr/share/man/man1",
+           "/usr/lib/systemd/user", "/usr/lib/systemd/system", "/usr/lib/tmpfiles.d", "/usr/lib/sysusers.d", "/usr/share/doc", "/usr/share/man/man1",
            "/usr/share/lintian/overrides", "/run", "/var/lib/systemd"]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="installs packages (root)")
@@ -148,6 +153,47 @@ def test_installed_layout(system):
     assert hook.is_file() and "enabled/xrdp" in hook.read_text()
     assert "/etc/profile.d/cardbridge.sh" in run("dpkg-query", "--showformat=${Conffiles}", "-W",
                                                   "cardbridge-server").stdout
+
+
+def test_desk_service_runs_as_its_own_user(system):
+    """cardbridge-desk.service names a system user of its own: the package creates it (no login,
+    no home), and the agent runs as that user with the admin's desk.conf, as the unit starts it."""
+    unit = Path("/usr/lib/systemd/system/cardbridge-desk.service").read_text()
+    user = re.search(r"^User=(\S+)$", unit, re.M).group(1)
+    group = re.search(r"^Group=(\S+)$", unit, re.M).group(1)
+    exec_start = re.search(r"^ExecStart=(.+)$", unit, re.M).group(1).split()
+    pw = pwd.getpwnam(user)  # KeyError: the unit's user does not exist, the service cannot start
+    assert pw.pw_uid < 1000 and pw.pw_shell in ("/usr/sbin/nologin", "/bin/false"), pw
+    assert not Path(pw.pw_dir).exists(), pw
+    assert Path("/usr/lib/sysusers.d/cardbridge-desk.conf").is_file()
+    with tempfile.TemporaryDirectory(prefix="cb-deskunit-") as d:
+        os.chmod(d, 0o755)
+        run_dir = Path(d) / "run"
+        run_dir.mkdir()
+        os.chown(run_dir, pw.pw_uid, pw.pw_gid)
+        conf = Path(d) / "desk.conf"
+        conf.write_text(f"[desk]\nname = UNIT-TEST-DESK\n[agent]\nlisten = unix:{run_dir}/desk.sock\n")
+        # The unit's command line, with this file instead of /etc/cardbridge/desk.conf and stderr.
+        argv = [a if a != "/etc/cardbridge/desk.conf" else str(conf) for a in exec_start]
+        argv = [a for a in argv if a not in ("--log-target", "journal")]
+        assert argv[0] == "/usr/bin/cardbridge-desk" and str(conf) in argv, exec_start
+        env = {"PATH": "/usr/bin:/bin", "PCSCLITE_CSOCK_NAME": str(Path(d) / "no-pcscd.comm")}
+        p = subprocess.Popen(["setpriv", f"--reuid={user}", f"--regid={group}", "--clear-groups", *argv],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            sock = run_dir / "desk.sock"
+            for _ in range(200):
+                if sock.exists() or p.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert p.poll() is None, f"the agent exited as {user}: {p.communicate()[0][-3000:]}"
+            assert sock.exists(), "the agent did not listen"
+            assert os.stat(sock).st_uid == pw.pw_uid
+            assert int(Path(f"/proc/{p.pid}/status").read_text().split("Uid:")[1].split()[1]) == pw.pw_uid
+        finally:
+            p.terminate()
+            out = p.communicate(timeout=10)[0]
+        assert "UNIT-TEST-DESK" in out or "listening" in out, out[-2000:]
 
 
 def _e2e(flavour: str, *select: str) -> subprocess.CompletedProcess:

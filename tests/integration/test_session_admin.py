@@ -5,7 +5,8 @@ desk agent, real shims started by `cdrsession start`, the real libpcsclite):
                                          (not "plug the reader in")
     test_server_conf_reaches_the_shim    /etc/cardbridge/server.conf [shim] (here $CARDBRIDGE_ETC) is
                                          applied by the shim cdrsession starts
-    test_server_conf_mistake_is_named    a typo in server.conf stops cdrsession with file, section and key
+    test_server_conf_mistake_is_named    a typo in server.conf ([cdrsession] or the shim's [shim]) stops
+                                         the session's start with file, section and key
     test_desk_conf_policy_only_narrows   desk.conf [desk] hides readers the agent's own options ask for,
                                          its desk name wins, and card-image = off turns the image off
     test_desk_conf_mistake_stops_agent   a typo in desk.conf: the agent refuses to start, naming it
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from test_session_support import (DESK_BIN, EXIT, HANG_GUARD_S, DeskAgent, Proc, Sessions, ThrowawayUser, cdr,
+from test_session_support import (artefact, DESK_BIN, EXIT, HANG_GUARD_S, DeskAgent, Proc, Sessions, ThrowawayUser, cdr,
                                   check_of, control, doctor, export_socket, require_built, run, session_env,
                                   shim_reader_names, short_tmp, wait_until)
 
@@ -86,6 +87,7 @@ def test_desk_without_pcscd_is_named(base, sessions):
         assert check_of(rep, "readers")["result"] == "skipped", rep
         code_t, text, _ = doctor(env, "--pings", "3")
         assert code_t == 2 and "desk PC/SC service" in text, text
+        artefact("doctor-desk-without-pcscd.txt", f"$ cdrsession doctor   (exit {code_t})\n{text}")
         status = cdr("status", env=env)
         assert "the desk's PC/SC service fails: SCARD_E_NO_SERVICE" in status.stdout, status.stdout
     finally:
@@ -131,6 +133,18 @@ def test_server_conf_mistake_is_named(base):
     assert r.returncode != 0, r
     line = next(l for l in r.stdout.splitlines() if l.startswith("CARDBRIDGE_START_ERROR="))
     assert "configuration: " in line and "log-levle" in line and line.endswith("; export CARDBRIDGE_START_ERROR"), line
+    # A typo in the shim's own section ([shim], which only the shim reads) is named by the
+    # start too, not left to the log of a shim that never came up.
+    (etc / "server.conf").write_text("[shim]\ndisable = defer-begin\nlog-levle = debug\n")
+    r = cdr("start", "--desk", f"unix:{base}/nowhere.sock", env=session_env(str(rt), CARDBRIDGE_ETC=str(etc)))
+    assert r.returncode != 0, r
+    line = next(l for l in r.stdout.splitlines() if l.startswith("CARDBRIDGE_START_ERROR="))
+    assert "the shim refuses its options" in line and "[shim]" in line and "log-levle" in line, line
+    assert "did not come up" not in line and "--help" not in line, line
+    (etc / "server.conf").write_text("[shim]\ndisable = defer-begin, no-such-optimisation\n")
+    r = cdr("start", "--desk", f"unix:{base}/nowhere.sock", env=session_env(str(rt), CARDBRIDGE_ETC=str(etc)))
+    line = next(l for l in r.stdout.splitlines() if l.startswith("CARDBRIDGE_START_ERROR="))
+    assert r.returncode != 0 and "--disable" in line and "no-such-optimisation" in line, line
     (etc / "server.conf").write_text("[shmi]\nlog-level = debug\n")
     r = cdr("env", env=session_env(str(rt), CARDBRIDGE_ETC=str(etc)))
     assert r.returncode != 0 and "unknown section [shmi]" in r.stderr + r.stdout, r

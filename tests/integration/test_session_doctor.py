@@ -35,7 +35,7 @@ import subprocess
 
 import pytest
 
-from test_session_support import (CPS3_ATR, HANG_GUARD_S, EXIT, EXIT_WARNING, VICC_ATR, DelayRelay, DeskAgent, SessionDir, start_desk,
+from test_session_support import (artefact, CPS3_ATR, HANG_GUARD_S, EXIT, EXIT_WARNING, VICC_ATR, DelayRelay, DeskAgent, SessionDir, start_desk,
                                   Sessions, check_of, doctor, export_socket, require_built, session_env, short_tmp,
                                   shim_reader_names, wait_until)
 
@@ -130,6 +130,7 @@ def test_healthy(healthy):
     env, sd = healthy
     code_t, text, code_j, rep = both_forms(env)
     expect(code_t, text, code_j, rep, "healthy", "healthy")
+    artefact("doctor-healthy.txt", f"$ cdrsession doctor   (exit {code_t})\n{text}")
     assert f"CardBridge doctor: session 'default' (none), uid {os.getuid()}" in text, text
     assert "desk 'DESK-CPS3' connected" in text and "CPS3 in 'Doc Reader 00 00'" in text, text
     assert rep["session"] == {"type": "none", "key": "default", "uid": os.getuid(), "socket": sd.socket,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from test_session_support import (CPS3_ATR, GET_CHALLENGE, HANG_GUARD_S, DeskAgent, Proc, Sessions, cb_pcsc, cdr,
+from test_session_support import (artefact, CPS3_ATR, GET_CHALLENGE, HANG_GUARD_S, DeskAgent, Proc, Sessions, cb_pcsc, cdr,
                                   export_socket, require_built, session_env, shim_reader_names, short_tmp, wait_until)
 
 JOURNALD = "/lib/systemd/systemd-journald"
@@ -134,6 +134,14 @@ def test_desk_audit(world):
     assert e["CARDBRIDGE_ATR"] == CPS3_ATR and e["CARDBRIDGE_USER"] == "root", e
     events = {x["CARDBRIDGE_EVENT"] for x in journal(f"MESSAGE_ID={AUDIT_ID}", "SYSLOG_IDENTIFIER=cardbridge-desk")}
     assert "server-connected" in events, events
+    # For a person to read (CARDBRIDGE_ARTEFACTS): the audit trail of both ends, and one entry whole.
+    jc = ["journalctl", "-D", "/run/log/journal", "--no-pager"]
+    short = subprocess.run([*jc, "-o", "short-iso", f"MESSAGE_ID={AUDIT_ID}"], capture_output=True, text=True).stdout
+    whole = subprocess.run([*jc, "-o", "verbose", "-n", "1", f"MESSAGE_ID={AUDIT_ID}", "CARDBRIDGE_EVENT=card-connected",
+                            "SYSLOG_IDENTIFIER=cardbridge-shim"], capture_output=True, text=True).stdout
+    artefact("journal-audit.txt", f"$ journalctl -o short-iso MESSAGE_ID={AUDIT_ID}\n{short}\n"
+                                  f"$ journalctl -o verbose -n 1 MESSAGE_ID={AUDIT_ID} CARDBRIDGE_EVENT=card-connected "
+                                  f"SYSLOG_IDENTIFIER=cardbridge-shim\n{whole}")
 
 
 def test_failed_start_is_logged_as_an_error(world):

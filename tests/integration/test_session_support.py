@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
-from cbharness import HANG_GUARD_S, EmulatedDesk, Proc, last_json_line, shim_control, wait_until  # noqa: E402,F401
+from cbharness import HANG_GUARD_S, EmulatedDesk, Proc, artefact, last_json_line, shim_control, wait_until  # noqa: E402,F401
 from cbharness import netinfo  # noqa: E402
 from cbharness.waiting import HarnessError  # noqa: E402
 

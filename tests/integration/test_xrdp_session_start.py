@@ -14,7 +14,7 @@
               failed start first (exit 2) with that reason.
     no entry  (a logind-like private runtime directory) xrdp.ini lacks [Channels] CBRIDGE=true and
               the client uses the static channel: the session starts, no desk connects, and the
-              doctor names the missing entry and `cdrsession enable xrdp` (exit 5).
+              doctor names the missing entry and `cdrsession enable xrdp` (exit 2, critical).
 
 Run:  /usr/bin/python3 -m pytest tests/integration/test_xrdp_session_start.py -v      (as root)
 """
@@ -32,7 +32,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xrdp_fixture as xf  # noqa: E402
-from cbharness import EmulatedDesk, wait_until  # noqa: E402
+from cbharness import EmulatedDesk, artefact, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces, xrdp-sesman)")
 
@@ -82,17 +82,20 @@ class Rig:
         """A path of the session's namespace, reachable by the session's user (through its leader)."""
         return f"/proc/{self.session.leader}/root{path}"
 
-    def doctor(self, **env) -> tuple:
-        """`cdrsession doctor --json` as the session's user, in its namespace and environment."""
+    def doctor(self, text: bool = False, **env) -> tuple:
+        """`cdrsession doctor --json` (text: its text form) as the session's user, in its namespace
+        and environment."""
         base_env = {"PATH": "/usr/bin:/bin", "HOME": "/", "XRDP_SESSION": "1", "DISPLAY": self.session.display}
         if self.server.runtime == "private":
             base_env["XDG_RUNTIME_DIR"] = str(self.server.runtime_dir)
         base_env.update(env)
         argv = ["nsenter", "-m", "-t", str(self.session.leader), "setpriv", "--reuid", str(self.server.uid),
                 "--regid", str(self.server.uid), "--clear-groups", "env", "-i",
-                *[f"{k}={v}" for k, v in base_env.items()], str(self.server.cdrsession), "doctor", "--json",
-                "--pings", "3"]
+                *[f"{k}={v}" for k, v in base_env.items()], str(self.server.cdrsession), "doctor",
+                *([] if text else ["--json"]), "--pings", "3"]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if text:
+            return r.returncode, r.stdout + r.stderr
         return r.returncode, json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"raw": r.stdout + r.stderr}
 
     def report(self) -> str:
@@ -173,5 +176,8 @@ def test_missing_channel_entry_is_named(parts):
         channel = next(c for c in doc["checks"] if c["id"] == "channel")
         assert "[Channels] CBRIDGE=true is missing" in channel["detail"], channel
         assert "cdrsession enable xrdp" in channel["advice"], channel
+        code_t, said = rig.doctor(text=True, PCSCLITE_CSOCK_NAME=s.socket)
+        assert code_t == 2 and "CBRIDGE=true" in said, said
+        artefact("doctor-xrdp-without-channel-entry.txt", f"$ cdrsession doctor   (exit {code_t})\n{said}")
     finally:
         rig.stop()

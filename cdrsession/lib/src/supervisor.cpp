@@ -57,6 +57,62 @@ pid_t spawn(const SupervisorOptions& o) {
 
 }  // namespace
 
+std::string check_shim_options(const SupervisorOptions& o) {
+  int out[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) return std::string("cannot check the shim's options: ") + std::strerror(errno);
+  pid_t pid = ::fork();
+  if (pid < 0) {
+    ::close(out[0]);
+    ::close(out[1]);
+    return "cannot check the shim's options: fork failed";
+  }
+  if (pid == 0) {
+    ::dup2(out[1], 1);
+    ::dup2(out[1], 2);
+    int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null >= 0) ::dup2(null, 0);
+    ::unsetenv("JOURNAL_STREAM");
+    for (const auto& [k, v] : o.env) ::setenv(k.c_str(), v.c_str(), 1);
+    std::vector<char*> argv;
+    argv.push_back(const_cast<char*>(o.shim.c_str()));
+    for (const auto& a : o.shim_args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(const_cast<char*>("--check-config"));
+    argv.push_back(nullptr);
+    ::execv(o.shim.c_str(), argv.data());
+    std::fprintf(stderr, "cannot run %s: %s\n", o.shim.c_str(), std::strerror(errno));
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  std::string said;
+  char buf[512];
+  for (;;) {
+    ssize_t n = ::read(out[0], buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    if (said.size() < 4096) said.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(out[0]);
+  int st = 0;
+  while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFEXITED(st) && WEXITSTATUS(st) == 0) return {};
+  // CLI11 adds "Run with --help for more information.": not advice for an admin reading a log.
+  std::string why;
+  std::size_t start = 0;
+  while (start < said.size()) {
+    auto end = said.find('\n', start);
+    std::string line = said.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    start = end == std::string::npos ? said.size() : end + 1;
+    if (line.empty() || line.starts_with("Run with --help")) continue;
+    why += (why.empty() ? "" : "; ") + line;
+  }
+  if (why.empty()) {
+    why = WIFEXITED(st) ? "it exited with status " + std::to_string(WEXITSTATUS(st)) : "it was killed by a signal";
+  }
+  if (why.size() > 300) why = why.substr(0, 297) + "...";
+  return "the shim refuses its options: " + why;
+}
+
 std::string find_shim() {
   std::error_code ec;
   auto self = std::filesystem::read_symlink("/proc/self/exe", ec);

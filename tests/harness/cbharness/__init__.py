@@ -9,6 +9,7 @@ See tests/harness/README.md.  Main entry points:
     reader_states       pure-Python query of a pcscd socket (no pyscard)
     shim_control        one request on a shim's control socket
 """
+from .artefacts import artefact
 from .control import last_json_line, shim_control
 from .desk import GATED_APDU, CardGate, EmulatedDesk, HotplugUnsupported
 from . import netinfo, threadstate
@@ -22,4 +23,5 @@ __all__ = [
     "EmulatedDesk", "HotplugUnsupported", "CardGate", "GATED_APDU", "HANG_GUARD_S", "PcscWatch", "pcsc_call", "transmit", "ReaderState",
     "reader_names", "reader_states", "Proc", "live_procs", "stop_all", "nodelay_preload",
     "Deadline", "HarnessError", "HarnessTimeout", "wait_until", "shim_control", "last_json_line", "threadstate", "netinfo",
+    "artefact",
 ]

@@ -24,6 +24,12 @@ struct SupervisorOptions {
 
 int run_supervisor(const SessionPaths& paths, const SupervisorOptions& options);
 
+// Runs the shim once with the options it would be started with plus --check-config (it parses
+// its command line and server.conf, checks them and exits): "" when it accepts them, else what
+// it said (its first lines, at most 300 characters), so that a typo in server.conf's [shim]
+// section is named at the session's start instead of as "the shim did not come up".
+std::string check_shim_options(const SupervisorOptions& options);
+
 // Locates cardbridge-shim: next to this executable, in the build tree, or on PATH.
 std::string find_shim();
 
