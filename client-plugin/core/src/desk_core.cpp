@@ -39,8 +39,6 @@ pr::LinkSettings link_settings(const DeskConfig& c) {
 
 }  // namespace
 
-};
-
 DeskCore::DeskCore(DeskEffects& effects, DeskConfig config)
     : fx_(effects), config_(std::move(config)), link_(*this, link_settings(config_)),
       images_(config_.images ? config_.images : std::make_shared<ImageStore>()) {

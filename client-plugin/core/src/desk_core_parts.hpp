@@ -96,5 +96,7 @@ struct DeskCore::Lane {
   bool in_call = false;                // a call is at the edge
   bool retired = false;                // the session is gone: no more replies; release and close
   bool releasing = false;              // the retirement's SCardReleaseContext is at the edge
+  std::map<uint32_t, CardTrack> tracks;  // per desk handle: what speculation needs
+};
 
 }  // namespace cardbridge::client
