@@ -212,7 +212,9 @@ def test_insecure_tcp_works_but_says_so(base):
                        desc="agent listening")
             from cbharness import netinfo
             [port] = wait_until(lambda: netinfo.listening_tcp_ports(agent.pid), timeout=HANG_GUARD_S, desc="port")
-            assert "INSECURE: plain TCP" in (base / "agent.log").read_text()
+            # (logged just after "listening on": waited for, not read at once)
+            wait_until(lambda: "INSECURE: plain TCP" in (base / "agent.log").read_text(), timeout=HANG_GUARD_S,
+                       desc="the agent's INSECURE warning")
             shim, sock, log = start_shim(base, f"tcp:127.0.0.1:{port}", "--insecure-tcp")
             try:
                 wait_until(lambda: "desk connected" in log.read_text(), timeout=HANG_GUARD_S, desc="desk connected")
