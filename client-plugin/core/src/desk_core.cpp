@@ -28,7 +28,8 @@ log::Channel logger{"cardbridge.desk"};
 pr::LinkSettings link_settings(const DeskConfig& c) {
   pr::LinkSettings s;
   s.role = pr::Role::kDesk;
-  s.capabilities = c.capabilities;
+  // No card image offered when it is off (image:off, --no-card-image, desk.conf card-image = off).
+  s.capabilities = c.card_image ? c.capabilities : c.capabilities & ~pr::caps::kCardImage;
   s.software = fmt::format("{} {}", c.software, CARDBRIDGE_VERSION);
   s.name = c.desk_name;
   s.hello_retry = c.hello_retry;

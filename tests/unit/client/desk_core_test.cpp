@@ -1102,6 +1102,10 @@ TEST_F(DeskCoreImageTest, APreludeRunsBeforeTheCommandInTheSameRequest) {
 TEST_F(DeskCoreImageTest, OffByConfigurationTheDeskNeverReadsTheCardOnItsOwn) {
   config.card_image = false;
   establish();
+  // ... and offers no image in its hello (found by the desk.conf card-image = off integration test).
+  auto hellos = sent_of<pr::Hello>();
+  ASSERT_FALSE(hellos.empty());
+  for (const auto& h : hellos) EXPECT_EQ(h.capabilities & pr::caps::kCardImage, 0u);
   card_in_reader();
   program_reads_the_serial(1);
   EXPECT_FALSE(core().next_deadline());
