@@ -49,6 +49,7 @@ int main(int argc, char** argv) {
   std::string deny_readers;
   std::string log_target = "auto";
   bool insecure_tcp = false;
+  bool no_card_image = false;
   std::vector<std::string> allowed_servers;
   cb::config::add_config_file(app, cb::client::desk_conf_path(), {{"agent", ""}}, {"desk"});
   cb::transport::TlsConfig tls;
@@ -94,6 +95,8 @@ int main(int argc, char** argv) {
   app.add_flag("--unsafe-log-card-data", log_card_data,
                "diagnostics only: log what the card answers to SELECT/READ BINARY/GET DATA... at debug "
                "level (personal data: the card holder's identity). PINs are never logged");
+  app.add_flag("--no-card-image", no_card_image,
+               "never read a card's public files ahead of a login (the card image, docs/admin-guide.md)");
   app.add_flag("--insecure-tcp,--insecure-remote-tcp", insecure_tcp,
                "allow plain TCP (tests only: no encryption, and anyone who can reach the port can use the "
                "card; prefer unix:PATH on one machine, tls:HOST:PORT across a network)");
@@ -169,6 +172,7 @@ int main(int argc, char** argv) {
   cfg.capabilities = cb::protocol::caps::kAll;
   cfg.link = ep->to_string();
   cfg.policy = cb::client::Policy::narrowed(*admin_policy, *own);
+  cfg.card_image = !no_card_image && admin.card_image;  // desk.conf [desk] card-image = off wins
   // Who may be the server: over a UNIX socket this agent's user or root; over TLS the
   // allowed servers; plain TCP only with --insecure-tcp.
   cfg.server_policy.unix_uids = {static_cast<uint32_t>(::geteuid()), 0};

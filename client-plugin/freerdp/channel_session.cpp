@@ -41,6 +41,9 @@ AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
       o.log_card_data = true;
     } else if (key == "name") {
       o.name = value;
+    } else if (key == "image" && (value == "on" || value == "off")) {
+      o.card_image = value == "on";
+      o.card_image_given = true;
     } else if (error) {
       *error += "unknown option '" + arg + "'; ";
     }
@@ -73,14 +76,22 @@ ChannelSession::ChannelSession(const AddinOptions& options, std::string default_
   cfg.software = "cardbridge-client";
   cfg.capabilities = protocol::caps::kAll;
   cfg.server_policy.allow_rdp_channel = true;
+  cfg.card_image = options.card_image;
   cfg.link = std::move(link);
   Policy admin = nothing();
   if (auto settings = load_desk_settings(desk_conf_path()); !settings) {
     logger->error("{}: exposing no reader until it is fixed", settings.error());
+    cfg.card_image = false;
   } else if (auto p = admin_policy(*settings); !p) {
     logger->error("{}: exposing no reader until it is fixed", p.error());
+    cfg.card_image = false;
   } else {
     admin = *p;
+    if (!settings->card_image) {
+      if (options.card_image_given && options.card_image)
+        logger->warn("{} sets card-image = off: image:on ignored", settings->file);
+      cfg.card_image = false;
+    }
     if (!settings->name.empty()) {
       if (!options.name.empty() && options.name != settings->name)
         logger->warn("{} sets the desk name '{}': name:{} ignored", settings->file, settings->name,

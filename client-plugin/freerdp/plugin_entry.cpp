@@ -5,8 +5,9 @@
 //   /dvc:cardbridge[,opt...]  dynamic virtual channel "CBRIDGE" (DVCPluginEntry)
 // Options: log-level:LEVEL, readers:A+B (substring filter), deny-readers:A+B,
 // allow-control:pinpad+escape+all+none+LIST (default pinpad), allow-set-attrib:none|all|LIST
-// (default none), unsafe-log-card-data, name:DESKNAME; they narrow the admin's policy in
-// /etc/cardbridge/desk.conf. Logs go through FreeRDP's WLog (com.cardbridge.*).
+// (default none), unsafe-log-card-data, name:DESKNAME, image:on|off (the card image, on by
+// default); they narrow the admin's policy in /etc/cardbridge/desk.conf. Logs go through
+// FreeRDP's WLog (com.cardbridge.*).
 // Everything here is extern "C" glue: no exception crosses into FreeRDP.
 #include <freerdp/addin.h>
 #include <freerdp/dvc.h>

@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--disable", disabled,
                  "switch off optimisations (comma-separated): pipeline, defer-begin, "
-                 "prefetch-get-response, read-ahead, cache-attributes");
+                 "prefetch-get-response, read-ahead, cache-attributes, card-image");
   bool log_card_data = false;
   app.add_flag("--unsafe-log-card-data", log_card_data,
                "diagnostics only: log what the card answers to SELECT/READ BINARY/GET DATA... at debug "

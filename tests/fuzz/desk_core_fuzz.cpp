@@ -6,8 +6,10 @@
 // any flags, reader names known or not, "after" lists naming earlier requests), raw bytes
 // on the link, a server hello or error, the edge completing one of the pending PC/SC calls
 // with a result of the fuzzer's choosing (success with fresh contexts and card handles, or
-// any error code; response data ending in 90 00, 61 xx, 6C xx ...), a reader change, time
-// passing, the transport going down and up, shutdown.
+// any error code; response data ending in 90 00, 61 xx, 6C xx ...), a reader change (and the
+// desk's PC/SC service failing), time passing (the card image: the desk reads a card it has
+// learned about on its own lanes), the transport going down and up, shutdown. Requests may
+// ask for the card image (kWantImage) and carry a prelude.
 //
 // Oracle (besides ASan/UBSan/LSan), the effects contract of desk_core.hpp and the desk's
 // duty to its pcscd:
@@ -61,6 +63,15 @@ constexpr uint32_t kErrors[] = {
     0x8010000A,  // SCARD_E_TIMEOUT
     0x80100016,  // SCARD_E_NOT_TRANSACTED
     0x80100001,  // SCARD_F_INTERNAL_ERROR
+};
+
+// Prelude commands (card image): SELECTs by path and by name, a READ BINARY, a write, junk.
+const pr::Bytes kPrelude[] = {
+    {0x00, 0xA4, 0x08, 0x04, 0x02, 0xD0, 0x03},
+    {0x00, 0xA4, 0x04, 0x00, 0x07, 0xA0, 0x00, 0x00, 0x00, 0x03, 0x10, 0x10},
+    {0x00, 0xB0, 0x00, 0x00, 0x0C},
+    {0x00, 0xD6, 0x00, 0x00, 0x01, 0x42},
+    {0xFF},
 };
 
 [[noreturn]] void breach(const char* what) { cardbridge::fuzz::invariant_failed(what, __FILE__, __LINE__); }
@@ -245,7 +256,14 @@ class Harness : public cl::DeskEffects {
     q.code = in.u8() & 1 ? 0x42000D48 : in.u32();
     q.data = in.bytes(in.u8() % 48);
     q.recv_length = in.u16();
-    q.flags = in.u8() % 8;
+    // Flags byte: bits 0-3 the request flags (kWantImage included); bit 4 a prelude (card
+    // image) of up to 3 commands from kPrelude picked by bits 5-7 (no byte of its own: the
+    // seeds' scripts keep their meaning).
+    const uint8_t fl = in.u8();
+    q.flags = fl % 16;
+    if (fl & 0x10) {
+      for (uint8_t i = 0; i <= (fl >> 5) % 3; ++i) q.prelude.push_back(kPrelude[((fl >> 5) + i) % std::size(kPrelude)]);
+    }
     q.recv_protocol = in.u8() % 3;
     const uint8_t after = in.u8() % 4;
     for (uint8_t i = 0; i < after && next_id_ > 1; ++i) q.after.push_back(1 + in.u16() % (next_id_ - 1));
@@ -268,7 +286,10 @@ class Harness : public cl::DeskEffects {
 
   void readers(ByteReader& in) {
     std::vector<pr::ReaderInfo> rs;
-    const uint8_t n = in.u8() % 4;
+    const uint8_t nb = in.u8();
+    const uint8_t n = nb % 4;
+    // bit 7: the desk's PC/SC service fails (no pcscd), the desk-service status
+    const uint32_t service_rv = (nb & 0x80) ? 0x8010001Du : 0u;  // SCARD_E_NO_SERVICE
     for (uint8_t i = 0; i < n && i < std::size(kReaders); ++i) {
       pr::ReaderInfo r;
       r.name = kReaders[i];
@@ -277,7 +298,7 @@ class Harness : public cl::DeskEffects {
       r.atr = in.bytes(in.u8() % 33);
       rs.push_back(std::move(r));
     }
-    core_->readers(std::move(rs), now_);
+    core_->readers(std::move(rs), now_, service_rv);
   }
 
   void step(ByteReader& in) {

@@ -8,7 +8,7 @@ desk agent, real shims started by `cdrsession start`, the real libpcsclite):
     test_server_conf_mistake_is_named    a typo in server.conf ([cdrsession] or the shim's [shim]) stops
                                          the session's start with file, section and key
     test_desk_conf_policy_only_narrows   desk.conf [desk] hides readers the agent's own options ask for,
-                                         and its desk name wins
+                                         its desk name wins, and card-image = off turns the image off
     test_desk_conf_mistake_stops_agent   a typo in desk.conf: the agent refuses to start, naming it
     test_helpdesk_doctor_and_status_all  root checks a real user's session (doctor --user, status --all);
                                          others get exit 3 (unknown)
@@ -107,6 +107,8 @@ def test_server_conf_reaches_the_shim(base, sessions):
                    desc="the desk's readers in the session", details=sd.logs)
         st = status_of(sd)
         assert st["config"] == str(conf), st
+        # No desk.conf at this desk: the card image is on (the default).
+        assert "card-image" in st["desk"]["capabilities"], st["desk"]
         assert st["disabled"] == "defer-begin,read-ahead", st
         # The doctor's thresholds came from [doctor] too: no latency figure can cross them.
         code, rep, _ = doctor(env, "--pings", "3", json_out=True, default_latency_thresholds=True)
@@ -150,7 +152,7 @@ def test_server_conf_mistake_is_named(base):
 
 def test_desk_conf_policy_only_narrows(base, sessions):
     conf = base / "desk.conf"
-    conf.write_text("[desk]\nname = ADMISSION-9\ndeny-readers = [\"Pol Reader 00 01\"]\n"
+    conf.write_text("[desk]\nname = ADMISSION-9\ndeny-readers = [\"Pol Reader 00 01\"]\ncard-image = off\n"
                     "[agent]\nlog-level = info\n")
     # The agent's own options ask for every reader (--readers Pol) under another name.
     agent = DeskAgent("pol", friendly_name="Pol Reader", desk_name="USER-CHOSEN",
@@ -163,6 +165,8 @@ def test_desk_conf_policy_only_narrows(base, sessions):
         wait_until(lambda: shim_reader_names(sd.socket) == ["Pol Reader 00 00"], timeout=HANG_GUARD_S,
                    desc="only the reader desk.conf allows", details=lambda: sd.logs() + agent.report())
         assert status_of(sd)["desk"]["name"] == "ADMISSION-9"
+        # card-image = off: the desk offers no image (it never reads the card on its own).
+        assert "card-image" not in status_of(sd)["desk"]["capabilities"], status_of(sd)["desk"]
     finally:
         agent.stop()
 

@@ -139,3 +139,21 @@ def test_idle_session_costs_nothing(report):
     assert idle["connected_client"]["handles"] >= 1
     assert idle["no_client"] == {"bytes_in": 0, "bytes_out": 0}
     assert idle["connected_client"]["bytes_in"] == 0 and idle["connected_client"]["bytes_out"] == 0, idle
+
+
+@pytest.mark.parametrize("trace", ["cps3-warm", "cps3-cold"])
+def test_card_image_mode(report, trace):
+    """With the desk's card image ready (issue 13), the same answers as at the desk (cb-replay's
+    digest), no failed run, and fewer desk round trips than CardBridge without it: the public
+    files a login reads are answered at the server."""
+    for rtt in (0.0, RTT):
+        img = record(report, trace, "image", rtt)
+        cb = record(report, trace, "cardbridge", rtt)
+        assert img["failed_runs"] == 0, f"RTT {rtt:g}: {img.get('error')}"
+        assert img["same_answers"] is True, f"RTT {rtt:g}: the answers with the image are not the desk's"
+        assert img["card_resets"] == 0
+        assert img["round_trips"] < cb["round_trips"], (img["round_trips"], cb["round_trips"])
+        assert img.get("image_ready_s") is not None
+        print(f"{trace} RTT {rtt:g}: image {img['round_trips']:g} round trips, {img['wall_ms']:.1f} ms; "
+              f"without {cb['round_trips']:g}, {cb['wall_ms']:.1f} ms; direct {img.get('direct_wall_ms')} ms; "
+              f"image read in {img['image_ready_s']} s ({img.get('image_card_apdus')} card APDUs)")

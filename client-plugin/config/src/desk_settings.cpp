@@ -15,6 +15,8 @@ Result<DeskSettings, std::string> load_desk_settings(const std::string& path) {
   app.add_option("--readers", s.readers)->delimiter(',');
   app.add_option("--deny-readers", s.deny_readers)->delimiter(',');
   app.add_option("--allow-control", s.allow_control);
+  std::string image = "on";
+  app.add_option("--card-image", image)->check(CLI::IsMember({"on", "off"}));
   config::add_config_file(app, path, {{"desk", ""}}, {"agent"});
   try {
     app.parse(std::vector<std::string>{});
@@ -22,6 +24,7 @@ Result<DeskSettings, std::string> load_desk_settings(const std::string& path) {
     return unexpected(std::string(e.what()));
   }
   s.file = config::file_read(app);
+  s.card_image = image == "on";
   auto trim_all = [](std::vector<std::string>& v) {
     std::vector<std::string> out;
     for (auto& x : v) {

@@ -1,8 +1,12 @@
 #include "cardbridge/desk_runtime/desk_runtime.hpp"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
+
+#include <climits>
 
 #include <cerrno>
 #include <cstring>
@@ -16,6 +20,11 @@ namespace cardbridge::client {
 namespace {
 log::Channel logger{"cardbridge.desk"};
 TimePoint now() { return std::chrono::steady_clock::now(); }
+// Every link of this process shares what the desk learns and reads for its card images.
+DeskConfig with_process_images(DeskConfig c) {
+  if (!c.images) c.images = ImageStore::process();
+  return c;
+}
 constexpr std::size_t kReadChunk = 64 * 1024;
 // serve_socket: a server that reads none of our replies for this long has a dead link.
 constexpr int kSendTimeoutSeconds = 10;
@@ -26,7 +35,7 @@ DeskRuntime::DeskRuntime(CardApi& api, DeskConfig config, Io io)
       io_(std::move(io)),
       desk_name_(config.desk_name),
       link_(config.link),
-      core_(*this, config),
+      core_(*this, with_process_images(config)),
       monitor_(api, config.policy, [this](std::vector<protocol::ReaderInfo> readers, uint32_t service_rv) {
         Lock lock(mu_);
         if (stopped_) return;
@@ -52,6 +61,9 @@ DeskRuntime::~DeskRuntime() {
     for (auto& t : threads) t.join();
   }
   if (fd_ >= 0) ::close(fd_);
+  for (int& p : wake_pipe_) {
+    if (p >= 0) ::close(p);
+  }
 }
 
 void DeskRuntime::start() { monitor_.start(); }
@@ -143,6 +155,10 @@ void DeskRuntime::after_event() {
   if (due == armed_) return;
   armed_ = due;
   if (io_.arm_timer) io_.arm_timer(due);
+  if (polling_ && due && (!polling_for_ || *due < *polling_for_) && wake_pipe_[1] >= 0) {
+    const char c = 1;
+    [[maybe_unused]] const ssize_t n = ::write(wake_pipe_[1], &c, 1);  // full pipe: a wake-up is pending anyway
+  }
 }
 
 // ---- effects (mu_ held) -----------------------------------------------------------------
@@ -254,26 +270,36 @@ void DeskRuntime::read_turn(Lock& lock) {
   std::vector<uint8_t> buf(kReadChunk);
   while (!stopped_ && !socket_done_) {
     const int fd = fd_;
-    // Wait for data, or until the core's deadline (hello retries), then tick it. The
-    // socket's receive timeout is changed only when the deadline is (not per request).
-    const bool set_timeout = rcvtimeo_for_ != armed_;
-    struct timeval tv {};
-    if (set_timeout && armed_) {
-      const auto left = std::chrono::duration_cast<std::chrono::microseconds>(*armed_ - now()).count();
-      tv.tv_sec = static_cast<time_t>(std::max<int64_t>(left, 1) / 1000000);
-      tv.tv_usec = static_cast<suseconds_t>(std::max<int64_t>(left, 1) % 1000000);
+    // Wait for data, or until the core's deadline (hello retries, the card image's
+    // pauses), or for after_event() to say the deadline moved earlier; then tick the core.
+    int timeout_ms = -1;
+    if (armed_) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(*armed_ - now()).count();
+      timeout_ms = static_cast<int>(std::clamp<int64_t>(left, 0, INT_MAX));
     }
-    rcvtimeo_for_ = armed_;
+    polling_ = true;
+    polling_for_ = armed_;
     lock.unlock();
-    if (set_timeout) ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    const ssize_t n = ::recv(fd, buf.data(), buf.size(), 0);
-    const int err = errno;
+    pollfd fds[2] = {{fd, POLLIN, 0}, {wake_pipe_[0], POLLIN, 0}};
+    const int ready = ::poll(fds, wake_pipe_[0] >= 0 ? 2 : 1, timeout_ms);
+    ssize_t n = -1;
+    int err = ready < 0 ? errno : EAGAIN;
+    if (ready > 0 && wake_pipe_[0] >= 0 && (fds[1].revents & POLLIN)) {
+      char drain[16];
+      while (::read(wake_pipe_[0], drain, sizeof drain) > 0) {
+      }
+    }
+    if (ready > 0 && (fds[0].revents & (POLLIN | POLLHUP | POLLERR))) {
+      n = ::recv(fd, buf.data(), buf.size(), MSG_DONTWAIT);
+      err = errno;
+    }
     lock.lock();
+    polling_ = false;
+    polling_for_.reset();
     if (n > 0) {
       core_.receive(std::span<const uint8_t>(buf.data(), static_cast<std::size_t>(n)), now());
       after_event();
     } else if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)) {
-      rcvtimeo_for_.emplace();  // the time left changed: set it again
       if (armed_ && now() >= *armed_) {
         armed_.reset();
         core_.tick(now());
@@ -311,6 +337,10 @@ void DeskRuntime::serve_socket(int fd, PeerIdentity peer, std::function<void(con
   Lock lock(mu_);
   fd_ = fd;
   socket_closed_ = std::move(closed);
+  if (wake_pipe_[0] < 0 && ::pipe2(wake_pipe_, O_NONBLOCK | O_CLOEXEC) != 0) {
+    wake_pipe_[0] = wake_pipe_[1] = -1;  // the reader then wakes only for data and known deadlines
+    logger->warn("cannot create the runtime's wake-up pipe: {}", std::strerror(errno));
+  }
   struct timeval tv {};
   tv.tv_sec = kSendTimeoutSeconds;
   ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);

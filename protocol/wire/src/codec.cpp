@@ -1,5 +1,6 @@
 #include "cardbridge/protocol/codec.hpp"
 
+#include <algorithm>
 #include <optional>
 
 #include <fmt/format.h>
@@ -60,6 +61,7 @@ void fill(pb::ReaderSnapshot& out, const ReaderSnapshot& s) {
     pr->set_state(r.state);
     pr->set_event_count(r.event_count);
     pr->set_atr(to_string(r.atr));
+    pr->set_image(r.image);
   }
 }
 
@@ -82,6 +84,25 @@ void fill(pb::Request& out, const Request& r) {
   out.set_flags(r.flags);
   out.set_recv_protocol(r.recv_protocol);
   for (uint32_t a : r.after) out.add_after(a);
+  for (const auto& c : r.prelude) out.add_prelude(to_string(c));
+}
+
+void fill(pb::CardImage& out, const CardImage& im) {
+  out.set_event_count(im.event_count);
+  out.set_complete(im.complete);
+  out.set_send_protocol(im.send_protocol);
+  out.set_recv_protocol(im.recv_protocol);
+  for (const auto& s : im.selects) {
+    auto* ps = out.add_selects();
+    ps->set_command(to_string(s.command));
+    ps->set_response(to_string(s.response));
+    ps->set_fetched(to_string(s.fetched));
+  }
+  for (const auto& f : im.files) {
+    auto* pf = out.add_files();
+    pf->set_key(to_string(f.key));
+    pf->set_content(to_string(f.content));
+  }
 }
 
 void fill(pb::Reply& out, const Reply& r) {
@@ -100,6 +121,8 @@ void fill(pb::Reply& out, const Reply& r) {
   }
   out.set_begin_rv(r.begin_rv);
   out.set_card_protocol(r.card_protocol);
+  if (r.image) fill(*out.mutable_image(), *r.image);
+  for (const auto& a : r.prelude_answers) out.add_prelude_answers(to_string(a));
 }
 
 // ---- decode ----
@@ -141,10 +164,11 @@ R from(const pb::ReaderSnapshot& s) {
     if (r.atr().size() > kMaxAtrBytes) return unexpected(bad("reader snapshot: ATR too long"));
     if (r.event_count() > 0xFFFF) return unexpected(bad("reader snapshot: event count > 16 bits"));
     if (r.state() & 0xFFFF0000u) return unexpected(bad("reader snapshot: state has counter bits"));
+    if (r.image() > image_state::kMax) return unexpected(bad("reader snapshot: unknown image state"));
     for (const auto& other : out.readers) {
       if (other.name == r.name()) return unexpected(bad("reader snapshot: duplicate reader name"));
     }
-    out.readers.push_back(ReaderInfo{r.name(), r.state(), r.event_count(), to_bytes(r.atr())});
+    out.readers.push_back(ReaderInfo{r.name(), r.state(), r.event_count(), to_bytes(r.atr()), r.image()});
   }
   return Body{std::move(out)};
 }
@@ -161,6 +185,10 @@ R from(const pb::Request& r) {
   if (r.data().size() > kMaxDataBytes) return unexpected(bad("request: data too long"));
   if (r.recv_length() > kMaxDataBytes) return unexpected(bad("request: receive length too large"));
   if (static_cast<std::size_t>(r.after_size()) > kMaxAfter) return unexpected(bad("request: too many ordering ids"));
+  if (static_cast<std::size_t>(r.prelude_size()) > kMaxPrelude) return unexpected(bad("request: prelude too long"));
+  for (const auto& c : r.prelude()) {
+    if (c.size() < 4 || c.size() > kMaxShortApduBytes) return unexpected(bad("request: bad prelude command"));
+  }
   Request out;
   out.op = static_cast<Op>(op);
   out.context = ContextId{r.context()};
@@ -175,7 +203,45 @@ R from(const pb::Request& r) {
   out.flags = r.flags();
   out.recv_protocol = r.recv_protocol();
   out.after.assign(r.after().begin(), r.after().end());
+  for (const auto& c : r.prelude()) out.prelude.push_back(to_bytes(c));
   return Body{std::move(out)};
+}
+
+// The card image: every count and size bounded (it is held in memory until the card goes).
+Result<CardImage, DecodeError> from(const pb::CardImage& im) {
+  if (static_cast<std::size_t>(im.selects_size()) > kMaxImageSelects) return unexpected(bad("image: too many selects"));
+  if (static_cast<std::size_t>(im.files_size()) > kMaxImageFiles) return unexpected(bad("image: too many files"));
+  if (im.event_count() > 0xFFFF) return unexpected(bad("image: event count > 16 bits"));
+  CardImage out;
+  out.event_count = im.event_count();
+  out.complete = im.complete();
+  out.send_protocol = im.send_protocol();
+  out.recv_protocol = im.recv_protocol();
+  std::size_t total = 0;
+  for (const auto& s : im.selects()) {
+    if (s.command().size() < 4 || s.command().size() > kMaxShortApduBytes || s.response().size() < 2 ||
+        s.response().size() > kMaxShortResponseBytes || s.fetched().size() > kMaxShortResponseBytes ||
+        s.fetched().size() == 1)
+      return unexpected(bad("image: bad select entry"));
+    Bytes command = to_bytes(s.command());
+    for (const auto& other : out.selects) {
+      if (other.command == command) return unexpected(bad("image: duplicate select"));
+    }
+    total += s.command().size() + s.response().size() + s.fetched().size();
+    out.selects.push_back(ImageSelect{std::move(command), to_bytes(s.response()), to_bytes(s.fetched())});
+  }
+  for (const auto& f : im.files()) {
+    if (f.key().empty() || f.key().size() > kMaxImageKeyBytes || f.content().size() > kMaxImageFileBytes)
+      return unexpected(bad("image: bad file entry"));
+    Bytes key = to_bytes(f.key());
+    for (const auto& other : out.files) {
+      if (other.key == key) return unexpected(bad("image: duplicate file"));
+    }
+    total += f.key().size() + f.content().size();
+    out.files.push_back(ImageFile{std::move(key), to_bytes(f.content())});
+  }
+  if (total > kMaxImageBytes) return unexpected(bad("image: too large"));
+  return out;
 }
 
 R from(const pb::Reply& r) {
@@ -200,6 +266,17 @@ R from(const pb::Reply& r) {
   }
   out.begin_rv = r.begin_rv();
   out.card_protocol = r.card_protocol();
+  if (r.has_image()) {
+    auto image = from(r.image());
+    if (!image) return unexpected(image.error());
+    out.image = std::move(*image);
+  }
+  if (static_cast<std::size_t>(r.prelude_answers_size()) > kMaxPrelude)
+    return unexpected(bad("reply: too many prelude answers"));
+  for (const auto& a : r.prelude_answers()) {
+    if (a.size() > kMaxShortResponseBytes) return unexpected(bad("reply: prelude answer too long"));
+    out.prelude_answers.push_back(to_bytes(a));
+  }
   return Body{std::move(out)};
 }
 
@@ -372,13 +449,18 @@ std::string describe(const Message& m) {
           return fmt::format("error {} '{}'", static_cast<uint32_t>(b.code), log::printable(b.message));
         } else if constexpr (std::is_same_v<T, Request>) {
           // The length of a PIN-bearing APDU or of a control buffer (PIN-pad structures)
-          // would tell a PIN's length: not shown.
+          // would tell a PIN's length: not shown. A prelude is counted, never described.
           const bool hide = (b.op == Op::kTransmit && redact::apdu_carries_pin(b.data)) || b.op == Op::kControl;
-          return fmt::format("request #{} {} ctx={} handle={} len={} flags=0x{:x}{}", m.id, op_name(b.op),
+          return fmt::format("request #{} {} ctx={} handle={} len={} flags=0x{:x}{}{}", m.id, op_name(b.op),
                              b.context.value, b.handle.value, hide ? std::string("hidden") : std::to_string(b.data.size()), b.flags,
-                             b.after.empty() ? std::string{} : fmt::format(" after={}", fmt::join(b.after, ",")));
+                             b.after.empty() ? std::string{} : fmt::format(" after={}", fmt::join(b.after, ",")),
+                             b.prelude.empty() ? std::string{} : fmt::format(" prelude={}", b.prelude.size()));
         } else {
-          return fmt::format("reply #{} rv=0x{:08X} len={}", m.id, b.rv, b.data.size());
+          // The image's content is never described: only how much of it there is.
+          return fmt::format("reply #{} rv=0x{:08X} len={}{}", m.id, b.rv, b.data.size(),
+                             b.image ? fmt::format(" image={}+{}{}", b.image->selects.size(), b.image->files.size(),
+                                                   b.image->complete ? "" : " partial")
+                                     : std::string{});
         }
       },
       m.body);

@@ -26,7 +26,8 @@ std::string capabilities_text(uint64_t c) {
       {caps::kPrefetchGetResponse, "prefetch-get-response"},
       {caps::kReadAhead, "read-ahead"},
       {caps::kDeskOrdering, "desk-ordering"},
-      {caps::kDeskService, "desk-service"}};
+      {caps::kDeskService, "desk-service"},
+      {caps::kCardImage, "card-image"}};
   std::string out;
   for (auto [bit, name] : kNames) {
     if (c & bit) {

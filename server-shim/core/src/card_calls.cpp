@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include "cardbridge/card_image/apdu.hpp"
 #include "cardbridge/protocol/version.hpp"
 #include "cardbridge/support/hex.hpp"
 #include "cardbridge/support/log.hpp"
@@ -141,6 +142,12 @@ void ShimCore::on_connect(Client& c, const wire::ConnectStruct& s) {
   q.reader = name;
   q.share_mode = s.share_mode;
   q.protocols = s.preferred_protocols;
+  if (config_.optimizations.card_image && uses(pr::caps::kCardImage) && s.share_mode != sc::kShareDirect) {
+    // The session's first Connect to this card (or one after an image that was still being
+    // read) brings the card's image along.
+    const auto* held = images_[*slot].get();
+    if (!held || !held->complete()) q.flags |= pr::request_flags::kWantImage;
+  }
   call_desk(c, std::move(q), ConnectCall{s, *slot}, *slot);
 }
 
@@ -163,6 +170,7 @@ void ShimCore::connected(Client& c, const ConnectCall& call, const pr::Reply& re
     handles_.set_baseline(h, rep.state);
     if (h.share_mode == sc::kShareExclusive) h.lock_count = 1;
     learn_card_state(call.slot, rep);
+    if (rep.image && config_.optimizations.card_image && uses(pr::caps::kCardImage)) install_image(call.slot, *rep.image);
     const auto& reader = readers_.slot(call.slot);
     AuditRecord audit;
     audit.kind = AuditRecord::Kind::kCardConnected;
@@ -225,9 +233,10 @@ void ShimCore::on_disconnect(Client& c, const wire::DisconnectStruct& s) {
     send_async(c, std::move(q), card, {});
     forget_handle(c, card);
     if (resets(s.disposition)) {
-      handles_.mark_reset(slot, card, false);
+      mark_reset(slot, card, false);
       after_power_action(slot, s.disposition);
     }
+    after_handle_gone(slot);
     answer(c, s, sc::kSuccess);
     return after_state_change();
   }
@@ -285,7 +294,7 @@ void ShimCore::on_end(Client& c, const wire::EndStruct& s) {
     // hold, or a bad disposition: none of them here. Answer now.
     --h->lock_count;
     if (resets(s.disposition)) {
-      handles_.mark_reset(h->slot, h->card, true);
+      mark_reset(h->slot, h->card, true);
       readers_.slot(h->slot).card_protocol = 0;  // pcscd: the protocol is renegotiated after the reset
     }
     send_async(c, std::move(q), h->card, {});
@@ -302,8 +311,10 @@ void ShimCore::on_transmit(Client& c, const wire::TransmitRequest& t) {
   if (!h) return;
   if (auto rv = refusal(*h)) return answer(c, t.fixed, *rv);
   logger->debug("client {}: transmit {}", c.id, redact::Command{t.apdu});
-  TransmitCall call{on_handle(*h), t.fixed, {}};
+  TransmitCall call{on_handle(*h), t.fixed, {}, t.apdu, {}, 0};
   if (logger->should_log(spdlog::level::debug) && redact::apdu_body_loggable(t.apdu)) call.loggable_command = t.apdu;
+  pr::Request q = request_on(pr::Op::kTransmit, *h);
+  if (image_transmit(c, *h, call, q)) return;
   if (!h->prefetch.empty()) {
     if (handles_.predicted_clean(*h)) {
       if (auto a = h->prefetch.take(t.apdu, t.fixed.send_pci_protocol)) {
@@ -319,7 +330,6 @@ void ShimCore::on_transmit(Client& c, const wire::TransmitRequest& t) {
     stats_.prefetch_discarded += h->prefetch.size();
     h->prefetch.clear();
   }
-  pr::Request q = request_on(pr::Op::kTransmit, *h);
   q.protocols = t.fixed.send_pci_protocol;
   q.recv_protocol = t.fixed.recv_pci_protocol;
   q.recv_length = bounded_length(t.fixed.recv_length);
@@ -346,6 +356,7 @@ void ShimCore::on_control(Client& c, const wire::ControlRequest& t) {
   q.flags = request_flags(*h, q.op, call.carried_begin);
   // A control (PIN pad...) may change the card's state.
   stats_.prefetch_discarded += handles_.drop_prefetch_on_slot(h->slot, 0);
+  image_card_reset(h->slot);
   call_desk(c, std::move(q), std::move(call), h->slot);
 }
 
@@ -384,6 +395,7 @@ void ShimCore::on_set_attrib(Client& c, const wire::GetSetStruct& s) {
   q.flags = request_flags(*h, q.op, call.carried_begin);
   readers_.slot(h->slot).attributes.erase(s.attr_id);
   stats_.prefetch_discarded += handles_.drop_prefetch_on_slot(h->slot, 0);
+  image_card_reset(h->slot);
   call_desk(c, std::move(q), std::move(call), h->slot);
 }
 
@@ -442,7 +454,7 @@ void ShimCore::complete(Client& c, PendingCall call, const pr::Reply& rep) {
             h->reset_pending = false;
             handles_.set_baseline(*h, rep.state);
             if (h->share_mode == sc::kShareExclusive) h->lock_count = std::max<uint32_t>(h->lock_count, 1);
-            if (resets(k.req.initialization)) handles_.mark_reset(h->slot, h->card, false);
+            if (resets(k.req.initialization)) mark_reset(h->slot, h->card, false);
             learn_card_state(h->slot, rep);
           }
           send(c, wire::bytes_of(r));
@@ -453,9 +465,10 @@ void ShimCore::complete(Client& c, PendingCall call, const pr::Reply& rep) {
               const std::size_t slot = h->slot;
               handles_.erase(k.card);
               if (resets(k.req.disposition)) {
-                handles_.mark_reset(slot, k.card, false);
+                mark_reset(slot, k.card, false);
                 after_power_action(slot, k.req.disposition);
               }
+              after_handle_gone(slot);
             }
             c.handles.erase(k.card);
             live_ids_.erase(k.card);
@@ -469,7 +482,7 @@ void ShimCore::complete(Client& c, PendingCall call, const pr::Reply& rep) {
           if (ok && h) {
             if (h->lock_count > h->lock_floor()) --h->lock_count;
             if (resets(k.req.disposition)) {
-              handles_.mark_reset(h->slot, h->card, true);
+              mark_reset(h->slot, h->card, true);
               readers_.slot(h->slot).card_protocol = 0;
             }
             if (h->lock_count == h->lock_floor()) h->prefetch.clear();
@@ -477,6 +490,7 @@ void ShimCore::complete(Client& c, PendingCall call, const pr::Reply& rep) {
           send(c, wire::bytes_of(wire::with_rv(k.req, rep.rv)));
           after_state_change();  // resumes parked connects and republishes the array
         } else if constexpr (std::is_same_v<K, TransmitCall>) {
+          if (k.image_serial != 0 && !image_forwarded(c, k, rep)) return;  // sent again, without the prelude
           const wire::CallOutcome out{rep.rv, rep.data, rep.length, rep.protocol};
           auto bytes = wire::transmit_reply(k.req, out);
           if (ok) {
@@ -505,6 +519,128 @@ void ShimCore::complete(Client& c, PendingCall call, const pr::Reply& rep) {
       },
       call);
   if (auto it = clients_.find(id); it != clients_.end() && !it->second->waiting) pump(*it->second);
+}
+
+// ---- the card image ----------------------------------------------------------------------
+
+void ShimCore::mark_reset(std::size_t slot, uint32_t except_card, bool include_caller) {
+  handles_.mark_reset(slot, except_card, include_caller);
+  image_card_reset(slot);
+}
+
+void ShimCore::image_card_reset(std::size_t slot) {
+  if (auto& vc = images_.at(slot)) vc->card_reset();
+}
+
+// No live handle of the session is left on the card: the desk may read it for its image
+// (or another desk program use it) before the next one, so the card's current file is
+// its own again.
+void ShimCore::after_handle_gone(std::size_t slot) {
+  bool any = false;
+  handles_.for_each([&](const Handle& h) { any = any || (h.slot == slot && !handles_.is_orphan(h)); });
+  if (!any) image_card_reset(slot);
+}
+
+void ShimCore::install_image(std::size_t slot, pr::CardImage image) {
+  const auto& reader = readers_.slot(slot);
+  if (image.event_count != reader.event_count || !(reader.desk_state & sc::kStatePresent)) {
+    logger->info("reader '{}': card image of another card insertion ignored", log::printable(reader.name));
+    return;
+  }
+  logger->info("reader '{}': card image received ({} selects, {} files{})", log::printable(reader.name),
+               image.selects.size(), image.files.size(), image.complete ? "" : ", partial");
+  ++stats_.images_received;
+  images_[slot] = std::make_unique<VirtualCard>(std::move(image));
+  image_serial_[slot] = next_image_serial_++;
+  // Another handle of the session may have had the card do something: start from the
+  // card's own current file (as for a card nobody here has used yet).
+  images_[slot]->card_reset();
+}
+
+void ShimCore::drop_image(std::size_t slot, const char* why) {
+  if (!images_.at(slot)) return;
+  logger->info("reader '{}': card image dropped: {}", log::printable(readers_.slot(slot).name), why);
+  images_[slot].reset();
+  image_serial_[slot] = 0;
+  ++stats_.images_dropped;
+}
+
+bool ShimCore::image_transmit(Client& c, Handle& h, TransmitCall& call, pr::Request& q) {
+  VirtualCard* vc = images_[h.slot].get();
+  if (!vc) return false;
+  call.image_serial = image_serial_[h.slot];
+  // A pending reset or removal, or another holder: the desk answers (with the error), as
+  // it would without the image.
+  if (!handles_.predicted_clean(h)) return false;
+  auto decision = vc->transmit(call.apdu, call.req.send_pci_protocol);
+  if (auto* local = std::get_if<VirtualCard::Local>(&decision)) {
+    ++stats_.image_answers;
+    // Speculative answers were the card's, for the state the program has now left.
+    stats_.prefetch_discarded += h.prefetch.size();
+    h.prefetch.clear();
+    stats_.prefetch_discarded += handles_.drop_prefetch_on_slot(h.slot, h.card);
+    pr::Reply rep;
+    rep.data = std::move(local->response);
+    rep.protocol = vc->recv_protocol();
+    call.image_serial = 0;  // nothing for the image to learn: it gave the answer
+    complete(c, std::move(call), rep);
+    return true;
+  }
+  auto& forward = std::get<VirtualCard::Forward>(decision);
+  if (!forward.prelude.empty()) {
+    ++stats_.image_preludes;
+    // The card is put back into the program's state first: what was read ahead was read
+    // in another one.
+    stats_.prefetch_discarded += h.prefetch.size();
+    h.prefetch.clear();
+  }
+  call.prelude = forward.prelude;
+  q.prelude = std::move(forward.prelude);
+  // A write needs the program's current file too (the prelude above), then the image is
+  // void: the card is not what was read.
+  if (card_image::may_modify(call.apdu)) drop_image(h.slot, "a command that may modify the card");
+  return false;
+}
+
+bool ShimCore::image_forwarded(Client& c, TransmitCall& call, const pr::Reply& rep) {
+  const std::size_t slot = call.slot;
+  // The desk runs the program's command only once every prelude command succeeded.
+  const bool command_ran = call.prelude.empty() || rep.rv != sc::kSuccess ||
+                           (rep.prelude_answers.size() == call.prelude.size() &&
+                            card_image::success(rep.prelude_answers.back()));
+  if (!command_ran) {
+    // The card refused a SELECT of the prelude, so the program's command never ran: this is
+    // not the card the image was read from. Without the image, ask the card again.
+    drop_image(slot, "the card refused a SELECT its image answered");
+    Handle* h = handles_.find(call.card);
+    call.prelude.clear();
+    call.image_serial = 0;
+    if (!h || handles_.is_orphan(*h)) {
+      fail_call(c, std::move(call), internal::kOrphanRv);
+      return false;
+    }
+    pr::Request q = request_on(pr::Op::kTransmit, *h);
+    q.protocols = call.req.send_pci_protocol;
+    q.recv_protocol = call.req.recv_pci_protocol;
+    q.recv_length = bounded_length(call.req.recv_length);
+    q.data = call.apdu;
+    bool carried = false;
+    q.flags = request_flags(*h, q.op, carried);
+    call_desk(c, std::move(q), std::move(call), slot);
+    return false;
+  }
+  VirtualCard* vc = images_[slot].get();
+  if (!vc || image_serial_[slot] != call.image_serial) return true;  // another image (or none) now
+  if (rep.rv != sc::kSuccess) {
+    vc->card_reset();  // the card's state is its own business now
+    return true;
+  }
+  if (!vc->forwarded(call.apdu, call.prelude, rep.prelude_answers, rep.data)) {
+    drop_image(slot, "the card's answers to a prelude differ from its image");
+  } else if (!call.prelude.empty()) {
+    logger->trace("card image: {} prelude command(s) sent before the program's", call.prelude.size());
+  }
+  return true;
 }
 
 }  // namespace cardbridge::shim

@@ -46,6 +46,9 @@ SnapshotChanges ReaderTable::apply(const protocol::ReaderSnapshot& snapshot) {
       changes.added.push_back(i);
     }
     auto& s = slots_[i];
+    if (s.desk_image != protocol::image_state::kNone && r.image == protocol::image_state::kNone)
+      changes.image_voided.push_back(i);
+    s.desk_image = r.image;
     s.desk_state = r.state;
     s.event_count = r.event_count & 0xFFFF;
     s.atr = r.atr;

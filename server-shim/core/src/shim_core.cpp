@@ -56,6 +56,8 @@ std::string Optimizations::disable(std::string_view names) {
       read_ahead = false;
     } else if (name == "cache-attributes") {
       cache_attributes = false;
+    } else if (name == "card-image") {
+      card_image = false;
     } else if (!name.empty()) {
       error += fmt::format("unknown optimisation '{}'; ", name);
     }
@@ -177,13 +179,14 @@ void ShimCore::release_context(Client& c) {
         r.disposition = sc::kResetCard;
         send_async(c, std::move(r), h->card, {});
       }
-      handles_.mark_reset(h->slot, h->card, false);
+      mark_reset(h->slot, h->card, false);
       after_power_action(h->slot, sc::kResetCard);
     }
     handles_.erase(card);
     live_ids_.erase(card);
   }
   c.handles.clear();
+  for (std::size_t slot : touched) after_handle_gone(slot);
   if (c.desk_ctx.value != 0 && c.desk_ctx_generation == link_.generation() && link_.established()) {
     pr::Request r;
     r.op = pr::Op::kReleaseContext;
@@ -548,6 +551,7 @@ void ShimCore::session_ended(const std::string& reason, TimePoint) {
     if (c.waiting != id) continue;
     fail_call(c, std::move(c.call), internal::kLostInFlightRv);
   }
+  for (std::size_t slot = 0; slot < ReaderTable::kSlots; ++slot) drop_image(slot, "the desk is gone");
   if (!readers_.clear().empty()) bump_reader_events();
   after_state_change();
 }
@@ -573,6 +577,7 @@ void ShimCore::received_snapshot(pr::ReaderSnapshot&& s, TimePoint) {
     audit.reader = name;
     fx_.audit_record(0, audit);
     handles_.orphan_slot(slot);
+    drop_image(slot, "the reader is gone");
   }
   for (std::size_t slot : changes.added) {
     const auto& added = readers_.slot(slot);
@@ -594,7 +599,9 @@ void ShimCore::received_snapshot(pr::ReaderSnapshot&& s, TimePoint) {
     if (present) audit.atr = r.atr;
     fx_.audit_record(0, audit);
     handles_.card_removed(slot);  // removal ends every transaction on the reader, deferred ones included
+    drop_image(slot, "card event");
   }
+  for (std::size_t slot : changes.image_voided) drop_image(slot, "the desk voided it");
   if (!changes.added.empty() || !changes.removed.empty()) bump_reader_events();
   after_state_change();
 }

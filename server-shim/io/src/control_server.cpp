@@ -105,11 +105,22 @@ nlohmann::json ControlServer::status(const ShimCore& core, const nlohmann::json&
   for (std::size_t i = 0; i < ReaderTable::kSlots; ++i) {
     const auto& s = core.readers().slot(i);
     if (!s.used()) continue;
+    static constexpr const char* kDeskImage[] = {"none", "partial", "complete"};
+    // The card image: what the desk holds, and what this shim received (sizes only: the
+    // content is personal data and never leaves the core).
+    nlohmann::json image = {{"desk", kDeskImage[std::min<uint32_t>(s.desk_image, 2)]}, {"held", false}};
+    if (const auto* vc = core.card_image(i)) {
+      image["held"] = true;
+      image["complete"] = vc->complete();
+      image["selects"] = vc->index().image().selects.size();
+      image["files"] = vc->index().image().files.size();
+    }
     j["readers"].push_back({{"name", s.name},
                             {"state", scard::state_text(s.desk_state)},
                             {"card_present", (s.desk_state & scard::kStatePresent) != 0},
                             {"atr", to_hex(s.atr, false)},
-                            {"event_count", s.event_count}});
+                            {"event_count", s.event_count},
+                            {"image", image}});
   }
   const auto& st = core.stats();
   j["clients"] = core.client_count();
@@ -124,6 +135,10 @@ nlohmann::json ControlServer::status(const ShimCore& core, const nlohmann::json&
                 {"prefetch_discarded", st.prefetch_discarded},
                 {"attribute_cache_hits", st.attribute_cache_hits},
                 {"local_answers", st.local_answers},
+                {"image_answers", st.image_answers},
+                {"image_preludes", st.image_preludes},
+                {"images_received", st.images_received},
+                {"images_dropped", st.images_dropped},
                 {"protocol_errors", st.protocol_errors},
                 {"desk_sessions", st.desk_sessions},
                 {"desk_bytes_in", st.desk_bytes_in},

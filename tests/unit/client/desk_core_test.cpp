@@ -877,6 +877,247 @@ TEST_F(DeskCoreTest, AFailedSpeculativeCallEndsSpeculationWithoutAnAnswerForIt) 
   EXPECT_TRUE(r->prefetched.empty());
 }
 
+// ---- the card image (issue 13) ----------------------------------------------------------
+
+const Bytes kSelSn = {0x00, 0xA4, 0x09, 0x04, 0x04, 0x3F, 0x00, 0xD0, 0x03};
+const Bytes kReadSn = {0x00, 0xB0, 0x00, 0x00, 0x0C};
+// FCP: 12-byte transparent EF, READ BINARY always allowed (compact form, SC 00)
+const Bytes kFcpSn = {0x62, 0x0C, 0x80, 0x02, 0x00, 0x0C, 0x82, 0x01, 0x01, 0x8C, 0x03, 0x03, 0x12, 0x00, 0x90, 0x00};
+const Bytes kSnContent = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0x90, 0x00};
+
+class DeskCoreImageTest : public DeskCoreTest {
+ protected:
+  DeskCoreImageTest() {
+    FakeCard c = test_card();
+    c.answers[kSelSn] = kFcpSn;
+    c.answers[kReadSn] = kSnContent;
+    api.remove_card(kReader1);
+    api.insert_card(kReader1, c);
+    config.image_idle_delay = 1s;
+  }
+  void card_in_reader() {
+    core().readers({pr::ReaderInfo{kReader1, sc::kStatePresent, api.event_counter(kReader1), kAtr1}}, now);
+  }
+  // A program reads EF.SN.ICC as the Cryptolib does: the desk learns what cards of this type
+  // are read for.
+  void program_reads_the_serial(uint32_t ctx) {
+    const uint32_t h = connected(ctx);
+    EXPECT_EQ(call(transmit_req(ctx, h, kSelSn)).data, kFcpSn);
+    EXPECT_EQ(call(transmit_req(ctx, h, kReadSn)).data, kSnContent);
+    auto d = req(pr::Op::kDisconnect, ctx, h);
+    d.disposition = sc::kLeaveCard;
+    EXPECT_EQ(call(d).rv, sc::kSuccess);
+  }
+  // Makes every call asked for (at |now|) and moves the clock to each timer, until nothing is left.
+  void drive() {
+    for (int guard = 0; guard < 1000; ++guard) {
+      if (!edge.calls.empty()) {
+        Edge::Pending p = std::move(edge.calls.front());
+        edge.calls.pop_front();
+        imaging_calls.push_back(p.call.index());
+        core().call_done(p.lane, run_call(api, p.call), now);
+        continue;
+      }
+      auto due = core().next_deadline();
+      if (!due) return;
+      now = std::max(now, *due);
+      core().tick(now);
+      if (edge.calls.empty() && core().next_deadline() == due) return;
+    }
+    ADD_FAILURE() << "the core never went quiet";
+  }
+  uint32_t last_pushed_image() const {
+    auto snaps = sent_of<pr::ReaderSnapshot>();
+    if (snaps.empty() || snaps.back().readers.empty()) return 99;
+    return snaps.back().readers.front().image;
+  }
+
+  TimePoint now = t0();
+  std::vector<std::size_t> imaging_calls;
+};
+
+TEST_F(DeskCoreImageTest, LearnsFromProgramsReadsTheCardWhenLeftAloneAndSendsTheImageWithAConnect) {
+  establish();
+  card_in_reader();
+  EXPECT_FALSE(core().next_deadline()) << "nothing learned yet: nothing to read";
+  program_reads_the_serial(1);
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kNone);
+  ASSERT_TRUE(core().next_deadline()) << "the card is left alone: imaging is due";
+  EXPECT_GE(*core().next_deadline(), now + 1s) << "not before the idle delay";
+  drive();
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kComplete);
+  EXPECT_EQ(last_pushed_image(), pr::image_state::kComplete);
+  EXPECT_GE(core().stats().image_apdus, 2u);
+  EXPECT_FALSE(core().imaging(kReader1));
+
+  auto q = connect_req(2, kReader1);
+  q.flags = pr::request_flags::kWantImage;
+  auto r = call(q);
+  ASSERT_EQ(r.rv, sc::kSuccess);
+  ASSERT_TRUE(r.image);
+  EXPECT_TRUE(r.image->complete);
+  EXPECT_EQ(r.image->event_count, api.event_counter(kReader1));
+  ASSERT_EQ(r.image->selects.size(), 1u);
+  EXPECT_EQ(r.image->selects[0].command, kSelSn);
+  EXPECT_EQ(r.image->selects[0].response, kFcpSn);
+  ASSERT_EQ(r.image->files.size(), 1u);
+  EXPECT_EQ(r.image->files[0].content, Bytes(kSnContent.begin(), kSnContent.end() - 2));
+  // a Connect that does not ask for it gets none (the image is personal data)
+  auto plain = call(connect_req(3, kReader1));
+  EXPECT_FALSE(plain.image);
+}
+
+TEST_F(DeskCoreImageTest, AWriteCommandDropsTheImage) {
+  establish();
+  card_in_reader();
+  program_reads_the_serial(1);
+  drive();
+  ASSERT_EQ(core().image_state(kReader1), pr::image_state::kComplete);
+  const uint32_t h = connected(2);
+  call(transmit_req(2, h, Bytes{0x00, 0xD6, 0x00, 0x00, 0x01, 0x42}));  // UPDATE BINARY
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kNone);
+  EXPECT_EQ(last_pushed_image(), pr::image_state::kNone) << "the server's copies must go too";
+  EXPECT_EQ(core().stats().images_voided, 1u);
+}
+
+TEST_F(DeskCoreImageTest, AnotherCardInTheReaderIsNotTheImagesCard) {
+  establish();
+  card_in_reader();
+  program_reads_the_serial(1);
+  drive();
+  ASSERT_EQ(core().image_state(kReader1), pr::image_state::kComplete);
+  FakeCard other = test_card();
+  api.remove_card(kReader1);
+  api.insert_card(kReader1, other);
+  card_in_reader();  // same ATR, new insertion
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kNone);
+  auto q = connect_req(2, kReader1);
+  q.flags = pr::request_flags::kWantImage;
+  EXPECT_FALSE(call(q).image);
+}
+
+TEST_F(DeskCoreImageTest, TheImagingYieldsAtOnceToAProgram) {
+  establish();
+  card_in_reader();
+  program_reads_the_serial(1);
+  now += 2s;
+  core().tick(now);
+  ASSERT_TRUE(core().imaging(kReader1));
+  // the imaging's calls up to its first APDU
+  for (int guard = 0; guard < 20 && !(edge.calls.size() == 1 && std::holds_alternative<call::Transmit>(edge.calls.front().call));
+       ++guard) {
+    ASSERT_FALSE(edge.calls.empty());
+    Edge::Pending p = std::move(edge.calls.front());
+    edge.calls.pop_front();
+    core().call_done(p.lane, run_call(api, p.call), now);
+  }
+  const LaneId imaging_lane = edge.calls.front().lane;
+  // A program wants the card while the APDU is at the card.
+  submit(connect_req(5, kReader1));
+  std::vector<std::size_t> after;
+  for (int guard = 0; guard < 20 && !edge.calls.empty(); ++guard) {
+    Edge::Pending p = std::move(edge.calls.front());
+    edge.calls.pop_front();
+    if (p.lane == imaging_lane) after.push_back(p.call.index());
+    core().call_done(p.lane, run_call(api, p.call), now);
+  }
+  // the APDU in flight completes; then End, Disconnect, Release: no other APDU
+  EXPECT_EQ(after, (std::vector<std::size_t>{PcscCall{call::Transmit{}}.index(), PcscCall{call::End{}}.index(),
+                                             PcscCall{call::Disconnect{}}.index(), PcscCall{call::Release{}}.index()}));
+  EXPECT_FALSE(core().imaging(kReader1));
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kPartial) << "what was read whole stays";
+}
+
+TEST_F(DeskCoreImageTest, ACardADeskProgramHoldsExclusivelyIsLeftAlone) {
+  establish();
+  card_in_reader();
+  program_reads_the_serial(1);
+  // Another program at the desk takes the card exclusively (the reader monitor says so).
+  core().readers({pr::ReaderInfo{kReader1, sc::kStatePresent | sc::kStateExclusive | sc::kStateInUse,
+                                 api.event_counter(kReader1), kAtr1}},
+                 now);
+  now += 10s;
+  core().tick(now);
+  EXPECT_TRUE(edge.calls.empty()) << "nothing is asked of a card another program holds";
+  EXPECT_FALSE(core().imaging(kReader1));
+  // It lets go: the imaging runs.
+  card_in_reader();
+  drive();
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kComplete);
+}
+
+TEST_F(DeskCoreImageTest, ASharingViolationStopsTheImagingBeforeAnyApduAndItTriesAgainLater) {
+  establish();
+  card_in_reader();
+  program_reads_the_serial(1);
+  now += 2s;
+  core().tick(now);
+  ASSERT_TRUE(core().imaging(kReader1));
+  // A desk program got the card exclusively between the monitor's last report and the Connect.
+  bool refused = false;
+  std::size_t apdus = 0;
+  for (int guard = 0; guard < 20 && !edge.calls.empty(); ++guard) {
+    Edge::Pending p = std::move(edge.calls.front());
+    edge.calls.pop_front();
+    if (std::holds_alternative<call::Transmit>(p.call)) ++apdus;
+    if (std::holds_alternative<call::Connect>(p.call) && !refused) {
+      refused = true;
+      CallResult r;
+      r.rv = sc::kESharingViolation;
+      core().call_done(p.lane, r, now);
+      continue;
+    }
+    core().call_done(p.lane, run_call(api, p.call), now);
+  }
+  EXPECT_TRUE(refused);
+  EXPECT_EQ(apdus, 0u);
+  EXPECT_FALSE(core().imaging(kReader1));
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kNone);
+  ASSERT_TRUE(core().next_deadline()) << "it tries again";
+  EXPECT_GE(*core().next_deadline(), now + 2s) << "after a back-off";
+  drive();
+  EXPECT_EQ(core().image_state(kReader1), pr::image_state::kComplete);
+}
+
+TEST_F(DeskCoreImageTest, APreludeRunsBeforeTheCommandInTheSameRequest) {
+  establish();
+  card_in_reader();
+  const uint32_t h = connected(1);
+  auto t = transmit_req(1, h, kReadSn);
+  t.prelude = {kSelSn};
+  auto r = call(t);
+  ASSERT_EQ(r.prelude_answers.size(), 1u);
+  EXPECT_EQ(r.prelude_answers[0], kFcpSn);
+  EXPECT_EQ(r.data, kSnContent);
+  // a prelude the card refuses stops there: the program's command is not sent
+  const Bytes refused_select = {0x00, 0xA4, 0x09, 0x04, 0x04, 0x3F, 0x00, 0x2F, 0x01};
+  t.prelude = {refused_select, kSelSn};
+  r = call(t);
+  ASSERT_EQ(r.prelude_answers.size(), 1u);
+  EXPECT_EQ(r.prelude_answers[0], (Bytes{0x6D, 0x00}));
+  EXPECT_TRUE(r.data.empty());
+  EXPECT_EQ(r.rv, sc::kSuccess);
+}
+
+TEST_F(DeskCoreImageTest, OffByConfigurationTheDeskNeverReadsTheCardOnItsOwn) {
+  config.card_image = false;
+  establish();
+  // ... and offers no image in its hello (found by the desk.conf card-image = off integration test).
+  auto hellos = sent_of<pr::Hello>();
+  ASSERT_FALSE(hellos.empty());
+  for (const auto& h : hellos) EXPECT_EQ(h.capabilities & pr::caps::kCardImage, 0u);
+  card_in_reader();
+  program_reads_the_serial(1);
+  EXPECT_FALSE(core().next_deadline());
+  now += 10s;
+  core().tick(now);
+  EXPECT_TRUE(edge.calls.empty());
+  EXPECT_FALSE(core().imaging(kReader1));
+  auto q = connect_req(2, kReader1);
+  q.flags = pr::request_flags::kWantImage;
+  EXPECT_FALSE(call(q).image);
+}
+
 // Found by fuzz_desk_core: a Connect flagged with a deferred Begin (no shim sends one) made
 // the desk call SCardBeginTransaction on card handle 0. The flag is ignored on a Connect.
 TEST_F(DeskCoreTest, ADeferredBeginFlagOnAConnectIsIgnored) {

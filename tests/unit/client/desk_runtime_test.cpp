@@ -164,6 +164,8 @@ class DeskRuntimeTest : public ::testing::Test {
     api.add_reader(kReader2);
     config.desk_name = "desk-042";
     config.capabilities = pr::caps::kAll;
+    // What the desk learns for card images is the process's; each test starts from nothing.
+    config.images = std::make_shared<ImageStore>();
     config.server_policy.unix_uids = {0};
   }
   ~DeskRuntimeTest() override {

@@ -57,6 +57,18 @@ TEST_F(DeskSettingsTest, ReadsTheDeskSectionAndSkipsTheAgents) {
   EXPECT_FALSE(p->control_verdict(scard::ctl_code(3401), nullptr) == ControlVerdict::kAllowed);
 }
 
+TEST_F(DeskSettingsTest, CardImageIsOnUnlessTheAdminTurnsItOff) {
+  auto on = load_desk_settings(write("[desk]\nname = X\n"));
+  ASSERT_TRUE(on) << on.error();
+  EXPECT_TRUE(on->card_image);
+  auto off = load_desk_settings(write("[desk]\ncard-image = off\n"));
+  ASSERT_TRUE(off) << off.error();
+  EXPECT_FALSE(off->card_image);
+  auto bad = load_desk_settings(write("[desk]\ncard-image = maybe\n"));
+  ASSERT_FALSE(bad);
+  EXPECT_NE(bad.error().find("maybe"), std::string::npos) << bad.error();
+}
+
 TEST_F(DeskSettingsTest, MissingFileIsNoPolicy) {
   auto s = load_desk_settings((dir_ / "absent.conf").string());
   ASSERT_TRUE(s) << s.error();

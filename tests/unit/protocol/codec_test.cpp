@@ -726,6 +726,99 @@ TEST(CodecDescribe, ShowsOrderingIds) {
   EXPECT_NE(describe(Message{9, r}).find(" after=4,7"), std::string::npos) << describe(Message{9, r});
 }
 
+// ---- the card image (capability card-image) -------------------------------------------
+
+CardImage small_image() {
+  CardImage im;
+  im.event_count = 0xFFFF;
+  im.complete = true;
+  im.send_protocol = 1;
+  im.recv_protocol = 1;
+  im.selects = {ImageSelect{{0x00, 0xA4, 0x09, 0x04, 0x04, 0x3F, 0x00, 0xD0, 0x03}, {0x61, 0x10}, seq(18)},
+                ImageSelect{{0x00, 0xA4, 0x09, 0x04, 0x02, 0x3F, 0x01}, {0x6A, 0x82}, {}}};
+  im.files = {ImageFile{{0x00, 'P', 0x3F, 0x00, 0xD0, 0x03}, seq(12)}};
+  return im;
+}
+
+TEST(CodecRoundTrip, ReplyWithCardImageAndPreludeAnswers) {
+  Reply r = full_reply();
+  r.image = small_image();
+  r.prelude_answers = {{0x90, 0x00}, seq(258)};
+  Message m{8, r};
+  EXPECT_EQ(roundtrip(m), m);
+  // An empty image is still an image (the desk had one, with nothing in it yet).
+  r.image = CardImage{};
+  Message m2{9, r};
+  EXPECT_EQ(roundtrip(m2), m2);
+}
+
+TEST(CodecRoundTrip, RequestWithPreludeAndSnapshotWithImageState) {
+  Request q = full_request(Op::kTransmit);
+  for (std::size_t i = 0; i < kMaxPrelude; ++i) q.prelude.push_back(seq(4 + i));
+  Message m{10, q};
+  EXPECT_EQ(roundtrip(m), m);
+  ReaderSnapshot s;
+  s.readers = {ReaderInfo{"A", 0x20, 3, seq(4), image_state::kPartial},
+               ReaderInfo{"B", 0x20, 4, seq(4), image_state::kComplete}};
+  Message m2{0, s};
+  EXPECT_EQ(roundtrip(m2), m2);
+}
+
+TEST(CodecReject, CardImageOutOfBounds) {
+  Request q = full_request(Op::kTransmit);
+  q.prelude.assign(kMaxPrelude + 1, Bytes{0x00, 0xA4, 0x00, 0x0C});
+  expect_rejected(Message{1, q}, "prelude too long");
+  q.prelude = {Bytes{0x00, 0xA4, 0x00}};
+  expect_rejected(Message{1, q}, "prelude command shorter than a header");
+  q.prelude = {seq(kMaxShortApduBytes + 1)};
+  expect_rejected(Message{1, q}, "prelude command longer than a short APDU");
+
+  ReaderSnapshot s;
+  s.readers = {ReaderInfo{"A", 0x20, 3, seq(4), image_state::kMax + 1}};
+  expect_rejected(Message{0, s}, "unknown image state");
+
+  auto with = [](CardImage im) {
+    Reply r;
+    r.image = std::move(im);
+    return Message{2, r};
+  };
+  CardImage im = small_image();
+  im.selects.push_back(im.selects.front());
+  expect_rejected(with(im), "duplicate select");
+  im = small_image();
+  im.files.push_back(im.files.front());
+  expect_rejected(with(im), "duplicate file");
+  im = small_image();
+  im.selects[0].response = {0x90};
+  expect_rejected(with(im), "response without a status word");
+  im = small_image();
+  im.files[0].content = seq(kMaxImageFileBytes + 1);
+  expect_rejected(with(im), "file too large");
+  im = small_image();
+  im.files.clear();
+  for (std::size_t i = 0; i < kMaxImageFiles + 1; ++i)
+    im.files.push_back(ImageFile{{0x00, 'P', 0x3F, 0x00, static_cast<uint8_t>(i)}, {}});
+  expect_rejected(with(im), "too many files");
+  im = small_image();
+  im.files.clear();
+  for (std::size_t i = 0; i * 30000 < kMaxImageBytes + 30000; ++i)
+    im.files.push_back(ImageFile{{0x00, 'P', 0x3F, 0x00, static_cast<uint8_t>(i)}, seq(30000)});
+  expect_rejected(with(im), "image larger than its bound");
+  im = small_image();
+  im.event_count = 0x10000;
+  expect_rejected(with(im), "event count over 16 bits");
+}
+
+TEST(CodecDescribe, NeverShowsTheCardImage) {
+  Reply r;
+  r.image = small_image();
+  r.image->files[0].content = Bytes(12, 0xAB);
+  const std::string text = describe(Message{5, r});
+  EXPECT_NE(text.find("image=2+1"), std::string::npos) << text;
+  EXPECT_EQ(text.find("AB"), std::string::npos) << text;
+  EXPECT_EQ(text.find("ab"), std::string::npos) << text;
+}
+
 TEST(CodecOpName, EveryOpHasADistinctName) {
   std::set<std::string> names;
   for (uint8_t op = 0; op <= kMaxOp; ++op) names.insert(op_name(static_cast<Op>(op)));

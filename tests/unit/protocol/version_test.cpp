@@ -15,9 +15,34 @@ Hello hello(uint32_t major, uint32_t minor, uint64_t capabilities) {
   return h;
 }
 
-TEST(VersionTest, CurrentVersionIsOneZero) {
+TEST(VersionTest, CurrentVersionIsOneOne) {
   EXPECT_EQ(kVersionMajor, 1u);
-  EXPECT_EQ(kVersionMinor, 0u);
+  EXPECT_EQ(kVersionMinor, 1u);
+}
+
+TEST(VersionTest, AOneZeroPeerGetsNeitherDeskServiceNorCardImage) {
+  // A 1.0 peer announces at most bits 0-4: the link runs at 1.0 without the minor-1 capabilities.
+  const uint64_t one_zero = caps::kReaderPush | caps::kDeferredBegin | caps::kPrefetchGetResponse |
+                            caps::kReadAhead | caps::kDeskOrdering;
+  auto n = negotiate(local_hello(Role::kServer, caps::kAll), hello(1, 0, one_zero));
+  ASSERT_TRUE(n.has_value());
+  EXPECT_EQ(n->minor, 0u);
+  EXPECT_EQ(n->capabilities, one_zero);
+  EXPECT_EQ(n->capabilities & (caps::kDeskService | caps::kCardImage), 0u);
+}
+
+TEST(VersionTest, DeskServiceAndCardImageAreNegotiatedApart) {
+  // Either end may turn the card image off (--no-card-image, --disable card-image) and keep
+  // the desk's service status, and the other way round.
+  auto a = negotiate(local_hello(Role::kDesk, caps::kAll), local_hello(Role::kServer, caps::kAll & ~caps::kCardImage));
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->minor, kVersionMinor);
+  EXPECT_TRUE(a->capabilities & caps::kDeskService);
+  EXPECT_FALSE(a->capabilities & caps::kCardImage);
+  auto b = negotiate(local_hello(Role::kDesk, caps::kAll & ~caps::kDeskService), local_hello(Role::kServer, caps::kAll));
+  ASSERT_TRUE(b.has_value());
+  EXPECT_FALSE(b->capabilities & caps::kDeskService);
+  EXPECT_TRUE(b->capabilities & caps::kCardImage);
 }
 
 TEST(VersionTest, SameVersionAllCapabilities) {
@@ -72,7 +97,8 @@ TEST(VersionTest, NoCommonCapabilityIsStillAgreement) {
 
 TEST(VersionTest, CapabilityBitsAreDistinct) {
   EXPECT_EQ(caps::kReaderPush & caps::kDeferredBegin, 0u);
-  EXPECT_EQ(caps::kAll, 0x3Fu);
+  EXPECT_EQ(caps::kDeskService & caps::kCardImage, 0u);
+  EXPECT_EQ(caps::kAll, 0x7Fu);
 }
 
 TEST(CapabilitiesTextTest, Names) {
@@ -82,7 +108,7 @@ TEST(CapabilitiesTextTest, Names) {
   EXPECT_EQ(capabilities_text(caps::kPrefetchGetResponse), "prefetch-get-response");
   EXPECT_EQ(capabilities_text(caps::kReadAhead), "read-ahead");
   EXPECT_EQ(capabilities_text(caps::kAll),
-            "reader-push,deferred-begin,prefetch-get-response,read-ahead,desk-ordering,desk-service");
+            "reader-push,deferred-begin,prefetch-get-response,read-ahead,desk-ordering,desk-service,card-image");
   EXPECT_EQ(capabilities_text(caps::kReaderPush | caps::kReadAhead), "reader-push,read-ahead");
 }
 

@@ -9,6 +9,8 @@
 //   readers = Gemalto, Omnikey         # expose only readers whose name contains one of these
 //   deny-readers = Windows Hello       # never expose these
 //   allow-control = 3400, 0x42000D48   # control codes programs may use (all, none, or a list)
+//   card-image = off                   # never read a card's public files ahead of a login
+//                                      # (default on); a connection's image:on cannot undo it
 //
 // The file is read as root's configuration: the add-in reads it at CARDBRIDGE_ETC_DIR (built
 // in), never from a path the user could choose.
@@ -28,6 +30,7 @@ struct DeskSettings {
   std::vector<std::string> readers;
   std::vector<std::string> deny_readers;
   std::string allow_control;  // "" when not set (no restriction by the admin)
+  bool card_image = true;     // card-image = off: the desk never images a card (docs/performance.md)
 };
 
 // /etc/cardbridge/desk.conf (CARDBRIDGE_ETC_DIR at build time).

@@ -17,6 +17,14 @@
 // operation, a Status after a Connect, speculative Transmits) -> one reply. Pings are
 // answered at once, whatever the lanes are doing (the server's liveness check).
 //
+// The card image (docs/performance.md, "The card image"): the core learns, from what
+// programs send, which SELECTs and public files a login of each card type uses (ImageStore,
+// shared by the desk's links), and while a reader's card sits unused it reads them on a lane
+// of its own (Imager), in short transactions; a program's request for that reader makes it
+// yield at once. The image goes to the server with the reply to a Connect that asks for it
+// (request flag kWantImage), never before; a Transmit may carry a prelude (the SELECTs that
+// put the card back into the state the program's view of it expects).
+//
 // Shutdown: shutdown() releases every context once the calls in flight return; idle() is
 // true when no lane is left.
 #pragma once
@@ -34,6 +42,8 @@
 #include "cardbridge/protocol/link_session.hpp"
 #include "cardbridge/protocol/messages.hpp"
 #include "cardbridge/desk_core/desk_audit.hpp"
+#include "cardbridge/desk_core/image_store.hpp"
+#include "cardbridge/desk_core/imager.hpp"
 #include "cardbridge/desk_core/pcsc_call.hpp"
 #include "cardbridge/desk_core/policy.hpp"
 #include "cardbridge/desk_core/speculation.hpp"
@@ -55,6 +65,15 @@ struct DeskConfig {
   // contexts). A request for one more context is answered SCARD_E_NO_MEMORY.
   std::size_t max_contexts = 64;
   uint64_t random_seed = 0;  // hello instances; 0: std::random_device
+  // The card image (on by default; off: the desk never reads a card on its own and sends no
+  // image). |images| is shared by the desk's links (nullptr: this core keeps its own).
+  bool card_image = true;
+  std::shared_ptr<ImageStore> images;
+  // Imaging starts once a reader's card has been left alone this long by the server's programs.
+  std::chrono::milliseconds image_idle_delay{1000};
+  // An image older than this has its card's update marker read again before it is sent.
+  std::chrono::milliseconds image_recheck_after{60000};
+  ImagerSettings imager;
   // Who may be the server (docs/security.md): the agent's UNIX peers (its own user, root),
   // the allowed TLS servers, the RDP channel for the add-in; plain TCP only when the admin
   // says so.
@@ -83,6 +102,11 @@ struct DeskStats {
   uint64_t calls = 0;              // PC/SC calls asked of the edge
   uint64_t speculative_calls = 0;  // of which speculative Transmits
   uint64_t refused_contexts = 0;   // requests refused at max_contexts
+  uint64_t image_passes = 0;       // imaging passes started
+  uint64_t image_apdus = 0;        // APDUs the imaging sent to cards
+  uint64_t images_sent = 0;        // card images sent with a Connect reply
+  uint64_t images_voided = 0;      // images given up (a write, the update marker, another card)
+  uint64_t prelude_commands = 0;   // prelude commands sent before a program's command
 };
 
 class DeskCore : private protocol::LinkSession::Handler {
@@ -98,7 +122,7 @@ class DeskCore : private protocol::LinkSession::Handler {
   void transport_up(TimePoint now, PeerIdentity peer);
   void transport_down(TimePoint now);
   void receive(std::span<const uint8_t> bytes, TimePoint now);
-  std::optional<TimePoint> next_deadline() const { return link_.next_deadline(); }
+  std::optional<TimePoint> next_deadline() const;
   void tick(TimePoint now);
 
   // ---- the edge ----
@@ -110,7 +134,7 @@ class DeskCore : private protocol::LinkSession::Handler {
   void readers(std::vector<protocol::ReaderInfo> readers, TimePoint now, uint32_t service_rv = 0);
   // Ends the server session and releases every context; idle() once all lanes are gone.
   void shutdown(TimePoint now);
-  bool idle() const { return lanes_.empty(); }
+  bool idle() const { return lanes_.empty() && imaging_.empty(); }
 
   // ---- introspection ----
   bool session_established() const { return link_.established(); }
@@ -119,10 +143,16 @@ class DeskCore : private protocol::LinkSession::Handler {
   const protocol::ReaderSnapshot& current_readers() const { return snapshot_; }
   std::size_t lane_count() const { return lanes_.size(); }
   std::size_t handle_count() const { return handles_.size(); }
+  // The card image of |reader|'s card (protocol::image_state), and whether it is being read.
+  uint32_t image_state(const std::string& reader) const;
+  bool imaging(const std::string& reader) const { return imaging_.contains(reader); }
+  ImageStore& image_store() const { return *images_; }
 
  private:
   struct Task;
   struct Lane;
+  struct Imaging;
+  struct CardWatch;
 
   // LinkSession::Handler
   void link_send(std::vector<uint8_t> bytes) override;
@@ -146,19 +176,42 @@ class DeskCore : private protocol::LinkSession::Handler {
   void task_done(uint32_t id);
   bool speculate(Lane& lane, Task& task, const CallResult* last);  // true: a call is under way
   std::optional<ScardHandle> card_of(const Lane& lane, protocol::DeskHandle h) const;
+  const std::string* reader_of(const protocol::Request& r) const;
+
+  // ---- the card image (desk_core.cpp, "card image") ----
+  // The snapshot with image states; pushed when it changed (or when the desk's service status did).
+  void publish_readers(bool service_changed = false);
+  void touch(const std::string& reader);  // a program's request for |reader|: imaging yields
+  bool session_busy(const std::string& reader) const;
+  void publish_busy();  // session_busy() of every reader, for the other links' imaging
+  void consider_imaging();                // starts imaging where a card sits unused
+  void pump_imaging(Imaging& im);
+  void imaging_call_done(Imaging& im, CallResult r);
+  void finish_imaging(const std::string& reader);
+  void void_image(const std::string& reader, const char* why);
+  // Program traffic: what the core learns and watches (|program|: the program sent it).
+  void observe_card(const std::string& reader, std::span<const uint8_t> command, const CallResult& r, bool program);
+  void card_reset_seen(const std::string& reader);
+  const protocol::ReaderInfo* reader_info(const std::string& reader) const;
+  // Connect with kWantImage: attach the image, after reading the update marker again when
+  // the image is old (Task steps kImageCheck).
+  bool start_image_check(Lane& lane, Task& task);
+  void attach_image(Task& task);
 
   DeskEffects& fx_;
   DeskConfig config_;
   protocol::LinkSession link_;
   std::string server_name_;
   bool shutting_down_ = false;
-  protocol::ReaderSnapshot snapshot_;
+  protocol::ReaderSnapshot snapshot_;     // as pushed (with the image states)
+  std::vector<protocol::ReaderInfo> monitor_readers_;  // as the reader monitor reported them
   std::map<LaneId, std::unique_ptr<Lane>> lanes_;
   std::map<uint32_t, LaneId> by_context_;  // the session's server context id -> lane
   LaneId next_lane_ = 1;
   struct HandleEntry {
     LaneId lane = 0;
     ScardHandle card = 0;
+    std::string reader;
     // The reader's answer to CM_IOCTL_GET_FEATURE_REQUEST, once asked (policy: PIN-pad codes).
     std::optional<std::vector<ReaderFeature>> features;
   };
@@ -167,6 +220,18 @@ class DeskCore : private protocol::LinkSession::Handler {
   std::set<uint32_t> unfinished_;  // this session's requests not answered yet (desk ordering)
   TimePoint now_{};
   DeskStats stats_;
+  // The card image.
+  std::shared_ptr<ImageStore> images_;
+  std::map<std::string, std::unique_ptr<Imaging>> imaging_;  // reader -> the pass under way
+  std::map<LaneId, std::string> imaging_lanes_;
+  struct Schedule {
+    TimePoint not_before{};   // idle delay after the last program request, or back-off
+    std::chrono::milliseconds backoff{0};
+    bool wait_for_change = false;  // busy (a desk program holds the card): until its state changes
+  };
+  std::map<std::string, Schedule> schedule_;
+  std::optional<TimePoint> imaging_wake_;  // the earliest time consider_imaging() has work
+  std::map<std::string, std::unique_ptr<CardWatch>> watches_;  // reader -> what programs did to its card
 };
 
 }  // namespace cardbridge::client

@@ -121,8 +121,12 @@ class DeskRuntime : private DeskEffects {
   // serve_socket
   int fd_ = -1;
   bool reading_ = false;  // a pool thread has the reading turn
-  // The deadline the socket's SO_RCVTIMEO was last set for (nullopt: none, i.e. blocking).
-  std::optional<TimePoint> rcvtimeo_for_;
+  // The reader waits in poll() for the socket, the core's deadline, or a byte on this pipe:
+  // after_event() writes one when the deadline moves earlier than the one it waits for (a
+  // call that returned on another thread, e.g. the card image's pause between transactions).
+  int wake_pipe_[2] = {-1, -1};
+  bool polling_ = false;
+  std::optional<TimePoint> polling_for_;
   bool socket_done_ = false;
   std::function<void(const std::string&)> socket_closed_;
   ReaderMonitor monitor_;

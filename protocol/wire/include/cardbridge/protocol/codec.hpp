@@ -30,6 +30,15 @@ inline constexpr std::size_t kMaxDataBytes = 65548;
 inline constexpr std::size_t kMaxPrefetched = 64;
 inline constexpr std::size_t kMaxAfter = 64;  // Request.after ids
 inline constexpr std::size_t kMaxTextBytes = 256;
+// The card image (capability card-image) and transmit preludes.
+inline constexpr std::size_t kMaxPrelude = 8;
+inline constexpr std::size_t kMaxShortApduBytes = 261;      // CLA INS P1 P2 Lc 255 Le
+inline constexpr std::size_t kMaxShortResponseBytes = 258;  // 256 data bytes + SW
+inline constexpr std::size_t kMaxImageSelects = 256;
+inline constexpr std::size_t kMaxImageFiles = 64;
+inline constexpr std::size_t kMaxImageKeyBytes = 40;
+inline constexpr std::size_t kMaxImageFileBytes = 32 * 1024;
+inline constexpr std::size_t kMaxImageBytes = 256 * 1024;
 
 // One-line summary for logs (no APDU contents).
 std::string describe(const Message& m);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <variant>
 #include <vector>
@@ -43,8 +44,18 @@ struct ReaderInfo {
   uint32_t state = 0;        // SCARD_STATE_* (without CHANGED/IGNORE and the counter bits)
   uint32_t event_count = 0;  // 0..0xFFFF
   Bytes atr;
+  // The desk's card image for the card (capability card-image; ImageState values).
+  uint32_t image = 0;
   friend bool operator==(const ReaderInfo&, const ReaderInfo&) = default;
 };
+
+// ReaderInfo.image: what the desk holds of the card's public files.
+namespace image_state {
+inline constexpr uint32_t kNone = 0;      // nothing (or it was voided: copies must go)
+inline constexpr uint32_t kPartial = 1;   // being read; what is there is valid
+inline constexpr uint32_t kComplete = 2;  // every file programs were seen to read
+inline constexpr uint32_t kMax = 2;
+}  // namespace image_state
 
 struct ReaderSnapshot {
   uint64_t sequence = 0;
@@ -97,6 +108,8 @@ inline constexpr uint32_t kBeginFirst = 1u << 0;
 inline constexpr uint32_t kPrefetchGetResponse = 1u << 1;
 // Transmit: the desk may read ahead after a READ BINARY, bounded by |recv_length| chunks.
 inline constexpr uint32_t kReadAhead = 1u << 2;
+// Connect: attach the card's image to the reply (capability card-image).
+inline constexpr uint32_t kWantImage = 1u << 3;
 }  // namespace request_flags
 
 struct Request {
@@ -115,6 +128,8 @@ struct Request {
   // Earlier requests (of other contexts) the desk finishes before starting this one
   // (capability kDeskOrdering; at most kMaxAfter ids).
   std::vector<uint32_t> after;
+  // Transmit: commands the desk sends first (capability card-image; at most kMaxPrelude).
+  std::vector<Bytes> prelude;
   friend bool operator==(const Request&, const Request&) = default;
 };
 
@@ -122,6 +137,29 @@ struct Prefetched {
   Bytes command;
   Bytes response;
   friend bool operator==(const Prefetched&, const Prefetched&) = default;
+};
+
+// The card image (capability card-image, docs/protocol.md): the card's answers to the
+// absolute SELECTs programs send and the content of the public files they read.
+struct ImageSelect {
+  Bytes command;
+  Bytes response;  // data + SW
+  Bytes fetched;   // after 61xx: the answer to GET RESPONSE Le = SW2 (data + SW)
+  friend bool operator==(const ImageSelect&, const ImageSelect&) = default;
+};
+struct ImageFile {
+  Bytes key;  // card_image::select_key()
+  Bytes content;
+  friend bool operator==(const ImageFile&, const ImageFile&) = default;
+};
+struct CardImage {
+  uint32_t event_count = 0;
+  bool complete = false;
+  uint32_t send_protocol = 0;
+  uint32_t recv_protocol = 0;
+  std::vector<ImageSelect> selects;
+  std::vector<ImageFile> files;
+  friend bool operator==(const CardImage&, const CardImage&) = default;
 };
 
 struct Reply {
@@ -136,6 +174,8 @@ struct Reply {
   std::vector<Prefetched> prefetched;
   uint32_t begin_rv = 0;
   uint32_t card_protocol = 0;
+  std::optional<CardImage> image;     // Connect with kWantImage
+  std::vector<Bytes> prelude_answers;  // Transmit with a prelude
   friend bool operator==(const Reply&, const Reply&) = default;
 };
 

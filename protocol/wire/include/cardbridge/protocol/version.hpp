@@ -10,7 +10,10 @@
 namespace cardbridge::protocol {
 
 inline constexpr uint32_t kVersionMajor = 1;
-inline constexpr uint32_t kVersionMinor = 0;
+// Minor 1: the capabilities desk-service (bit 5) and card-image (bit 6) exist. The minor is
+// informational (logged at connection); what a link uses is still the capability intersection,
+// so a 1.0 peer simply never gets either.
+inline constexpr uint32_t kVersionMinor = 1;
 
 // Capability bits. An optimisation is used only when both ends announce it.
 namespace caps {
@@ -24,8 +27,11 @@ inline constexpr uint64_t kDeskOrdering = 1u << 4;
 // ReaderSnapshot.service_rv: the desk says when its own PC/SC service fails (no pcscd), so
 // that the server can tell "no reader" from "no PC/SC service at the desk".
 inline constexpr uint64_t kDeskService = 1u << 5;
-inline constexpr uint64_t kAll =
-    kReaderPush | kDeferredBegin | kPrefetchGetResponse | kReadAhead | kDeskOrdering | kDeskService;
+// The card image: ReaderInfo.image, Request flag kWantImage and Reply.image on Connect,
+// Request.prelude and Reply.prelude_answers on Transmit (docs/protocol.md).
+inline constexpr uint64_t kCardImage = 1u << 6;
+inline constexpr uint64_t kAll = kReaderPush | kDeferredBegin | kPrefetchGetResponse | kReadAhead | kDeskOrdering |
+                                 kDeskService | kCardImage;
 }  // namespace caps
 
 struct Negotiated {

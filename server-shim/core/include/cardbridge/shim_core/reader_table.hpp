@@ -34,6 +34,8 @@ struct ReaderSlot {
     uint32_t length = 0;
   };
   std::map<uint32_t, CachedAttribute> attributes;
+  // The desk's card image for the card (protocol::image_state), as last pushed.
+  uint32_t desk_image = 0;
   bool used() const { return !name.empty(); }
 };
 
@@ -41,6 +43,7 @@ struct SnapshotChanges {
   std::vector<std::pair<std::size_t, std::string>> removed;  // slot and name of readers that disappeared
   std::vector<std::size_t> added;         // slots that got a new reader
   std::vector<std::size_t> card_events;   // slots whose card was inserted/removed
+  std::vector<std::size_t> image_voided;  // slots whose desk card image went back to none
   std::size_t dropped = 0;                // readers beyond the 16 slots
 };
 

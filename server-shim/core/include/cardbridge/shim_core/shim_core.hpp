@@ -38,6 +38,7 @@
 #include "cardbridge/protocol/messages.hpp"
 #include "cardbridge/shim_core/handle_table.hpp"
 #include "cardbridge/shim_core/reader_table.hpp"
+#include "cardbridge/shim_core/virtual_card.hpp"
 #include "cardbridge/pcscd_wire/wire.hpp"
 
 namespace cardbridge::shim {
@@ -113,8 +114,11 @@ struct Optimizations {
   // Static reader attributes (vendor, IFD version, names, ATR) are answered from a
   // per-reader cache after the first fetch.
   bool cache_attributes = false;
+  // (desk) The card image: the first Connect to a card asks the desk for the image of its
+  // public files; SELECT, READ BINARY and GET RESPONSE are answered from it (VirtualCard).
+  bool card_image = false;
 
-  static Optimizations all() { return {true, true, true, true, true}; }
+  static Optimizations all() { return {true, true, true, true, true, true}; }
   // "pipeline,defer-begin,..." -> switched off; error text on an unknown name.
   std::string disable(std::string_view names);
 };
@@ -152,6 +156,10 @@ struct ShimStats {
   uint64_t prefetch_discarded = 0;
   uint64_t attribute_cache_hits = 0;
   uint64_t local_answers = 0;     // card calls answered from pushed state (Connect to an empty reader)
+  uint64_t image_answers = 0;     // transmits answered from the card image
+  uint64_t image_preludes = 0;    // transmits sent with a prelude (the card put back in the program's state)
+  uint64_t images_received = 0;   // card images the desk sent
+  uint64_t images_dropped = 0;    // card images given up (write, desk voided it, prelude mismatch)
   uint64_t protocol_errors = 0;   // client connections closed for malformed input
   uint64_t desk_sessions = 0;     // desk hellos accepted
   uint64_t desk_bytes_in = 0;
@@ -201,6 +209,8 @@ class ShimCore : private protocol::LinkSession::Handler {
   uint64_t desk_generation() const { return link_.generation(); }
   std::size_t client_count() const { return clients_.size(); }
   std::size_t handle_count() const { return handles_.size(); }
+  // The card image held for reader |slot| (nullptr: none). Its content is never shown.
+  const VirtualCard* card_image(std::size_t slot) const { return images_.at(slot).get(); }
 
  private:
   struct Client;
@@ -218,6 +228,11 @@ class ShimCore : private protocol::LinkSession::Handler {
   struct TransmitCall : OnHandle {
     wire::TransmitStruct req;
     std::vector<uint8_t> loggable_command;  // kept only to log the answer of a non-secret command
+    // The card image's part (card_image): the command and the prelude sent before it, and
+    // which image they were computed on.
+    std::vector<uint8_t> apdu;
+    std::vector<std::vector<uint8_t>> prelude;
+    uint64_t image_serial = 0;  // 0: no image involved
   };
   struct ControlCall : OnHandle { wire::ControlStruct req; };
   struct GetAttribCall : OnHandle { wire::GetSetStruct req; };
@@ -269,6 +284,19 @@ class ShimCore : private protocol::LinkSession::Handler {
   void fail_call(Client& c, PendingCall call, uint32_t rv);
   void connected(Client& c, const ConnectCall& call, const protocol::Reply& rep);
   void after_power_action(std::size_t slot, uint32_t disposition);
+  // ---- the card image (card_calls.cpp) ----
+  // |transmit|: the image's answer, or the request's prelude (true: answered here).
+  bool image_transmit(Client& c, Handle& h, TransmitCall& call, protocol::Request& q);
+  // A transmit that went to the card came back: the image learns what the card did.
+  // Returns false when it was sent again (its prelude was refused: the image is gone).
+  bool image_forwarded(Client& c, TransmitCall& call, const protocol::Reply& rep);
+  void install_image(std::size_t slot, protocol::CardImage image);
+  void drop_image(std::size_t slot, const char* why);
+  // The card of |slot| was reset (or may be touched by others): the image's view of the
+  // current files is the card's own again.
+  void image_card_reset(std::size_t slot);
+  void mark_reset(std::size_t slot, uint32_t except_card, bool include_caller);
+  void after_handle_gone(std::size_t slot);
   void learn_card_state(std::size_t slot, const protocol::Reply& r);
   void resume_parked();
 
@@ -327,6 +355,10 @@ class ShimCore : private protocol::LinkSession::Handler {
     ClientId client = 0;
   };
   std::map<uint32_t, Async> async_;  // pipelined request id -> what it was about
+  // The card images, per reader slot, and a serial that names each one installed.
+  std::array<std::unique_ptr<VirtualCard>, ReaderTable::kSlots> images_;
+  std::array<uint64_t, ReaderTable::kSlots> image_serial_{};
+  uint64_t next_image_serial_ = 1;
 };
 
 }  // namespace cardbridge::shim
