@@ -3,27 +3,13 @@
 
 #include <algorithm>
 
-#include <fmt/format.h>
-
-#include "cardbridge/card_image/image.hpp"
-#include "cardbridge/protocol/version.hpp"
-#include "cardbridge/support/check.hpp"
-#include "cardbridge/support/log.hpp"
-#include "cardbridge/support/redact.hpp"
-#include "cardbridge/support/scard.hpp"
-
 #include "desk_core_parts.hpp"
 
 namespace cardbridge::client {
 
-namespace sc = cardbridge::scard;
-namespace pr = cardbridge::protocol;
-namespace ci = cardbridge::card_image;
 using namespace desk_detail;
 
 namespace {
-
-log::Channel logger{"cardbridge.desk"};
 
 pr::LinkSettings link_settings(const DeskConfig& c) {
   pr::LinkSettings s;

@@ -1,32 +1,10 @@
 // DeskCore: the card image (what programs read is learned; the desk reads it while the card
 // is unused; the image rides with a session's first Connect).
-#include "cardbridge/desk_core/desk_core.hpp"
-
-#include <algorithm>
-
-#include <fmt/format.h>
-
-#include "cardbridge/card_image/image.hpp"
-#include "cardbridge/protocol/version.hpp"
-#include "cardbridge/support/check.hpp"
-#include "cardbridge/support/log.hpp"
-#include "cardbridge/support/redact.hpp"
-#include "cardbridge/support/scard.hpp"
-
 #include "desk_core_parts.hpp"
 
 namespace cardbridge::client {
 
-namespace sc = cardbridge::scard;
-namespace pr = cardbridge::protocol;
-namespace ci = cardbridge::card_image;
 using namespace desk_detail;
-
-namespace {
-
-log::Channel logger{"cardbridge.desk"};
-
-}  // namespace
 
 // ---- the card image ------------------------------------------------------------------------
 

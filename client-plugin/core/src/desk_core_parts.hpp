@@ -9,13 +9,25 @@
 #include <memory>
 #include <optional>
 
+#include <fmt/format.h>
+
 #include "cardbridge/card_image/image.hpp"
 #include "cardbridge/desk_core/desk_core.hpp"
+#include "cardbridge/protocol/version.hpp"
+#include "cardbridge/support/check.hpp"
+#include "cardbridge/support/log.hpp"
+#include "cardbridge/support/redact.hpp"
 #include "cardbridge/support/scard.hpp"
 
 namespace cardbridge::client {
 
 namespace desk_detail {
+
+namespace sc = cardbridge::scard;
+namespace pr = cardbridge::protocol;
+namespace ci = cardbridge::card_image;
+
+inline log::Channel logger{"cardbridge.desk"};
 
 // Room for a reader's feature list: 6 bytes per feature, some twenty features defined.
 inline constexpr uint32_t kFeatureAnswerCapacity = 256;

@@ -1,32 +1,10 @@
 // DeskCore: each PC/SC call's outcome (the steps of a request), speculation, replies and
 // the lanes' retirement.
-#include "cardbridge/desk_core/desk_core.hpp"
-
-#include <algorithm>
-
-#include <fmt/format.h>
-
-#include "cardbridge/card_image/image.hpp"
-#include "cardbridge/protocol/version.hpp"
-#include "cardbridge/support/check.hpp"
-#include "cardbridge/support/log.hpp"
-#include "cardbridge/support/redact.hpp"
-#include "cardbridge/support/scard.hpp"
-
 #include "desk_core_parts.hpp"
 
 namespace cardbridge::client {
 
-namespace sc = cardbridge::scard;
-namespace pr = cardbridge::protocol;
-namespace ci = cardbridge::card_image;
 using namespace desk_detail;
-
-namespace {
-
-log::Channel logger{"cardbridge.desk"};
-
-}  // namespace
 
 void DeskCore::advance(Lane& lane, Task& task, CallResult r) {
   const pr::Request& q = task.req;

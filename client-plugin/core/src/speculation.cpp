@@ -1,38 +1,10 @@
 #include "cardbridge/desk_core/speculation.hpp"
 
+#include "cardbridge/card_image/apdu.hpp"
+
 namespace cardbridge::client {
 
 namespace {
-
-// One BER-TLV element at |p|; returns false when malformed.
-bool read_tlv(std::span<const uint8_t> d, std::size_t& pos, uint32_t& tag, std::span<const uint8_t>& value) {
-  if (pos >= d.size()) return false;
-  tag = d[pos++];
-  if ((tag & 0x1F) == 0x1F) {  // multi-byte tag
-    if (pos >= d.size()) return false;
-    tag = (tag << 8) | d[pos++];
-    if (tag & 0x80) {
-      if (pos >= d.size()) return false;
-      tag = (tag << 8) | d[pos++];
-    }
-  }
-  if (pos >= d.size()) return false;
-  std::size_t len = d[pos++];
-  if (len == 0x81) {
-    if (pos >= d.size()) return false;
-    len = d[pos++];
-  } else if (len == 0x82) {
-    if (pos + 1 >= d.size()) return false;
-    len = (std::size_t{d[pos]} << 8) | d[pos + 1];
-    pos += 2;
-  } else if (len > 0x82) {
-    return false;
-  }
-  if (d.size() - pos < len) return false;
-  value = d.subspan(pos, len);
-  pos += len;
-  return true;
-}
 
 bool is_ok(std::span<const uint8_t> response) {
   return response.size() >= 2 && response[response.size() - 2] == 0x90 && response.back() == 0x00;
@@ -47,7 +19,7 @@ std::optional<uint32_t> size_in(std::span<const uint8_t> content, int depth) {
   std::size_t pos = 0;
   uint32_t tag = 0;
   std::span<const uint8_t> v;
-  while (pos < content.size() && read_tlv(content, pos, tag, v)) {
+  while (pos < content.size() && card_image::next_tlv(content, pos, tag, v)) {
     if ((tag == 0x80 || tag == 0x81) && !v.empty() && v.size() <= 4) {
       uint32_t n = 0;
       for (uint8_t b : v) n = (n << 8) | b;
@@ -63,7 +35,7 @@ std::optional<uint32_t> fcp_file_size(std::span<const uint8_t> data) {
   std::size_t pos = 0;
   uint32_t tag = 0;
   std::span<const uint8_t> outer;
-  if (!read_tlv(data, pos, tag, outer) || (tag != 0x62 && tag != 0x6F)) return std::nullopt;
+  if (!card_image::next_tlv(data, pos, tag, outer) || (tag != 0x62 && tag != 0x6F)) return std::nullopt;
   return size_in(outer, 0);
 }
 

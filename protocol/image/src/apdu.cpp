@@ -26,35 +26,6 @@ std::vector<uint16_t> fids(std::span<const uint8_t> data) {
   return out;
 }
 
-// One BER-TLV element at |pos|; false when malformed.
-bool next_tlv(std::span<const uint8_t> d, std::size_t& pos, uint32_t& tag, std::span<const uint8_t>& value) {
-  if (pos >= d.size()) return false;
-  tag = d[pos++];
-  if ((tag & 0x1F) == 0x1F) {
-    if (pos >= d.size()) return false;
-    tag = (tag << 8) | d[pos++];
-    if (tag & 0x80) {
-      if (pos >= d.size()) return false;
-      tag = (tag << 8) | d[pos++];
-    }
-  }
-  if (pos >= d.size()) return false;
-  std::size_t len = d[pos++];
-  if (len == 0x81) {
-    if (pos >= d.size()) return false;
-    len = d[pos++];
-  } else if (len == 0x82) {
-    if (pos + 1 >= d.size()) return false;
-    len = (std::size_t{d[pos]} << 8) | d[pos + 1];
-    pos += 2;
-  } else if (len > 0x82) {
-    return false;
-  }
-  if (d.size() - pos < len) return false;
-  value = d.subspan(pos, len);
-  pos += len;
-  return true;
-}
 
 // ISO 7816-4 compact security attributes (tag 8C): an access mode byte, then one security
 // condition byte per bit set in b7..b1, in that order; b1 is READ (BINARY/RECORD) for an EF.
@@ -269,6 +240,35 @@ std::optional<FileInfo> parse_fcp(std::span<const uint8_t> data) {
   FileInfo info;
   scan_fcp(outer, info, 0);
   return info;
+}
+
+bool next_tlv(std::span<const uint8_t> d, std::size_t& pos, uint32_t& tag, std::span<const uint8_t>& value) {
+  if (pos >= d.size()) return false;
+  tag = d[pos++];
+  if ((tag & 0x1F) == 0x1F) {
+    if (pos >= d.size()) return false;
+    tag = (tag << 8) | d[pos++];
+    if (tag & 0x80) {
+      if (pos >= d.size()) return false;
+      tag = (tag << 8) | d[pos++];
+    }
+  }
+  if (pos >= d.size()) return false;
+  std::size_t len = d[pos++];
+  if (len == 0x81) {
+    if (pos >= d.size()) return false;
+    len = d[pos++];
+  } else if (len == 0x82) {
+    if (pos + 1 >= d.size()) return false;
+    len = (std::size_t{d[pos]} << 8) | d[pos + 1];
+    pos += 2;
+  } else if (len > 0x82) {
+    return false;
+  }
+  if (d.size() - pos < len) return false;
+  value = d.subspan(pos, len);
+  pos += len;
+  return true;
 }
 
 }  // namespace cardbridge::card_image

@@ -2,22 +2,13 @@
 // reader-state array the session's programs wait on.
 #include "cardbridge/shim_core/shim_core.hpp"
 
-#include <algorithm>
-
-#include <fmt/format.h>
-
-#include "cardbridge/protocol/codec.hpp"
-#include "cardbridge/protocol/version.hpp"
-#include "cardbridge/support/hex.hpp"
 #include "cardbridge/support/log.hpp"
-#include "cardbridge/support/scard.hpp"
 #include "shim_core_internal.hpp"
 
 namespace cardbridge::shim {
 
 namespace sc = cardbridge::scard;
 namespace pr = cardbridge::protocol;
-using wire::Command;
 
 namespace {
 

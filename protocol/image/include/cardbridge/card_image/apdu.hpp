@@ -94,4 +94,8 @@ struct FileInfo {
 // |data|: the response data (without SW). nullopt when it is no FCP/FCI template.
 std::optional<FileInfo> parse_fcp(std::span<const uint8_t> data);
 
+// One BER-TLV element of |d| at |pos| (tags of up to three bytes, lengths up to 0x82 form):
+// its tag and value, |pos| moved past it; false when malformed (|pos| then meaningless).
+bool next_tlv(std::span<const uint8_t> d, std::size_t& pos, uint32_t& tag, std::span<const uint8_t>& value);
+
 }  // namespace cardbridge::card_image
