@@ -14,6 +14,10 @@ card on its own; the test waits for the desk to report the image complete (shim 
 readers[].image.desk), and the image shim's counters must show answers from the image
 (image_answers) and fewer desk round trips than the imageless run of the same trace.
 
+Fault cases (CPS3, same desk): another card with the same ATR, removal mid-login, a write
+through the session, and a program at the desk itself holding the card in a transaction while
+the desk would read it.
+
 Needs root (network namespaces); skipped otherwise.
 """
 from __future__ import annotations
@@ -210,6 +214,10 @@ for line in sys.stdin:
         out = ["%08X" % (rv & 0xFFFFFFFF)]
     elif op[0] == "disconnect":
         out = ["%08X" % (S.SCardDisconnect(card, S.SCARD_LEAVE_CARD) & 0xFFFFFFFF)]
+    elif op[0] == "begin":
+        out = ["%08X" % (S.SCardBeginTransaction(card) & 0xFFFFFFFF)]
+    elif op[0] == "end":
+        out = ["%08X" % (S.SCardEndTransaction(card, S.SCARD_LEAVE_CARD) & 0xFFFFFFFF)]
     else:
         rv, resp = S.SCardTransmit(card, proto, list(bytes.fromhex(op[1])))
         out = ["%08X" % (rv & 0xFFFFFFFF), bytes(resp).hex().upper()]
@@ -218,12 +226,16 @@ for line in sys.stdin:
 
 
 class Stepper:
+    """A program in the session (through |shim|), or, shim None, a program at the desk itself
+    (the desk's own pcscd, in the desk's namespace)."""
+
     def __init__(self, st: Stack, shim):
         script = st.work / "stepper.py"
         script.write_text(STEPPER)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PCSCLITE_", "PYTHON"))}
-        env["PCSCLITE_CSOCK_NAME"] = str(shim.socket)
-        self.p = subprocess.Popen([*in_ns(st.wan.server_ns), "/usr/bin/python3", str(script)], env=env,
+        env["PCSCLITE_CSOCK_NAME"] = str(shim.socket if shim else st.desk_socket)
+        ns = st.wan.server_ns if shim else st.wan.desk_ns
+        self.p = subprocess.Popen([*in_ns(ns), "/usr/bin/python3", str(script)], env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def __call__(self, *op) -> list:
@@ -257,6 +269,11 @@ def restart_card(st: Stack, seed: int) -> None:
                           "--host", "127.0.0.1", "--port", str(0x8C00), "--seed", str(seed), "--pin", st.pin,
                           "--log", str(st.card_log)])
     wait_for("the card", card_present)
+
+
+def card_apdus(st: Stack) -> int:
+    """APDUs the card has executed so far (cb-cardsim's log: one line each)."""
+    return sum(1 for line in Path(st.card_log).read_text().splitlines() if " apdu " in line)
 
 
 def serial(step) -> tuple[str, str]:
@@ -323,3 +340,41 @@ def test_a_write_through_the_session_drops_the_shims_image(desks):
         i("disconnect")
     finally:
         i.close()
+
+
+def test_a_desk_program_in_a_transaction_is_never_interleaved(desks):
+    """Another program at the desk itself holds the card in a transaction while the desk would
+    read its image: that program's SELECT and READ BINARY stay its own (the imaging never
+    slips a command in between), the image waits, and is read once the program lets go."""
+    st, plain, imaged = desks.get("cps3-faults")
+    wait_for_desk_image(plain, imaged)
+    i, d, p = Stepper(st, imaged), Stepper(st, None), Stepper(st, plain)
+    try:
+        assert p("connect", READER)[0] == "00000000"
+        want = serial(p)  # EF.SN.ICC, as the card gives it
+        p("disconnect")
+        # The session writes: the desk drops its image (its handle keeps the imaging away).
+        assert i("connect", READER)[0] == "00000000"
+        i("apdu", SEL_ACTUA)
+        i("apdu", "00D6000001" + "00")
+        wait_for("the desk to drop its image", lambda: reader_image(imaged).get("desk") != "complete")
+        # A program at the desk takes the card: a transaction (exclusive access to the card).
+        assert d("connect", READER)[0] == "00000000"
+        assert d("begin")[0] == "00000000"
+        i("disconnect")  # the session lets go: nothing of CardBridge holds the card now
+        before = card_apdus(st)
+        a = d("apdu", SEL_SN)
+        # (the window in which the desk would start reading: its idle delay is 1 s)
+        time.sleep(2.5)
+        fcp = d("apdu", gr_for(a[1])) if a[1].startswith("61") else a
+        data = d("apdu", "00B000000C")
+        sent = 3 if a[1].startswith("61") else 2
+        assert (fcp[1], data[1]) == want, "the desk program's current file changed under its transaction"
+        assert card_apdus(st) - before == sent, "the card executed commands of someone else inside the transaction"
+        assert all(reader_image(s).get("desk") != "complete" for s in (plain, imaged)), \
+            "the desk read the card inside a transaction"
+        assert d("end")[0] == "00000000"
+        d("disconnect")
+        wait_for_desk_image(plain, imaged)  # and once the card is free, the image is read again
+    finally:
+        i.close(), d.close(), p.close()
