@@ -95,8 +95,9 @@ class Shim:
 
 class Stack:
     def __init__(self, wan: Wan, bins: Binaries, work: Path, *, card_profile: str, time_scale: float,
-                 seed: int, pin: str, log: Callable[[str], None]):
+                 seed: int, pin: str, log: Callable[[str], None], desk_log_level: str = "warn"):
         self.wan = wan
+        self.desk_log_level = desk_log_level
         self.bins = bins
         self.work = work
         self.card_profile = card_profile
@@ -213,8 +214,13 @@ class Stack:
         self._wait("the card in the desk's reader", lambda: self.probe_card(self.desk_socket, ns), 20,
                    ["desk-pcscd", "cardsim"])
         self._start("desk-agent", [*in_ns(ns), str(self.bins.desk), "--listen", f"tcp:{DESK_ADDR}:{DESK_AGENT_PORT}",
-                                   "--insecure-tcp", "--name", "emulated-desk", "--log-level", "warn"],
+                                   "--insecure-tcp", "--name", "emulated-desk", "--log-level", self.desk_log_level],
                     env={"PCSCLITE_CSOCK_NAME": str(self.desk_socket)})
+
+    def desk_log(self) -> str:
+        """What the desk agent logged so far (at desk_log_level)."""
+        f = self.work / "desk-agent.log"
+        return f.read_text(errors="replace") if f.exists() else ""
 
     def card_events(self) -> tuple[int, int]:
         """(APDUs executed, warm resets) by the card so far, from its log."""
