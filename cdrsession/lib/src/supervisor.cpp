@@ -29,6 +29,19 @@ void on_signal(int) { g_stop = 1; }
 
 int pidfd_open(int pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
 
+// In a child: the session's environment, then the shim with its options (and |extra|, if any).
+[[noreturn]] void exec_shim(const SupervisorOptions& o, const char* extra) {
+  for (const auto& [k, v] : o.env) ::setenv(k.c_str(), v.c_str(), 1);
+  std::vector<char*> argv;
+  argv.push_back(const_cast<char*>(o.shim.c_str()));
+  for (const auto& a : o.shim_args) argv.push_back(const_cast<char*>(a.c_str()));
+  if (extra) argv.push_back(const_cast<char*>(extra));
+  argv.push_back(nullptr);
+  ::execv(o.shim.c_str(), argv.data());
+  std::fprintf(stderr, "cdrsession: cannot run %s: %s\n", o.shim.c_str(), std::strerror(errno));
+  ::_exit(127);
+}
+
 pid_t spawn(const SupervisorOptions& o) {
   pid_t pid = ::fork();
   if (pid != 0) return pid;
@@ -45,14 +58,7 @@ pid_t spawn(const SupervisorOptions& o) {
     if (fd >= 0) ::dup2(fd, 2);
     ::unsetenv("JOURNAL_STREAM");  // stderr is that file now, whatever the parent's was
   }
-  for (const auto& [k, v] : o.env) ::setenv(k.c_str(), v.c_str(), 1);
-  std::vector<char*> argv;
-  argv.push_back(const_cast<char*>(o.shim.c_str()));
-  for (const auto& a : o.shim_args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  ::execv(o.shim.c_str(), argv.data());
-  std::fprintf(stderr, "cdrsession: cannot run %s: %s\n", o.shim.c_str(), std::strerror(errno));
-  ::_exit(127);
+  exec_shim(o, nullptr);
 }
 
 }  // namespace
@@ -72,15 +78,7 @@ std::string check_shim_options(const SupervisorOptions& o) {
     int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (null >= 0) ::dup2(null, 0);
     ::unsetenv("JOURNAL_STREAM");
-    for (const auto& [k, v] : o.env) ::setenv(k.c_str(), v.c_str(), 1);
-    std::vector<char*> argv;
-    argv.push_back(const_cast<char*>(o.shim.c_str()));
-    for (const auto& a : o.shim_args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(const_cast<char*>("--check-config"));
-    argv.push_back(nullptr);
-    ::execv(o.shim.c_str(), argv.data());
-    std::fprintf(stderr, "cannot run %s: %s\n", o.shim.c_str(), std::strerror(errno));
-    ::_exit(127);
+    exec_shim(o, "--check-config");
   }
   ::close(out[1]);
   std::string said;

@@ -26,7 +26,6 @@ std::vector<uint16_t> fids(std::span<const uint8_t> data) {
   return out;
 }
 
-
 // ISO 7816-4 compact security attributes (tag 8C): an access mode byte, then one security
 // condition byte per bit set in b7..b1, in that order; b1 is READ (BINARY/RECORD) for an EF.
 ReadAccess compact_read_access(std::span<const uint8_t> v) {
