@@ -7,7 +7,9 @@ Parts (all by default; --parts selects):
   unix        Transmit (GET CHALLENGE on the emulated desk's vicc card): directly on the desk's pcscd
               (the baseline) vs through cardbridge-shim -> unix desk link -> cardbridge-desk; median
               and p99; CPU per Transmit of the desk agent, the desk's pcscd, the shim, vicc and the
-              client itself.
+              client itself. A third side, in the same rounds, is the floor: the same calls through
+              two cb-null-relay processes (program -> relay -> relay -> desk pcscd), the hops of any
+              design with a server process and a desk process, with none of the work.
   cached      Status, ListReaders, GetStatusChange(0), Establish+Release: the same comparison (the
               shim answers them without a desk round trip).
   concurrent  SESSIONS sessions transmitting at once (default 20): SESSIONS client processes
@@ -85,6 +87,7 @@ from cbharness import EmulatedDesk, Proc, shim_control, wait_until  # noqa: E402
 BUILD = Path(os.environ.get("CARDBRIDGE_BUILD_DIR", ROOT / "build"))
 CB_PCSC = BUILD / "tests" / "tools" / "cb-pcsc"
 DESK = BUILD / "client-plugin" / "cardbridge-desk"
+NULL_RELAY = BUILD / "tests" / "tools" / "cb-null-relay"
 SHIM = Path(os.environ.get("CARDBRIDGE_SHIM", BUILD / "server-shim" / "cardbridge-shim"))
 SYSTEM_PYTHON = "/usr/bin/python3"
 GET_CHALLENGE = "0084000008"
@@ -427,7 +430,7 @@ def run_block(clients: List[Client], n: int = 0, seconds: float = 0.0) -> dict:
 
 def interleave(sides: Dict[str, List[Client]], rounds: int, calls: int, block: int, meter: Optional[Meter],
                seconds: float = 0.0) -> dict:
-    """Runs the two sides in alternating blocks, `block` calls per client, `calls` per client, side
+    """Runs the sides (the first is the baseline) in alternating blocks, `block` calls per client, `calls` per client, side
     and round (or, seconds > 0, one block of `seconds` per side and round, the side's clients all
     at once); the side that starts alternates by round. Per round and side: latency median and p99,
     CPU per call of each meter group and of the clients. Per side: medians over rounds."""
@@ -464,7 +467,7 @@ def interleave(sides: Dict[str, List[Client]], rounds: int, calls: int, block: i
         per_round.append({s: dict(summary(us[s]), cpu_us_per_call={g: round(v / 1000 / max(1, calls_r[s]), 2)
                                                                    for g, v in cpu[s].items()}) for s in names})
     med = statistics.median
-    base, other = names
+    base = names[0]
     out = {"rounds": per_round, "sides": {}}
     for s in names:
         t = totals[s]
@@ -474,24 +477,32 @@ def interleave(sides: Dict[str, List[Client]], rounds: int, calls: int, block: i
             p99_us=round(med([pr[s]["p99_us"] for pr in per_round]), 1),
             cpu_us_per_call={g: round(med([pr[s]["cpu_us_per_call"][g] for pr in per_round]), 1) for g in groups},
             **{k: (sorted(v) if isinstance(v, set) else v) for k, v in t.items()})
-    ratio = {k: [pr[other][k] / pr[base][k] for pr in per_round] for k in ("median_us", "p99_us")}
-    out["ratio"] = {"median": round(med(ratio["median_us"]), 3), "p99": round(med(ratio["p99_us"]), 3),
-                    "median_range": [round(min(ratio["median_us"]), 3), round(max(ratio["median_us"]), 3)],
-                    "p99_range": [round(min(ratio["p99_us"]), 3), round(max(ratio["p99_us"]), 3)]}
+    out["ratios"] = {}
+    for other in names[1:]:
+        ratio = {k: [pr[other][k] / pr[base][k] for pr in per_round] for k in ("median_us", "p99_us")}
+        out["ratios"][other] = {
+            "median": round(med(ratio["median_us"]), 3), "p99": round(med(ratio["p99_us"]), 3),
+            "median_range": [round(min(ratio["median_us"]), 3), round(max(ratio["median_us"]), 3)],
+            "p99_range": [round(min(ratio["p99_us"]), 3), round(max(ratio["p99_us"]), 3)]}
+    # "ratio": the side being judged (bridged), against the baseline
+    out["ratio"] = out["ratios"]["bridged" if "bridged" in names else names[1]]
     return out
 
 
 def compare(direct_sock: str, bridged_sock: str, op: str, reader: str, cfg, meter: Meter, placement: str,
-            pinned: Sequence[int], counters: Callable[[], int]) -> dict:
-    """One interleaved comparison, direct vs bridged, with the given placement: `one-cpu` pins the
-    `pinned` processes and the clients to the quietest CPU (and unpins them afterwards). `counters`
-    gives the shim's round-trip count, read before and after."""
+            pinned: Sequence[int], counters: Callable[[], int], between: Optional[Dict[str, str]] = None) -> dict:
+    """One interleaved comparison, direct vs bridged (and the `between` sides, name -> socket, e.g. the
+    floor), with the given placement: `one-cpu` pins the `pinned` processes and the clients to the
+    quietest CPU (and unpins them afterwards). `counters` gives the shim's round-trip count, read
+    before and after."""
     cpus = [quietest_cpu()] if placement == "one-cpu" else ALL_CPUS
     set_affinity(pinned, cpus)
     sides = {}
     try:
-        sides = {"direct": start_clients([direct_sock], op, reader, cfg.warmup, cpus),
-                 "bridged": start_clients([bridged_sock], op, reader, cfg.warmup, cpus)}
+        sides["direct"] = start_clients([direct_sock], op, reader, cfg.warmup, cpus)
+        for name, sock in (between or {}).items():
+            sides[name] = start_clients([sock], op, reader, cfg.warmup, cpus)
+        sides["bridged"] = start_clients([bridged_sock], op, reader, cfg.warmup, cpus)
         t0 = counters()
         r = interleave(sides, cfg.rounds, cfg.calls, cfg.block, meter)
         r["round_trips"] = counters() - t0
@@ -745,6 +756,16 @@ class UnixRig:
         self.shims: List[Proc] = []
         self.shim_socks: List[str] = []
         self.vicc_pid = self.desk.vicc(0).pid
+        # The floor: program -> relay -> relay -> desk pcscd, CardBridge's hops without its work.
+        self.floor_sock = str(tmp / "floor-a.sock")
+        inner = str(tmp / "floor-b.sock")
+        self.relays = [Proc([str(NULL_RELAY), "--listen", inner, "--connect", self.desk.socket_path],
+                            name="cb-null-relay-desk", log_path=str(tmp / "relay-b.log")).start(),
+                       Proc([str(NULL_RELAY), "--listen", self.floor_sock, "--connect", inner],
+                            name="cb-null-relay-server", log_path=str(tmp / "relay-a.log")).start()]
+        for sock, relay in ((inner, self.relays[0]), (self.floor_sock, self.relays[1])):
+            wait_until(lambda: os.path.exists(sock), timeout=10, desc=f"{relay.name} listening",
+                       abort=lambda: None if relay.alive() else relay.exit_description())
 
     def add_shims(self, total: int) -> None:
         new = []
@@ -778,10 +799,12 @@ class UnixRig:
         return [self.desk.pcscd_pid, self.vicc_pid, self.agent.pid]
 
     def report(self) -> str:
-        return "\n".join(p.failure_report(20) for p in [self.agent, *self.shims])
+        return "\n".join(p.failure_report(20) for p in [self.agent, *self.relays, *self.shims])
 
     def stop(self) -> None:
         for p in reversed(self.shims):
+            p.stop(grace=5)
+        for p in self.relays:
             p.stop(grace=5)
         self.agent.stop(grace=5)
         self.desk.stop()
@@ -808,16 +831,19 @@ def trips_check(what: str, r: dict, per_call: int) -> dict:
 def part_unix(rig: UnixRig, cfg, checks: List[dict]) -> dict:
     rig.add_shims(1)
     meter = Meter({"pcscd": [rig.desk.pcscd_pid], "vicc": [rig.vicc_pid], "agent": [rig.agent.pid],
-                   "shim": [rig.shims[0].pid]})
+                   "shim": [rig.shims[0].pid], "relays": [p.pid for p in rig.relays]})
     out = {}
     for placement in cfg.placements:
         r = compare(rig.desk.socket_path, rig.shim_socks[0], "transmit", rig.reader, cfg, meter, placement,
-                    rig.desk_pids() + [rig.shims[0].pid], lambda: rig.trips([0])["round_trips"])
+                    rig.desk_pids() + [rig.shims[0].pid] + [p.pid for p in rig.relays],
+                    lambda: rig.trips([0])["round_trips"], between={"floor": rig.floor_sock})
         checks.append(trips_check(f"unix ({placement}): Transmit", r, 1))
         checks.append(answers_check(f"unix ({placement}): Transmit", r))
         out[placement] = r
         print(f"[unix {placement}] Transmit: direct {r['sides']['direct']['median_us']:.0f} us, bridged "
-              f"{r['sides']['bridged']['median_us']:.0f} us (median), ratio {r['ratio']['median']:.2f}", flush=True)
+              f"{r['sides']['bridged']['median_us']:.0f} us (median), ratio {r['ratio']['median']:.2f}; floor "
+              f"(two null relays) {r['sides']['floor']['median_us']:.0f} us, ratio {r['ratios']['floor']['median']:.2f}",
+              flush=True)
     return out
 
 
@@ -1008,13 +1034,33 @@ def print_latency_table(title: str, rows: List[tuple]) -> None:
                   f"{r['round_trips_per_call']:10.3f}")
 
 
-def cpu_line(r: dict, groups: Sequence[tuple]) -> str:
+def cpu_line(r: dict, groups: Sequence[tuple], sides: Sequence[str] = ("direct", "bridged")) -> str:
     s = []
-    for side in ("direct", "bridged"):
+    for side in sides:
         c = r["sides"][side]["cpu_us_per_call"]
         s.append(f"{side}: " + ", ".join(f"{name} {c[g]:.1f}" for g, name in groups if g in c and
-                                         (side == "bridged" or c[g] >= 1.0 or g in ("pcscd", "pcsc_client"))))
+                                         (c[g] >= 1.0 or g in ("pcscd", "pcsc_client") or
+                                          (side == "bridged" and g in ("agent", "shim")))))
     return "; ".join(s)
+
+
+def print_floor(by: dict) -> None:
+    """The unix part's third side: the same Transmit through two cb-null-relay processes."""
+    print("\nThe floor: the same Transmit through two null relays (cb-null-relay: a blocking read and a write per "
+          "message,\n  a thread per direction) in place of the shim and the desk agent: CardBridge's hops, none of "
+          "its work:")
+    print(f"  {'placement':9} {'floor med':>9} {'p99':>8} {'ratio med':>9} {'(rounds)':>13} {'ratio p99':>9}   "
+          f"{'bridged - floor (med)':>21} {'bridged/floor':>13}")
+    for pl, r in by.items():
+        fl, b, q = r["sides"]["floor"], r["sides"]["bridged"], r["ratios"]["floor"]
+        cpu = f" CPU {r['placement']['cpus'][0]}" if pl == "one-cpu" else ""
+        print(f"  {pl + cpu:9} {fl['median_us']:9.1f} {fl['p99_us']:8.0f} {q['median']:9.2f} "
+              f"{q['median_range'][0]:6.2f}-{q['median_range'][1]:<6.2f} {q['p99']:9.2f}   "
+              f"{b['median_us'] - fl['median_us']:18.1f} us {b['median_us'] / max(0.1, fl['median_us']):13.2f}")
+    for pl, r in by.items():
+        print(f"  CPU per Transmit, {pl}: " + cpu_line(r, [("pcscd", "desk pcscd"), ("vicc", "vicc"),
+                                                           ("pcsc_client", "client"), ("relays", "both relays")],
+                                                        ("floor",)))
 
 
 def headline(by: dict) -> dict:
@@ -1048,15 +1094,22 @@ def report(results: dict, cfg) -> List[dict]:
         print("\nCPU per Transmit (us, every thread, measured blocks only, median over rounds):")
         for pl, r in parts["unix"].items():
             print(f"  {pl:8} {cpu_line(r, groups)}")
+        print_floor(parts["unix"])
         bc = u["sides"]["bridged"]["cpu_us_per_call"]
         fb = f["sides"]["bridged"]["cpu_us_per_call"] if f else None
         targets.append(target("unix Transmit median", u["ratio"]["median"], LIMITS["unix_median"],
                               free=f and f["ratio"]["median"]))
+        targets[-1].update(floor=u["ratios"]["floor"]["median"], floor_what="two null relays")
         targets.append(target("unix Transmit p99", u["ratio"]["p99"], LIMITS["unix_p99"], free=f and f["ratio"]["p99"]))
+        targets[-1].update(floor=u["ratios"]["floor"]["p99"], floor_what="two null relays")
+        # a relay's share of the floor's CPU: what one process that only moves the bytes costs
+        relay_cpu = round(u["sides"]["floor"]["cpu_us_per_call"].get("relays", 0.0) / 2, 1)
         targets.append(target("cardbridge-desk CPU/Transmit, <= desk pcscd's", bc["agent"], bc["pcscd"], " us",
                               free=fb and fb["agent"]))
+        targets[-1].update(floor=relay_cpu, floor_what="one null relay", floor_unit=" us")
         targets.append(target("cardbridge-shim CPU/Transmit", bc["shim"], LIMITS["shim_cpu_us"], " us",
                               free=fb and fb["shim"]))
+        targets[-1].update(floor=relay_cpu, floor_what="one null relay", floor_unit=" us")
     if "cached" in parts:
         for op, label in CACHED:
             by = parts["cached"][op]
@@ -1094,7 +1147,8 @@ def report(results: dict, cfg) -> List[dict]:
         v = t["shown"] or (f"{t['value']:.2f}{t['unit']}" if t["unit"] else f"{t['value']}")
         lim = f"{t['limit']:.2f}{t['unit']}" if t["unit"] else f"{t['limit']}"
         fr = "" if t["free_placement_value"] is None else f"   free: {t['free_placement_value']:.2f}{t['unit']}"
-        print(f"  {'PASS' if t['pass'] else 'MISS'}  {t['target']:62} {v:>9}  (limit {lim}){fr}")
+        fl = f"   floor {t['floor']:.2f}{t.get('floor_unit', 'x')}: {t['floor_what']}" if t.get("floor") else ""
+        print(f"  {'PASS' if t['pass'] else 'MISS'}  {t['target']:62} {v:>9}  (limit {lim}){fr}{fl}")
     return targets
 
 
@@ -1151,7 +1205,7 @@ def machine() -> dict:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    for b in (CB_PCSC, DESK, SHIM):
+    for b in (CB_PCSC, DESK, SHIM, NULL_RELAY):
         if not b.exists():
             raise SystemExit(f"{b} not found: build first (CARDBRIDGE_BUILD_DIR={BUILD})")
     t_start = time.monotonic()

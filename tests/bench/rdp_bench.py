@@ -53,7 +53,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests" / "harness"))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 import core_bench as cb  # noqa: E402
-from cbharness import EmulatedDesk, Proc, wait_until  # noqa: E402
+from cbharness import EmulatedDesk, Proc, shim_control, wait_until  # noqa: E402
 import xrdp_fixture as xf  # noqa: E402
 
 OPS = [("transmit", "Transmit (GET CHALLENGE)"), ("status", "Status")]
@@ -145,6 +145,25 @@ class RdpPath:
         shutil.rmtree(self.rt, ignore_errors=True)
 
 
+def channel_echo(path: RdpPath, cpus: List[int], pinned: List[int], rounds: int, count: int) -> dict:
+    """The RDP stack's own round trip: the shim's desk pings (control command "ping": the shim ->
+    cb-rdp-host -> RDP -> the add-in's link session, which answers at once -> back), timed inside
+    the shim, no PC/SC call, with the same placement as the Transmit comparison. Median over
+    `rounds` batches of `count` pings of each batch's median."""
+    cb.set_affinity(pinned, cpus)
+    try:
+        batches = [shim_control(path.shim_socket + ".ctl", {"cmd": "ping", "count": count}, timeout=30)
+                   for _ in range(rounds)]
+    finally:
+        cb.set_affinity(pinned, cb.ALL_CPUS)
+    bad = [b for b in batches if "median_us" not in b]
+    if bad:
+        raise SystemExit(f"desk pings over RDP ({path.mode}) failed: {bad[0]}")
+    import statistics
+    return {"rounds": rounds, "count": count, "median_us": round(statistics.median(b["median_us"] for b in batches), 1),
+            "p99_us": round(statistics.median(b["p99_us"] for b in batches), 1)}
+
+
 def latency(path: RdpPath, cfg, checks: List[dict]) -> dict:
     desk = path.desk
     reader = desk.readers[0]
@@ -161,6 +180,9 @@ def latency(path: RdpPath, cfg, checks: List[dict]) -> dict:
             checks.append(cb.trips_check(f"rdp {path.mode} ({placement}): {label}", r, 1 if op == "transmit" else 0))
             checks.append(cb.answers_check(f"rdp {path.mode} ({placement}): {label}", r))
             out[op][placement] = r
+            if op == "transmit":
+                r["channel_echo"] = channel_echo(path, r["placement"]["cpus"], pinned, cfg.rounds,
+                                                 max(50, min(1000, cfg.calls)))
             print(f"[rdp {path.mode} {placement}] {label}: direct {r['sides']['direct']['median_us']:.0f} us, RDP "
                   f"{r['sides']['bridged']['median_us']:.0f} us (median), ratio {r['ratio']['median']:.2f}", flush=True)
     return out
@@ -247,6 +269,22 @@ def print_report(results: dict) -> List[dict]:
     for mode, r in results["modes"].items():
         for pl, x in r["latency"]["transmit"].items():
             print(f"  {mode:7} {pl:8} {cb.cpu_line(x, groups)}")
+    print("\nThe floor over RDP: the RDP stack's own round trip (the shim's desk ping: shim -> cb-rdp-host -> RDP ->\n"
+          "  the add-in's link session, answered at once -> back; no PC/SC), measured right after the Transmits with\n"
+          "  the same placement. direct + echo is what a call pays before CardBridge's own hops (program <-> shim,\n"
+          "  the add-in's PC/SC call):")
+    print(f"  {'mode':7} {'placement':9} {'direct med':>10} {'echo med':>9} {'echo p99':>9} {'(direct+echo)/direct':>21} "
+          f"{'Transmit med':>12} {'ratio':>6} {'Transmit - direct - echo':>25}")
+    for mode, r in results["modes"].items():
+        for pl, x in r["latency"]["transmit"].items():
+            e = x.get("channel_echo")
+            if not e:
+                continue
+            d, b = x["sides"]["direct"]["median_us"], x["sides"]["bridged"]["median_us"]
+            cpu = f" CPU {x['placement']['cpus'][0]}" if pl == "one-cpu" else ""
+            print(f"  {mode:7} {pl + cpu:9} {d:10.1f} {e['median_us']:9.1f} {e['p99_us']:9.0f} "
+                  f"{(d + e['median_us']) / d:21.2f} {b:12.1f} {x['ratio']['median']:6.2f} "
+                  f"{b - d - e['median_us']:22.1f} us")
     print(f"\nIdle over RDP, {results['idle_seconds']:g} s per case: bytes (channel in/out, RDP TCP sent/received, "
           "cb-rdp-host syscalls r/w); wake-ups of the shim, of the RDP client's threads other than its main loop "
           "(the add-in's), of its main loop and of cb-rdp-host (test tools polling at 10 Hz, not counted); threads "
@@ -264,6 +302,11 @@ def print_report(results: dict) -> List[dict]:
         f = cb.free_of(by)
         targets.append(cb.target(f"RDP {mode} Transmit median", cb.headline(by)["ratio"]["median"], LIMIT[mode],
                                  free=f and f["ratio"]["median"]))
+        e = cb.headline(by).get("channel_echo")
+        if e:
+            d = cb.headline(by)["sides"]["direct"]["median_us"]
+            targets[-1]["floor"] = round((d + e["median_us"]) / d, 3)
+            targets[-1]["floor_what"] = "(direct + RDP channel echo) / direct"
         for case, label in cb.IDLE_CASES:
             i = r["idle"][case]
             targets.append(cb.idle_target(f"idle RDP {mode}, {label}", i, i["link_bytes"]))
