@@ -43,7 +43,6 @@ AddinOptions AddinOptions::parse(int argc, char** argv, std::string* error) {
       o.name = value;
     } else if (key == "image" && (value == "on" || value == "off")) {
       o.card_image = value == "on";
-      o.card_image_given = true;
     } else if (error) {
       *error += "unknown option '" + arg + "'; ";
     }
@@ -76,7 +75,7 @@ ChannelSession::ChannelSession(const AddinOptions& options, std::string default_
   cfg.software = "cardbridge-client";
   cfg.capabilities = protocol::caps::kAll;
   cfg.server_policy.allow_rdp_channel = true;
-  cfg.card_image = options.card_image;
+  cfg.card_image = options.card_image.value_or(true);
   cfg.link = std::move(link);
   Policy admin = nothing();
   if (auto settings = load_desk_settings(desk_conf_path()); !settings) {
@@ -88,7 +87,7 @@ ChannelSession::ChannelSession(const AddinOptions& options, std::string default_
   } else {
     admin = *p;
     if (!settings->card_image) {
-      if (options.card_image_given && options.card_image)
+      if (options.card_image.value_or(false))
         logger->warn("{} sets card-image = off: image:on ignored", settings->file);
       cfg.card_image = false;
     }

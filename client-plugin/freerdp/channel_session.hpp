@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -28,8 +29,9 @@ struct AddinOptions {
   std::string allow_set_attrib; // "" = the default, none
   bool log_card_data = false;   // unsafe-log-card-data: diagnostics only (personal data)
   std::string name;             // desk name shown on the server; default: desk.conf's, else the client host name
-  bool card_image = true;       // image:off: the desk never reads a card on its own (docs/admin-guide.md)
-  bool card_image_given = false;  // image: was on the command line (desk.conf's card-image = off wins)
+  // image:on|off; unset: on. off: the desk never reads a card on its own (docs/admin-guide.md);
+  // desk.conf's card-image = off wins over image:on.
+  std::optional<bool> card_image;
   static AddinOptions parse(int argc, char** argv, std::string* error);
 };
 

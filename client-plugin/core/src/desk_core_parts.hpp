@@ -35,7 +35,7 @@ inline constexpr uint32_t kFeatureAnswerCapacity = 256;
 // Room for a speculative answer: 256 data bytes and the status word.
 inline constexpr uint32_t kSpeculativeCapacity = 258;
 
-inline bool is_9000(const Bytes& r) { return r.size() >= 2 && r[r.size() - 2] == 0x90 && r.back() == 0x00; }
+using card_image::is_9000;
 
 }  // namespace desk_detail
 

@@ -4,13 +4,7 @@
 
 namespace cardbridge::client {
 
-namespace {
-
-bool is_ok(std::span<const uint8_t> response) {
-  return response.size() >= 2 && response[response.size() - 2] == 0x90 && response.back() == 0x00;
-}
-
-}  // namespace
+using card_image::is_9000;
 
 // File size among the data objects of an FCP/FCI: tag 80 (data bytes) wins over tag 81
 // (total size); an FCP (62) nested in an FCI is searched too.
@@ -79,13 +73,13 @@ void observe(CardTrack& t, std::span<const uint8_t> command, std::span<const uin
   if (ins == 0xA4) {
     t.ef_size.reset();
     t.last_was_select = true;
-    if (is_ok(response) && response.size() > 2) {
+    if (is_9000(response) && response.size() > 2) {
       t.ef_size = fcp_file_size(response.first(response.size() - 2));
       t.last_was_select = false;
     }
     return;
   }
-  if (ins == 0xC0 && was_select && is_ok(response) && response.size() > 2) {
+  if (ins == 0xC0 && was_select && is_9000(response) && response.size() > 2) {
     t.ef_size = fcp_file_size(response.first(response.size() - 2));
     return;
   }

@@ -77,6 +77,8 @@ uint16_t status_word(std::span<const uint8_t> r) {
   return static_cast<uint16_t>((r[r.size() - 2] << 8) | r.back());
 }
 
+bool is_9000(std::span<const uint8_t> r) { return status_word(r) == 0x9000; }
+
 bool success(std::span<const uint8_t> r) {
   const uint16_t sw = status_word(r);
   return sw == 0x9000 || (sw >> 8) == 0x61;

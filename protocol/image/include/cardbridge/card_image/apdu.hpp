@@ -35,6 +35,7 @@ uint16_t status_word(std::span<const uint8_t> response);
 // 9000 or 61xx (data waits for GET RESPONSE).
 bool success(std::span<const uint8_t> response);
 bool more_data(std::span<const uint8_t> response);  // 61xx
+bool is_9000(std::span<const uint8_t> response);    // exactly 9000
 
 // The logical channel of an interindustry class byte (0..19); nullopt for a proprietary
 // class (bit 8 set), whose meaning is the card's own.
