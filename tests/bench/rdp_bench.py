@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -159,7 +160,6 @@ def channel_echo(path: RdpPath, cpus: List[int], pinned: List[int], rounds: int,
     bad = [b for b in batches if "median_us" not in b]
     if bad:
         raise SystemExit(f"desk pings over RDP ({path.mode}) failed: {bad[0]}")
-    import statistics
     return {"rounds": rounds, "count": count, "median_us": round(statistics.median(b["median_us"] for b in batches), 1),
             "p99_us": round(statistics.median(b["p99_us"] for b in batches), 1)}
 
