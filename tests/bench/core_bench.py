@@ -68,6 +68,7 @@ that the counters see a call. Wall-clock and CPU targets print PASS/MISS and cha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -262,6 +263,16 @@ def set_affinity(pids: Sequence[int], cpus: Sequence[int]) -> None:
                 os.sched_setaffinity(int(t), set(cpus))
             except OSError:
                 pass
+
+
+@contextlib.contextmanager
+def pinned_to(pids: Sequence[int], cpus: Sequence[int]):
+    """Every thread of `pids` on `cpus` for the block, on every CPU again afterwards."""
+    set_affinity(pids, cpus)
+    try:
+        yield
+    finally:
+        set_affinity(pids, ALL_CPUS)
 
 
 # ============================================================================ machine load
@@ -496,19 +507,18 @@ def compare(direct_sock: str, bridged_sock: str, op: str, reader: str, cfg, mete
     quietest CPU (and unpins them afterwards). `counters` gives the shim's round-trip count, read
     before and after."""
     cpus = [quietest_cpu()] if placement == "one-cpu" else ALL_CPUS
-    set_affinity(pinned, cpus)
     sides = {}
-    try:
-        sides["direct"] = start_clients([direct_sock], op, reader, cfg.warmup, cpus)
-        for name, sock in (between or {}).items():
-            sides[name] = start_clients([sock], op, reader, cfg.warmup, cpus)
-        sides["bridged"] = start_clients([bridged_sock], op, reader, cfg.warmup, cpus)
-        t0 = counters()
-        r = interleave(sides, cfg.rounds, cfg.calls, cfg.block, meter)
-        r["round_trips"] = counters() - t0
-    finally:
-        close_all([c for cs in sides.values() for c in cs])
-        set_affinity(pinned, ALL_CPUS)
+    with pinned_to(pinned, cpus):
+        try:
+            sides["direct"] = start_clients([direct_sock], op, reader, cfg.warmup, cpus)
+            for name, sock in (between or {}).items():
+                sides[name] = start_clients([sock], op, reader, cfg.warmup, cpus)
+            sides["bridged"] = start_clients([bridged_sock], op, reader, cfg.warmup, cpus)
+            t0 = counters()
+            r = interleave(sides, cfg.rounds, cfg.calls, cfg.block, meter)
+            r["round_trips"] = counters() - t0
+        finally:
+            close_all([c for cs in sides.values() for c in cs])
     r["placement"] = {"name": placement, "cpus": cpus}
     r["round_trips_per_call"] = r["round_trips"] / r["sides"]["bridged"]["calls"]
     return r
@@ -861,8 +871,7 @@ def part_profile(rig: UnixRig, cfg, checks: List[dict]) -> dict:
     period_ns = cfg.profile_period_us * 1000
     own = {"cardbridge-shim": "own code", "cardbridge-desk": "own code", "cb-pcsc": "own code", "pcscd": "own code"}
     out = {"cpus": cpus, "calls": cfg.profile_calls, "period_us": cfg.profile_period_us, "sides": {}}
-    set_affinity(pinned, cpus)
-    try:
+    with pinned_to(pinned, cpus):
         for side, sock in (("direct", rig.desk.socket_path), ("bridged", rig.shim_socks[0])):
             client = start_clients([sock], "transmit", rig.reader, cfg.warmup, cpus)[0]
             roles = {client.pid: "client (cb-pcsc)", rig.desk.pcscd_pid: "desk pcscd",
@@ -885,8 +894,6 @@ def part_profile(rig: UnixRig, cfg, checks: List[dict]) -> dict:
                                   "off_chain_us": round(wall - cpu_sum, 1), "processes": procs}
             checks.append(check(f"profile: {side} Transmits answered", res["failures"] == 0 and res["calls"] > 0,
                                 f"{res['calls']} calls, {res['failures']} wrong"))
-    finally:
-        set_affinity(pinned, ALL_CPUS)
     print_profile(out)
     return out
 

@@ -151,12 +151,9 @@ def channel_echo(path: RdpPath, cpus: List[int], pinned: List[int], rounds: int,
     cb-rdp-host -> RDP -> the add-in's link session, which answers at once -> back), timed inside
     the shim, no PC/SC call, with the same placement as the Transmit comparison. Median over
     `rounds` batches of `count` pings of each batch's median."""
-    cb.set_affinity(pinned, cpus)
-    try:
+    with cb.pinned_to(pinned, cpus):
         batches = [shim_control(path.shim_socket + ".ctl", {"cmd": "ping", "count": count}, timeout=30)
                    for _ in range(rounds)]
-    finally:
-        cb.set_affinity(pinned, cb.ALL_CPUS)
     bad = [b for b in batches if "median_us" not in b]
     if bad:
         raise SystemExit(f"desk pings over RDP ({path.mode}) failed: {bad[0]}")

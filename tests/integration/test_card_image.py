@@ -358,12 +358,12 @@ def test_a_desk_program_in_a_transaction_is_never_interleaved(desks):
         # A program at the desk takes the card: a transaction (exclusive access to the card).
         assert d("connect", READER)[0] == "00000000"
         assert d("begin")[0] == "00000000"
-        passes = st.desk_log().count(IMAGING_STARTS)
+        passes = st.log_text("desk-agent").count(IMAGING_STARTS)
         i("disconnect")  # the session lets go: nothing of CardBridge holds the card now
         before = st.card_events()[0]
         a = d("apdu", SEL_SN)
         # The desk starts reading the image while the program is between its SELECT and READ.
-        wait_for("the desk to start an imaging pass", lambda: st.desk_log().count(IMAGING_STARTS) > passes)
+        wait_for("the desk to start an imaging pass", lambda: st.log_text("desk-agent").count(IMAGING_STARTS) > passes)
         fcp = d("apdu", gr_for(a[1])) if a[1].startswith("61") else a
         data = d("apdu", "00B000000C")
         sent = 3 if a[1].startswith("61") else 2

@@ -153,11 +153,13 @@ class Stack:
         for name in reversed(list(self.procs)):
             self._stop(name)
 
-    def log_tail(self, name: str, lines: int = 15) -> str:
+    def log_text(self, name: str) -> str:
+        """What process `name` logged so far ("" before it has a log)."""
         f = self.work / f"{name}.log"
-        if not f.exists():
-            return ""
-        return "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
+        return f.read_text(errors="replace") if f.exists() else ""
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        return "\n".join(self.log_text(name).splitlines()[-lines:])
 
     def _check_alive(self, name: str) -> Optional[str]:
         p = self.procs.get(name)
@@ -216,11 +218,6 @@ class Stack:
         self._start("desk-agent", [*in_ns(ns), str(self.bins.desk), "--listen", f"tcp:{DESK_ADDR}:{DESK_AGENT_PORT}",
                                    "--insecure-tcp", "--name", "emulated-desk", "--log-level", self.desk_log_level],
                     env={"PCSCLITE_CSOCK_NAME": str(self.desk_socket)})
-
-    def desk_log(self) -> str:
-        """What the desk agent logged so far (at desk_log_level)."""
-        f = self.work / "desk-agent.log"
-        return f.read_text(errors="replace") if f.exists() else ""
 
     def card_events(self) -> tuple[int, int]:
         """(APDUs executed, warm resets) by the card so far, from its log."""
